@@ -1,0 +1,217 @@
+"""Checkpoint storage: the job manifest, its fingerprint and the per-shard commit.
+
+Layout, under the output location (a local folder or any `pyarrow.fs` URI):
+
+```
+part-<shard_id>.parquet      a shard's rows; rewritten by a re-run until committed
+_manifest.json               job id, fingerprint, plan
+_commits/<shard_id>.json     the commit marker, written after the part file is durable
+_summary.json                the last run's summary
+```
+
+A shard is complete only when its marker exists. On local disks every file is
+written to a temporary name and renamed; on object stores a PUT is atomic and the
+marker is the commit point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from prefect_vllm._planning import JobPlan
+from prefect_vllm.exceptions import ConfigurationError, FingerprintMismatchError
+from prefect_vllm.results import ShardResult
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+MANIFEST = "_manifest.json"
+COMMITS = "_commits"
+SUMMARY = "_summary.json"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class JobManifest(BaseModel):
+    """What a job is: its id, its fingerprint and its plan."""
+
+    job_id: str
+    fingerprint: dict[str, Any]
+    plan: JobPlan
+    created_at: float
+
+
+def fingerprint_id(fingerprint: dict[str, Any]) -> str:
+    """The default job id: a short hash of the fingerprint's canonical JSON."""
+    canonical = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def check_safe_id(value: str, what: str) -> str:
+    """Refuse ids that could escape the output folder (`../`, absolute paths)."""
+    if not _SAFE_ID.match(value) or value in {".", ".."}:
+        raise ConfigurationError(
+            f"{what} {value!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The fingerprint keys whose values differ, sorted."""
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+class CheckpointStore:
+    """The output location, seen through `pyarrow.fs`.
+
+    Args:
+        uri: A local folder or a `pyarrow.fs` URI such as `s3://bucket/prefix`.
+        filesystem: An explicit filesystem (e.g. an `S3FileSystem` with an endpoint);
+            `uri` is then a path inside it.
+    """
+
+    def __init__(self, uri: str, filesystem: pafs.FileSystem | None = None) -> None:
+        import pyarrow.fs as pafs
+
+        self.uri = uri
+        if filesystem is not None:
+            self.fs, self.root = filesystem, uri.rstrip("/")
+        elif "://" in uri:
+            self.fs, root = pafs.FileSystem.from_uri(uri)
+            self.root = root.rstrip("/")
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
+        self._local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.fs.create_dir(self.root, recursive=True)
+
+    def path(self, name: str) -> str:
+        """The full path of a file under the root."""
+        return f"{self.root}/{name}"
+
+    def part_name(self, shard_id: str) -> str:
+        """The part file name of a shard."""
+        return f"part-{shard_id}.parquet"
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write a file whole: temp name and rename on local disks, one PUT elsewhere."""
+        dest = self.path(name)
+        if not self._local:
+            with self.fs.open_output_stream(dest) as out:
+                out.write(data)
+            return
+        tmp = f"{os.path.dirname(dest)}/.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """A file's bytes, or None when it does not exist."""
+        try:
+            with self.fs.open_input_stream(self.path(name)) as src:
+                return bytes(src.read())
+        except FileNotFoundError:
+            return None
+
+    def read_manifest(self) -> JobManifest | None:
+        """The job manifest, or None for a fresh output location."""
+        data = self.read_bytes(MANIFEST)
+        return None if data is None else JobManifest.model_validate_json(data)
+
+    def write_manifest(self, manifest: JobManifest) -> None:
+        """Record the job; written once, before any shard runs."""
+        self.write_bytes(MANIFEST, manifest.model_dump_json().encode())
+
+    def prepare(self, manifest: JobManifest, *, restart: bool) -> JobManifest:
+        """Open the job in this location, refusing to mix two jobs' outputs.
+
+        Returns:
+            The manifest in force: the stored one when resuming (its plan is reused,
+            so a resume never re-reads the input), else the given one.
+
+        Raises:
+            FingerprintMismatchError: The location holds another job, or this job with
+                other parameters, and `restart` is false.
+        """
+        existing = self.read_manifest()
+        if existing is not None and restart:
+            self.clear()
+            existing = None
+        if existing is None:
+            self.fs.create_dir(self.path(COMMITS), recursive=True)
+            self.write_manifest(manifest)
+            return manifest
+        changed = describe_changes(existing.fingerprint, manifest.fingerprint)
+        if changed or existing.job_id != manifest.job_id:
+            details = ", ".join(
+                f"{k} ({_short(existing.fingerprint.get(k))} -> {_short(manifest.fingerprint.get(k))})"
+                for k in changed
+            )
+            raise FingerprintMismatchError(
+                f"{self.uri} holds job {existing.job_id!r}"
+                + (f" made with different parameters: {details}" if changed else "")
+                + ". Re-run with the same parameters to resume it, pass --restart to discard "
+                "it, or choose another output location.",
+                changed=changed or ["job_id"],
+            )
+        return existing
+
+    def committed(self) -> dict[str, ShardResult]:
+        """Every commit marker present, by shard id."""
+        import pyarrow.fs as pafs
+
+        selector = pafs.FileSelector(self.path(COMMITS), allow_not_found=True)
+        markers: dict[str, ShardResult] = {}
+        for info in self.fs.get_file_info(selector):
+            if info.type != pafs.FileType.File or not info.base_name.endswith(".json"):
+                continue
+            data = self.read_bytes(f"{COMMITS}/{info.base_name}")
+            if data is not None:
+                result = ShardResult.model_validate_json(data)
+                markers[result.shard_id] = result
+        return markers
+
+    def write_part(self, shard_id: str, table: pa.Table) -> tuple[str, int]:
+        """Write a shard's part file; returns its sha256 and size."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        data = sink.getvalue().to_pybytes()
+        self.write_bytes(self.part_name(shard_id), data)
+        return hashlib.sha256(data).hexdigest(), len(data)
+
+    def commit(self, result: ShardResult) -> None:
+        """Write the shard's commit marker: from here on the shard is complete."""
+        self.write_bytes(f"{COMMITS}/{result.shard_id}.json", result.model_dump_json().encode())
+
+    def write_summary(self, summary: BaseModel) -> None:
+        """Keep the last run's summary beside the output."""
+        self.write_bytes(SUMMARY, summary.model_dump_json(indent=2).encode())
+
+    def clear(self) -> None:
+        """Discard the job: part files, markers, manifest and summary."""
+        import pyarrow.fs as pafs
+
+        self.fs.delete_dir_contents(self.path(COMMITS), missing_dir_ok=True)
+        for info in self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True)):
+            name = info.base_name
+            if info.type == pafs.FileType.File and (
+                (name.startswith("part-") and name.endswith(".parquet")) or name in {MANIFEST, SUMMARY}
+            ):
+                self.fs.delete_file(info.path)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."

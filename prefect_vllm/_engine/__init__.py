@@ -1,0 +1,11 @@
+"""The only place that imports vLLM: the engine actor and the pool of them.
+
+`VllmEngineActor` hosts one `AsyncLLM` inside a Ray actor and crash-exits when its
+engine dies, so Ray restarts it with a fresh engine and retries the calls that were
+in flight. `VllmActorPool` creates the actors, waits for them to start, spreads
+calls over the healthy ones and counts restarts.
+"""
+
+from prefect_vllm._engine.pool import GenerateRequest, VllmActorPool
+
+__all__ = ["GenerateRequest", "VllmActorPool"]

@@ -1,0 +1,331 @@
+"""Planning: input files into deterministic shards, validated before any engine starts.
+
+Shards are row ranges of one input file. Their ids depend only on the input and the
+shard size. Planning streams the input (it never holds the dataset): JSONL is read
+line by line, Parquet from its metadata plus the id column, CSV in record batches.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from prefect_vllm._columns import CUSTOM_ID
+from prefect_vllm.exceptions import InputError
+
+Format = Literal["jsonl", "parquet", "csv"]
+
+_SUFFIXES: dict[str, Format] = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+}
+_DUPLICATES_SHOWN = 5
+
+
+class InputFile(BaseModel):
+    """One input file and its identity (part of the job fingerprint)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    format: Format
+    size: int
+    mtime_ns: int
+    rows: int = 0
+
+
+class ShardSpec(BaseModel):
+    """One shard: a row range of one input file. Moves between processes; holds no rows.
+
+    Attributes:
+        shard_id: Stable id, also the part file's name (`part-<shard_id>.parquet`).
+        path: The input file.
+        format: The input file's format.
+        row_start: First row of the range, 0-based within the file.
+        num_rows: Rows in the range.
+        row_offset: Global position of the first row (ids when there is no id column).
+        byte_start: For JSONL, the byte offset of the range's first line.
+        byte_end: For JSONL, the byte offset just past the range's last line.
+        first_line: For JSONL, the 1-based line number of the range's first line.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    shard_id: str
+    path: str
+    format: Format
+    row_start: int
+    num_rows: int
+    row_offset: int
+    byte_start: int = 0
+    byte_end: int = 0
+    first_line: int = 1
+
+
+class InputColumns(BaseModel):
+    """Which input columns hold the prompt and the row id."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str = "prompt"
+    id: str = CUSTOM_ID
+
+
+class JobPlan(BaseModel):
+    """The planned job: input files, shards, and whether the id column exists."""
+
+    files: list[InputFile]
+    shards: list[ShardSpec]
+    rows_total: int
+    has_id_column: bool
+
+
+def discover_inputs(spec: str) -> list[InputFile]:
+    """The input files named by a file, a folder or a glob, sorted by path.
+
+    Raises:
+        InputError: Nothing matches, or a file has an unknown suffix.
+    """
+    if any(ch in spec for ch in "*?["):
+        paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+    elif os.path.isdir(spec):
+        paths = sorted(
+            os.path.join(root, name)
+            for root, _dirs, names in os.walk(spec)
+            for name in names
+            if not name.startswith((".", "_")) and os.path.splitext(name)[1].lower() in _SUFFIXES
+        )
+    elif os.path.isfile(spec):
+        paths = [spec]
+    else:
+        raise InputError("input file or folder does not exist", path=spec)
+    if not paths:
+        raise InputError("no input files (.jsonl, .parquet, .csv) found", path=spec)
+    files = []
+    for p in paths:
+        fmt = _SUFFIXES.get(os.path.splitext(p)[1].lower())
+        if fmt is None:
+            raise InputError(f"unknown input format; use one of {', '.join(sorted(_SUFFIXES))}", path=p)
+        st = os.stat(p)
+        files.append(InputFile(path=os.path.abspath(p), format=fmt, size=st.st_size, mtime_ns=st.st_mtime_ns))
+    return files
+
+
+def plan_job(input_spec: str, columns: InputColumns, shard_size: int) -> JobPlan:
+    """Plan a job: validate every input row's shape and cut the input into shards.
+
+    Raises:
+        InputError: Malformed input, a missing column, duplicate ids, or no rows.
+    """
+    if shard_size < 1:
+        raise InputError(f"shard size must be at least 1, got {shard_size}", column="shard_size")
+    files = discover_inputs(input_spec)
+    has_id: bool | None = None
+    planned: list[tuple[InputFile, list[dict[str, int]]]] = []
+    id_chunks: list[Any] = []
+    for f in files:
+        scanner = {"jsonl": _scan_jsonl, "parquet": _scan_parquet, "csv": _scan_csv}[f.format]
+        ranges, rows, file_has_id, ids = scanner(f.path, columns, shard_size)
+        if has_id is None or rows:
+            if has_id is not None and rows and file_has_id != has_id:
+                raise InputError(
+                    "some input files have the id column and some do not", path=f.path, column=columns.id
+                )
+            has_id = file_has_id if rows else has_id
+        id_chunks.extend(ids)
+        planned.append((f.model_copy(update={"rows": rows}), ranges))
+    rows_total = sum(f.rows for f, _ in planned)
+    if rows_total == 0:
+        raise InputError("the input has no rows", path=input_spec)
+    if has_id:
+        _check_unique_ids(id_chunks, columns.id)
+    width = max(6, len(str(sum(len(r) for _, r in planned))))
+    shards: list[ShardSpec] = []
+    offset = 0
+    for f, ranges in planned:
+        for r in ranges:
+            shards.append(
+                ShardSpec(
+                    shard_id=f"{len(shards):0{width}d}",
+                    path=f.path,
+                    format=f.format,
+                    row_offset=offset + r["row_start"],
+                    **r,
+                )
+            )
+        offset += f.rows
+    return JobPlan(
+        files=[f for f, _ in planned], shards=shards, rows_total=rows_total, has_id_column=bool(has_id)
+    )
+
+
+def _check_unique_ids(chunks: list[Any], column: str) -> None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not chunks:
+        return
+    ids = pa.chunked_array(chunks, type=pa.string())
+    if ids.null_count:
+        raise InputError(f"{ids.null_count} rows have a null id", column=column)
+    counts = pc.value_counts(ids)
+    dup = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(dup):
+        shown = ", ".join(repr(v) for v in dup.field("values")[:_DUPLICATES_SHOWN].to_pylist())
+        raise InputError(f"{len(dup)} duplicate ids, e.g. {shown}", column=column)
+
+
+def _ranges_from_counts(rows: int, shard_size: int) -> list[dict[str, int]]:
+    return [{"row_start": s, "num_rows": min(shard_size, rows - s)} for s in range(0, rows, shard_size)]
+
+
+def iter_jsonl_lines(path: str, start: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """Yield (byte offset, line) for the non-blank lines of a JSONL file's byte range."""
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        pos = start
+        for raw in fh:
+            if end is not None and pos >= end:
+                return
+            here = pos
+            pos += len(raw)
+            if raw.strip():
+                yield here, raw
+
+
+def parse_jsonl_line(raw: bytes, path: str, line: int) -> dict[str, Any]:
+    """Parse one JSONL line into an object, naming the file and line when it is malformed."""
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        col = getattr(exc, "colno", None)
+        where = f" at column {col}" if col else ""
+        raise InputError(f"malformed JSON{where}: {getattr(exc, 'msg', exc)}", path=path, line=line) from None
+    if not isinstance(obj, dict):
+        raise InputError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=line)
+    return obj
+
+
+def _scan_jsonl(
+    path: str, columns: InputColumns, shard_size: int
+) -> tuple[list[dict[str, int]], int, bool, list[Any]]:
+    import pyarrow as pa
+
+    ranges: list[dict[str, int]] = []
+    ids: list[Any] = []
+    chunk: list[str] = []
+    has_id: bool | None = None
+    rows = 0
+    line_no = 0
+    last_end = 0
+    with open(path, "rb") as fh:
+        pos = 0
+        for raw in fh:
+            line_no += 1
+            here = pos
+            pos += len(raw)
+            if not raw.strip():
+                continue
+            obj = parse_jsonl_line(raw, path, line_no)
+            if columns.prompt not in obj:
+                raise InputError("missing prompt field", path=path, line=line_no, column=columns.prompt)
+            row_has_id = columns.id in obj
+            if has_id is None:
+                has_id = row_has_id
+            elif row_has_id != has_id:
+                raise InputError(
+                    "id field missing here but present in earlier rows"
+                    if has_id
+                    else "id field present here but missing in earlier rows",
+                    path=path,
+                    line=line_no,
+                    column=columns.id,
+                )
+            if has_id:
+                value = obj[columns.id]
+                if not isinstance(value, (str, int)) or isinstance(value, bool) or value == "":
+                    raise InputError(
+                        f"id must be a non-empty string or an integer, got {value!r}",
+                        path=path,
+                        line=line_no,
+                        column=columns.id,
+                    )
+                chunk.append(str(value))
+                if len(chunk) >= 65536:
+                    ids.append(pa.array(chunk, pa.string()))
+                    chunk = []
+            if rows % shard_size == 0:
+                if ranges:
+                    ranges[-1]["byte_end"] = here
+                ranges.append(
+                    {
+                        "row_start": rows,
+                        "num_rows": 0,
+                        "byte_start": here,
+                        "byte_end": 0,
+                        "first_line": line_no,
+                    }
+                )
+            ranges[-1]["num_rows"] += 1
+            rows += 1
+            last_end = pos
+    if ranges:
+        ranges[-1]["byte_end"] = last_end
+    if chunk:
+        ids.append(pa.array(chunk, pa.string()))
+    return ranges, rows, bool(has_id), ids
+
+
+def _scan_parquet(
+    path: str, columns: InputColumns, shard_size: int
+) -> tuple[list[dict[str, int]], int, bool, list[Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:
+        raise InputError(f"not a readable Parquet file: {exc}", path=path) from None
+    names = pf.schema_arrow.names
+    if columns.prompt not in names:
+        raise InputError(f"missing prompt column; the file has {names}", path=path, column=columns.prompt)
+    rows = pf.metadata.num_rows
+    has_id = columns.id in names
+    ids: list[Any] = []
+    if has_id:
+        for batch in pf.iter_batches(columns=[columns.id], batch_size=65536):
+            ids.append(batch.column(0).cast("string"))
+    return _ranges_from_counts(rows, shard_size), rows, has_id, ids
+
+
+def _scan_csv(
+    path: str, columns: InputColumns, shard_size: int
+) -> tuple[list[dict[str, int]], int, bool, list[Any]]:
+    import pyarrow.csv as pcsv
+
+    try:
+        reader = pcsv.open_csv(path, convert_options=pcsv.ConvertOptions(strings_can_be_null=False))
+    except Exception as exc:
+        raise InputError(f"not a readable CSV file: {exc}", path=path) from None
+    names = reader.schema.names
+    if columns.prompt not in names:
+        raise InputError(f"missing prompt column; the file has {names}", path=path, column=columns.prompt)
+    has_id = columns.id in names
+    rows = 0
+    ids: list[Any] = []
+    try:
+        for batch in reader:
+            rows += batch.num_rows
+            if has_id:
+                ids.append(batch.column(columns.id).cast("string"))
+    except Exception as exc:
+        raise InputError(f"malformed CSV after row {rows}: {exc}", path=path) from None
+    return _ranges_from_counts(rows, shard_size), rows, has_id, ids

@@ -1,0 +1,99 @@
+"""One local Prefect server for a run that has no `PREFECT_API_URL`.
+
+Ray workers each starting Prefect's in-process ephemeral API against one SQLite
+file gives "database is locked": instead the command starts one server, and every
+process (flow, Ray workers) reaches it through `PREFECT_API_URL`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+logger = logging.getLogger("prefect_vllm.server")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM the server when the process that started it dies (even by SIGKILL)."""
+    # Not Linux: no prctl, and the atexit hook still stops the server on a normal exit.
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def configured_api_url() -> str | None:
+    """The Prefect API URL in force (environment, profile or settings context), if any."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    return str(url) if url else None
+
+
+@contextmanager
+def prefect_api() -> Iterator[str]:
+    """Yield the Prefect API URL to use, starting a local server when none is configured.
+
+    The server is a child process that dies with this one, so a killed run never
+    leaves a server behind; its database is the profile's (`PREFECT_HOME`), so run
+    history survives across runs.
+    """
+    url = configured_api_url()
+    if url:
+        yield url
+        return
+
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    class _ChildServer(SubprocessASGIServer):
+        _instances: ClassVar[dict[int | None, Any]] = {}  # type: ignore[misc]  # a registry of our own
+
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            import prefect
+
+            return subprocess.Popen(
+                [
+                    sys.executable, "-m", "uvicorn",
+                    "--app-dir", str(prefect.__module_path__.parent),
+                    "--factory", "prefect.server.api.server:create_app",
+                    "--host", "127.0.0.1", "--port", str(self.port),
+                    "--log-level", "error", "--lifespan", "on",
+                ],
+                env={
+                    **os.environ,
+                    "PREFECT_UI_ENABLED": "0",
+                    "PREFECT__SERVER_EPHEMERAL": "1",
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                },
+                preexec_fn=_die_with_parent,
+            )  # fmt: skip
+
+    server = _ChildServer()
+    server.start(timeout=180)
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            try:
+                yield server.api_url
+            finally:
+                # Ship buffered run logs while the server is still up: after it
+                # stops, the log handler would retry against a dead address.
+                from prefect.logging.handlers import APILogWorker
+
+                APILogWorker.drain_all(timeout=30)
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+        server.stop()

@@ -1,0 +1,199 @@
+"""The `prefect-vllm` command: `run`, `status` and `make-tiny-model`.
+
+Exit status: 0 when every row has a committed result, 1 when shards remain
+incomplete (a re-run resumes them) or the engines failed, 2 for bad usage or
+configuration, reported before any engine starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefect-vllm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) a batch job")
+    run.add_argument("input", help="JSONL, Parquet or CSV file, folder, or glob")
+    run.add_argument("--output", required=True, help="output folder or pyarrow.fs URI")
+    run.add_argument("--model", required=True, help="Hugging Face id or local model folder")
+    run.add_argument("--prompt-column", default="prompt")
+    run.add_argument("--id-column", default="custom_id")
+    run.add_argument("--shard-size", type=int, default=512, help="rows per shard (default 512)")
+    run.add_argument("--actors", type=int, default=1, help="engine actors (default 1)")
+    run.add_argument("--cpus-per-actor", type=float, default=1.0)
+    run.add_argument("--gpus-per-actor", type=float, default=None)
+    run.add_argument("--tensor-parallel-size", type=int, default=1)
+    run.add_argument("--max-restarts", type=int, default=4, help="Ray restarts per actor (default 4)")
+    run.add_argument("--max-task-retries", type=int, default=4, help="Ray retries per call (default 4)")
+    run.add_argument("--max-tokens", type=int, default=256)
+    run.add_argument("--temperature", type=float, default=1.0)
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-tokens")
+    run.add_argument("--dtype", default=None, help="default: float32 on CPU, auto on GPU")
+    run.add_argument("--max-model-len", type=int, default=None)
+    run.add_argument("--engine-args", default=None, help="JSON object of vLLM engine arguments")
+    run.add_argument("--ray-address", default=None, help="existing Ray cluster (default: local)")
+    run.add_argument("--job-id", default=None, help="default: a hash of the job's parameters")
+    run.add_argument("--restart", action="store_true", help="discard the job's checkpoints")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON, last line")
+
+    status = sub.add_parser("status", help="progress of a job, from its checkpoints alone")
+    status.add_argument("output", help="the job's output folder or URI")
+    status.add_argument("--json", action="store_true")
+
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny random Llama, offline")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"prefect-vllm: error: {message}", file=sys.stderr)
+    return code
+
+
+def _engine_args(raw: str | None) -> dict[str, Any]:
+    from prefect_vllm.exceptions import ConfigurationError
+
+    if raw is None:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigurationError(
+            f"--engine-args is not valid JSON ({exc.msg} at column {exc.colno})"
+        ) from None
+    if not isinstance(value, dict):
+        raise ConfigurationError(f"--engine-args must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from prefect_vllm.config import ActorPoolConfig, EngineConfig, SamplingConfig
+    from prefect_vllm.exceptions import ConfigurationError, IncompleteJobError, PrefectVllmError
+
+    try:
+        sampling = SamplingConfig(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+            seed=args.seed, ignore_eos=args.ignore_eos,
+        )  # fmt: skip
+        engine = EngineConfig(
+            dtype=args.dtype, max_model_len=args.max_model_len,
+            tensor_parallel_size=args.tensor_parallel_size, engine_args=_engine_args(args.engine_args),
+        )  # fmt: skip
+        pool = ActorPoolConfig(
+            num_actors=args.actors, num_cpus=args.cpus_per_actor, num_gpus=args.gpus_per_actor,
+            max_restarts=args.max_restarts, max_task_retries=args.max_task_retries,
+        )  # fmt: skip
+        _precheck(args)
+    except ValidationError as exc:
+        return _fail(_validation_message(exc), EXIT_USAGE)
+    except ConfigurationError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+
+    from prefect_vllm._server import prefect_api
+    from prefect_vllm.flows import batch_inference
+
+    try:
+        with prefect_api():
+            result = batch_inference(
+                input=args.input, output=args.output, model=args.model,
+                prompt_column=args.prompt_column, id_column=args.id_column,
+                shard_size=args.shard_size, sampling=sampling, engine=engine, pool=pool,
+                ray_address=args.ray_address, job_id=args.job_id, restart=args.restart,
+            )  # fmt: skip
+    except ConfigurationError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except IncompleteJobError as exc:
+        if exc.result is not None:
+            _print_summary(exc.result, args.json)
+        return _fail(str(exc), EXIT_INCOMPLETE)
+    except PrefectVllmError as exc:
+        return _fail(str(exc), EXIT_INCOMPLETE)
+    _print_summary(result, args.json)
+    return EXIT_OK
+
+
+def _precheck(args: argparse.Namespace) -> None:
+    """The checks that need no server and no engine: input files and the model folder."""
+    from prefect_vllm._planning import discover_inputs
+    from prefect_vllm.flows.batch import check_model
+
+    discover_inputs(args.input)
+    check_model(args.model)
+
+
+def _validation_message(exc: Any) -> str:
+    errors = exc.errors()
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
+
+
+def _print_summary(result: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.model_dump(mode="json")), flush=True)
+        return
+    print(
+        f"job {result.job_id}: {result.rows_ok} rows ok, {result.rows_failed} row errors, "
+        f"{result.shards_run} shards run, {result.shards_skipped} skipped, "
+        f"{result.engine_restarts} engine restarts, {result.wall_s:.1f} s, "
+        f"{result.tokens_per_s:.0f} tokens/s\noutput: {result.output}",
+        flush=True,
+    )
+
+
+def _status(args: argparse.Namespace) -> int:
+    from prefect_vllm._checkpoint import CheckpointStore
+
+    store = CheckpointStore(args.output)
+    manifest = store.read_manifest()
+    if manifest is None:
+        return _fail(f"{args.output} holds no prefect-vllm job (no _manifest.json)", EXIT_USAGE)
+    committed = store.committed()
+    shards = [s.shard_id for s in manifest.plan.shards]
+    pending = [s for s in shards if s not in committed]
+    status = {
+        "job_id": manifest.job_id,
+        "shards_total": len(shards),
+        "shards_done": len(shards) - len(pending),
+        "shards_pending": len(pending),
+        "rows_total": manifest.plan.rows_total,
+        "rows_ok": sum(r.rows_ok for r in committed.values()),
+        "rows_failed": sum(r.rows_failed for r in committed.values()),
+        "pending": pending[:100],
+    }
+    if args.json:
+        print(json.dumps(status))
+    else:
+        print(
+            f"job {status['job_id']}: {status['shards_done']}/{status['shards_total']} shards done, "
+            f"{status['shards_pending']} pending; {status['rows_ok']} rows ok, "
+            f"{status['rows_failed']} row errors of {status['rows_total']}"
+        )
+    return EXIT_OK if not pending else EXIT_INCOMPLETE
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `prefect-vllm` console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    if args.command == "status":
+        return _status(args)
+    from prefect_vllm.testing import make_tiny_model
+
+    print(make_tiny_model(args.dir, seed=args.seed))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The whole error tree of prefect-vllm.
+
+```
+PrefectVllmError                       base; `retryable` says if a re-run may help
+├── ConfigurationError (ValueError)    bad usage or settings; exit 2, before any engine starts
+│   ├── InputError                     malformed input: names file, line, column, field
+│   └── FingerprintMismatchError       resuming a job whose parameters changed
+├── EngineError (RuntimeError)         the vLLM engine or its actors failed
+│   ├── EngineStartError               an engine could not start (bounded attempts)
+│   └── EngineUnavailableError         no healthy actor is left to take work
+└── IncompleteJobError (RuntimeError)  shards remain uncommitted; a re-run resumes them
+```
+
+Ray and vLLM exceptions never leave `flows/` and `tasks/` as they are: they are
+translated into these classes (`raise ... from exc`) at the boundary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ConfigurationError",
+    "EngineError",
+    "EngineStartError",
+    "EngineUnavailableError",
+    "FingerprintMismatchError",
+    "IncompleteJobError",
+    "InputError",
+    "PrefectVllmError",
+]
+
+
+class PrefectVllmError(Exception):
+    """Base class of every error raised by prefect-vllm."""
+
+    #: Whether running the same job again may succeed without changing anything.
+    retryable: bool = False
+
+
+class ConfigurationError(PrefectVllmError, ValueError):
+    """Bad usage or configuration, found before any engine starts (exit status 2)."""
+
+    retryable = False
+
+
+class InputError(ConfigurationError):
+    """Malformed input data; the message names the file, line, column or field.
+
+    Attributes:
+        path: The input file, when one is to blame.
+        line: The 1-based line number in a text input, when known.
+        column: The column or field name, when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        line: int | None = None,
+        column: str | None = None,
+    ) -> None:
+        where = []
+        if path is not None:
+            where.append(str(path))
+        if line is not None:
+            where.append(f"line {line}")
+        if column is not None:
+            where.append(f"column {column!r}")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+        self.path = path
+        self.line = line
+        self.column = column
+
+
+class FingerprintMismatchError(ConfigurationError):
+    """The output folder holds a job whose parameters differ from this run's.
+
+    Attributes:
+        changed: The names of the parameters whose values differ.
+    """
+
+    def __init__(self, message: str, *, changed: list[str]) -> None:
+        super().__init__(message)
+        self.changed = changed
+
+
+class EngineError(PrefectVllmError, RuntimeError):
+    """The vLLM engine or the Ray actors hosting it failed."""
+
+    retryable = True
+
+
+class EngineStartError(EngineError):
+    """An engine failed to start; attempts are bounded, never a crash loop."""
+
+    retryable = False
+
+
+class EngineUnavailableError(EngineError):
+    """No healthy engine actor is left (Ray exhausted its restarts, or a node was lost)."""
+
+    retryable = True
+
+
+class IncompleteJobError(PrefectVllmError, RuntimeError):
+    """Some shards have no commit marker; running the same job again resumes them.
+
+    Attributes:
+        incomplete: The ids of the shards that were not committed.
+        result: The run's summary, when the run got far enough to make one.
+    """
+
+    retryable = True
+
+    def __init__(self, message: str, *, incomplete: list[str], result: Any = None) -> None:
+        super().__init__(message)
+        self.incomplete = incomplete
+        self.result = result

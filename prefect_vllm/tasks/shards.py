@@ -1,0 +1,113 @@
+"""The `run_shard` task: read a shard's rows, generate, write the part, commit."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+
+from prefect_vllm._checkpoint import CheckpointStore
+from prefect_vllm._columns import COMPLETION_TOKENS, ERROR, PROMPT_TOKENS
+from prefect_vllm._planning import InputColumns, ShardSpec
+from prefect_vllm._shards import output_table, read_shard, row_seeds
+from prefect_vllm.config import SamplingConfig
+from prefect_vllm.exceptions import PrefectVllmError
+from prefect_vllm.results import ShardResult
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What every shard of a job shares; sent to Ray workers with each shard.
+
+    Attributes:
+        job_id: The job's id.
+        output: The output location (local folder or `pyarrow.fs` URI).
+        columns: Which input columns hold the prompt and the id.
+        has_id_column: Whether the input has the id column.
+        sampling: Job-wide sampling parameters.
+        pool: The engine actor pool (a `VllmActorPool`; picklable).
+    """
+
+    job_id: str
+    output: str
+    columns: InputColumns
+    has_id_column: bool
+    sampling: SamplingConfig
+    pool: Any
+
+
+def _retry_if_retryable(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retries only the failures a new attempt can fix (Ray gave up on an actor)."""
+    try:
+        state.result()
+    except PrefectVllmError as exc:
+        return exc.retryable
+    except Exception:
+        return True
+    return False
+
+
+@task(
+    name="run-shard",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=_retry_if_retryable,
+    task_run_name="shard-{spec.shard_id}",
+)
+def run_shard(spec: ShardSpec, job: ShardJob, actor_index: int = 0) -> ShardResult:
+    """Generate one shard and commit it; a re-run of a committed shard never happens.
+
+    The part file has a deterministic name and the marker is written last, so a
+    retried or duplicated attempt overwrites an uncommitted part and cannot
+    duplicate rows.
+
+    Args:
+        spec: The shard to run.
+        job: What the job's shards share.
+        actor_index: The actor to try first (the flow spreads shards over actors).
+
+    Returns:
+        The commit marker's content.
+    """
+    from prefect_vllm._engine import GenerateRequest
+
+    started = time.monotonic()
+    custom_ids, prompts = read_shard(spec, job.columns, job.has_id_column)
+    sampling = job.sampling.model_dump(exclude={"seed"})
+    greedy = job.sampling.temperature == 0.0
+    seeds: list[int | None] = (
+        [None] * len(custom_ids) if greedy else list(row_seeds(job.sampling.seed, custom_ids))
+    )
+    read_done = time.monotonic()
+    generated = job.pool.generate(
+        GenerateRequest(prompts=prompts, seeds=seeds, sampling=sampling), actor_index
+    )
+    generate_done = time.monotonic()
+    store = CheckpointStore(job.output)
+    checksum, _size = store.write_part(spec.shard_id, output_table(custom_ids, generated))
+    failed = sum(1 for e in generated[ERROR] if e is not None)
+    context = TaskRunContext.get()
+    finished = time.monotonic()
+    result = ShardResult(
+        shard_id=spec.shard_id,
+        rows=len(custom_ids),
+        rows_ok=len(custom_ids) - failed,
+        rows_failed=failed,
+        prompt_tokens=sum(t or 0 for t in generated[PROMPT_TOKENS]),
+        output_tokens=sum(t or 0 for t in generated[COMPLETION_TOKENS]),
+        checksum=checksum,
+        attempt=context.task_run.run_count if context else 1,
+        actor_pid=int(generated["pid"]),
+        generate_s=generate_done - read_done,
+        write_s=finished - generate_done,
+        total_s=finished - started,
+        committed_at=time.time(),
+    )
+    store.commit(result)
+    return result
