@@ -90,7 +90,6 @@ class CheckpointStore:
         else:
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
         self._local = isinstance(self.fs, pafs.LocalFileSystem)
-        self.fs.create_dir(self.root, recursive=True)
 
     def path(self, name: str) -> str:
         """The full path of a file under the root."""
@@ -147,6 +146,7 @@ class CheckpointStore:
             self.clear()
             existing = None
         if existing is None:
+            self.fs.create_dir(self.root, recursive=True)
             self.fs.create_dir(self.path(COMMITS), recursive=True)
             self.write_manifest(manifest)
             return manifest

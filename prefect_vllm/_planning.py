@@ -120,6 +120,46 @@ def discover_inputs(spec: str) -> list[InputFile]:
     return files
 
 
+def check_columns(input_spec: str, columns: InputColumns) -> None:
+    """A quick look before anything starts: the first input file has the prompt column.
+
+    Only the first row (JSONL) or the schema (Parquet, CSV) is read; `plan_job`
+    validates every row later.
+
+    Raises:
+        InputError: No input, or the prompt column is missing.
+    """
+    first = discover_inputs(input_spec)[0]
+    if first.format == "jsonl":
+        for line_no, (_offset, raw) in enumerate(iter_jsonl_lines(first.path), start=1):
+            names = list(parse_jsonl_line(raw, first.path, line_no))
+            break
+        else:
+            return
+    elif first.format == "parquet":
+        names = _scan_schema(first.path)
+    else:
+        import pyarrow.csv as pcsv
+
+        try:
+            names = pcsv.open_csv(first.path).schema.names
+        except Exception as exc:
+            raise InputError(f"not a readable CSV file: {exc}", path=first.path) from None
+    if columns.prompt not in names:
+        raise InputError(
+            f"missing prompt column; the input has {names}", path=first.path, column=columns.prompt
+        )
+
+
+def _scan_schema(path: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        return list(pq.read_schema(path).names)
+    except Exception as exc:
+        raise InputError(f"not a readable Parquet file: {exc}", path=path) from None
+
+
 def plan_job(input_spec: str, columns: InputColumns, shard_size: int) -> JobPlan:
     """Plan a job: validate every input row's shape and cut the input into shards.
 

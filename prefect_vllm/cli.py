@@ -126,10 +126,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _precheck(args: argparse.Namespace) -> None:
     """The checks that need no server and no engine: input files and the model folder."""
-    from prefect_vllm._planning import discover_inputs
+    from prefect_vllm._planning import InputColumns, check_columns
     from prefect_vllm.flows.batch import check_model
 
-    discover_inputs(args.input)
+    check_columns(args.input, InputColumns(prompt=args.prompt_column, id=args.id_column))
     check_model(args.model)
 
 

@@ -289,7 +289,7 @@ def write_sample_prompts(
     return out
 
 
-def engine_processes() -> list[int]:
+def engine_processes(kinds: tuple[str, ...] = ("VLLM::EngineCore", "VLLM::Worker")) -> list[int]:
     """PIDs of every live vLLM engine process (`VLLM::EngineCore`, `VLLM::Worker`).
 
     vLLM names its processes with `setproctitle`; fault tests use this to find an
@@ -305,11 +305,13 @@ def engine_processes() -> list[int]:
     import psutil
 
     pids = []
-    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+    for proc in psutil.process_iter(["pid", "name", "cmdline", "status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
         try:
             title = " ".join(proc.info["cmdline"] or []) or (proc.info["name"] or "")
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if title.startswith(("VLLM::EngineCore", "VLLM::Worker")):
+        if title.startswith(kinds):
             pids.append(proc.info["pid"])
     return pids

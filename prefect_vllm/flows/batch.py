@@ -43,16 +43,20 @@ def job_fingerprint(
     sampling: SamplingConfig,
     engine: EngineConfig,
 ) -> dict[str, Any]:
-    """Everything that changes the job's results; its hash is the default job id."""
-    return {
+    """Everything that changes the job's results, flat; its hash is the default job id.
+
+    Flat keys (`sampling.max_tokens`) let a refused resume name the exact change.
+    """
+    fingerprint: dict[str, Any] = {
         "model": model,
-        "engine": engine.model_dump(mode="json"),
-        "sampling": sampling.model_dump(mode="json"),
         "prompt_column": columns.prompt,
         "id_column": columns.id,
         "shard_size": shard_size,
         "inputs": [[f.path, f.size, f.mtime_ns] for f in plan.files],
     }
+    fingerprint.update({f"engine.{k}": v for k, v in engine.model_dump(mode="json").items()})
+    fingerprint.update({f"sampling.{k}": v for k, v in sampling.model_dump(mode="json").items()})
+    return fingerprint
 
 
 @flow(name="batch-inference", validate_parameters=True)
@@ -119,8 +123,8 @@ def batch_inference(
     started = time.monotonic()
     check_model(model)
     columns = InputColumns(prompt=prompt_column, id=id_column)
-    store = CheckpointStore(output)
     plan = plan_job(input, columns, shard_size)
+    store = CheckpointStore(output)
     fingerprint = job_fingerprint(model, plan, columns, shard_size, sampling, engine)
     resolved_id = check_safe_id(job_id or fingerprint_id(fingerprint), "job id")
     manifest = store.prepare(

@@ -1,0 +1,57 @@
+"""A real `VLLM::EngineCore` is SIGKILLed mid-run: the actor restarts, nothing is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+
+from prefect_vllm.testing import engine_processes, write_sample_prompts
+from tests.helpers import (
+    finish,
+    input_ids,
+    markers,
+    no_engine_left,
+    read_output,
+    start_cli,
+    summary_of,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+
+def test_killed_engine_is_restarted_and_every_row_is_generated_once(tmp_path: Path, tiny_model: Path) -> None:
+    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=600)
+    out = tmp_path / "out"
+    log = tmp_path / "run.log"
+    proc = start_cli(
+        ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--actors", "2",
+         "--shard-size", "20", "--max-tokens", "64", "--ignore-eos", "--temperature", "0", "--json"],
+        tmp_path / "home",
+        log,
+    )  # fmt: skip
+    wait_for(lambda: markers(out) or proc.poll() is not None, 900, "the first committed shard")
+    assert proc.poll() is None, log.read_text()[-3000:]
+    cores = engine_processes(("VLLM::EngineCore",))
+    assert len(cores) == 2, cores
+    first_actor_pids = {psutil.Process(pid).ppid() for pid in cores}
+    os.kill(cores[0], signal.SIGKILL)
+
+    done = finish(proc, log)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "crash-exiting" in done.stderr
+    summary = summary_of(done)
+    assert summary["engine_restarts"] >= 1
+    assert summary["rows_ok"] == 600 and summary["rows_failed"] == 0
+    table = read_output(out)
+    assert Counter(table.column("custom_id").to_pylist()) == Counter(input_ids(prompts))
+    assert set(table.column("completion_tokens").to_pylist()) == {64}
+    committed_by = {json.loads(m.read_text())["actor_pid"] for m in markers(out)}
+    assert committed_by - first_actor_pids, "no shard was committed by a restarted actor (new pid)"
+    no_engine_left()

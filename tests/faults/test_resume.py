@@ -1,0 +1,100 @@
+"""Resume from checkpoints alone: a killed flow process, a fresh Prefect database, Ray giving up."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from prefect_vllm.testing import engine_processes, write_sample_prompts
+from tests.helpers import (
+    finish,
+    input_ids,
+    markers,
+    no_engine_left,
+    part_digests,
+    ray_processes,
+    read_output,
+    run_cli,
+    start_cli,
+    summary_of,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+
+def test_killed_flow_process_resumes_skipping_committed_shards(tmp_path: Path, tiny_model: Path) -> None:
+    """SIGKILL the flow after 2+ commits; the re-run, on a new Prefect database, skips them."""
+    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=640)
+    out = tmp_path / "out"
+    args = ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--shard-size", "16",
+            "--max-tokens", "64", "--ignore-eos", "--temperature", "0.8", "--json"]  # fmt: skip
+    proc = start_cli(args, tmp_path / "home-1", tmp_path / "run-1.log")
+    wait_for(lambda: len(markers(out)) >= 2 or proc.poll() is not None, 900, "two committed shards")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # The killed driver's Ray cluster and engines go away with it; only then is the set of
+    # markers final (a shard task could still be committing).
+    wait_for(
+        lambda: not ray_processes() and not engine_processes(), 120, "the dead run's Ray processes to exit"
+    )
+    committed_before = part_digests(out)
+    n_before = len(markers(out))
+    assert 2 <= n_before < 40, n_before
+    committed_before = {
+        k: v for k, v in committed_before.items() if (out / "_commits" / f"{k[5:-8]}.json").exists()
+    }
+
+    resumed = run_cli(args, tmp_path / "home-2")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    summary = summary_of(resumed)
+    assert summary["shards_skipped"] == n_before
+    assert summary["shards_run"] == 40 - n_before
+    table = read_output(out)
+    assert Counter(table.column("custom_id").to_pylist()) == Counter(input_ids(prompts))
+    after = part_digests(out)
+    assert {k: after[k] for k in committed_before} == committed_before, "a committed shard was rewritten"
+
+    changed = run_cli([*args[:-1], "--max-tokens", "32", "--job-id", summary["job_id"]], tmp_path / "home-2")
+    assert changed.returncode == 2
+    assert "sampling.max_tokens (64 -> 32)" in changed.stderr and "--restart" in changed.stderr
+    fresh = run_cli([*args, "--max-tokens", "8", "--restart"], tmp_path / "home-2")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert (summary_of(fresh)["shards_skipped"], summary_of(fresh)["shards_run"]) == (0, 40)
+    assert set(read_output(out).column("completion_tokens").to_pylist()) == {8}
+    no_engine_left()
+
+
+def test_run_ends_with_exit_1_when_ray_gives_up_and_the_next_run_completes(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """With no restart budget, a killed engine leaves shards incomplete; a re-run finishes them."""
+    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=400)
+    out = tmp_path / "out"
+    args = ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--shard-size", "20",
+            "--max-tokens", "64", "--ignore-eos", "--temperature", "0", "--json"]  # fmt: skip
+    log = tmp_path / "run-1.log"
+    proc = start_cli([*args, "--max-restarts", "0"], tmp_path / "home", log)
+    wait_for(lambda: markers(out) or proc.poll() is not None, 900, "the first committed shard")
+    cores = engine_processes(("VLLM::EngineCore",))
+    assert cores, log.read_text()[-3000:]
+    os.kill(cores[0], signal.SIGKILL)
+    failed = finish(proc, log)
+    assert failed.returncode == 1, failed.stderr[-4000:]
+    summary = summary_of(failed)
+    assert summary["shards_incomplete"]
+    assert "were not committed" in failed.stderr and summary["shards_incomplete"][0] in failed.stderr
+    assert "run the same command again" in failed.stderr
+    n_before = len(markers(out))
+    assert n_before + len(summary["shards_incomplete"]) == 20
+
+    resumed = run_cli(args, tmp_path / "home")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert summary_of(resumed)["shards_skipped"] == n_before
+    table = read_output(out)
+    assert Counter(table.column("custom_id").to_pylist()) == Counter(input_ids(prompts))
+    no_engine_left()

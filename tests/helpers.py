@@ -1,0 +1,123 @@
+"""Helpers for tests that run the real command and read its output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli_env(prefect_home: Path) -> dict[str, str]:
+    """The environment of a `prefect-vllm` subprocess: its own Prefect home, no API URL.
+
+    With no `PREFECT_API_URL`, the command starts its one local server itself.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(prefect_home), PYTHONUNBUFFERED="1")
+    return env
+
+
+def cli(*args: str) -> list[str]:
+    """The argv of a `prefect-vllm` command run with this interpreter."""
+    return [sys.executable, "-m", "prefect_vllm.cli", *args]
+
+
+def run_cli(args: list[str], prefect_home: Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """Run `prefect-vllm` to completion, capturing its output."""
+    return subprocess.run(
+        cli(*args), env=cli_env(prefect_home), capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+def summary_of(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """The `--json` summary: the last line of stdout."""
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert lines, f"no stdout; stderr tail:\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1])
+
+
+def read_output(output: Path) -> Any:
+    """Every part file of an output folder, as one Arrow table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = sorted(output.glob("part-*.parquet"))
+    assert parts, f"no part files in {output}"
+    return pa.concat_tables([pq.read_table(p) for p in parts])
+
+
+def input_ids(path: Path) -> list[str]:
+    """The custom ids of a JSONL prompt file, in order."""
+    return [json.loads(line)["custom_id"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def markers(output: Path) -> list[Path]:
+    """The commit markers present in an output folder."""
+    return sorted((output / "_commits").glob("*.json"))
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def no_engine_left(timeout: float = 60) -> None:
+    """Assert that no vLLM engine process outlives its actor (waits for cleanup)."""
+    from prefect_vllm.testing import engine_processes
+
+    wait_for(lambda: not engine_processes(), timeout, "every vLLM engine process to exit")
+
+
+def start_cli(args: list[str], prefect_home: Path, log: Path) -> subprocess.Popen[str]:
+    """Start `prefect-vllm` in the background; stdout is piped, stderr goes to `log`."""
+    return subprocess.Popen(
+        cli(*args),
+        env=cli_env(prefect_home),
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+        cwd=REPO,
+    )
+
+
+def finish(proc: subprocess.Popen[str], log: Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """Wait for a background `prefect-vllm` and return it like `subprocess.run` would."""
+    stdout, _ = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, log.read_text())
+
+
+def ray_processes() -> list[int]:
+    """PIDs of live Ray processes (raylet, GCS, workers, actors)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if cmd.startswith("ray::") or "raylet" in cmd or "gcs_server" in cmd:
+            found.append(proc.info["pid"])
+    return found
+
+
+def part_digests(output: Path) -> dict[str, tuple[str, int]]:
+    """sha256 and mtime of every part file, by name."""
+    import hashlib
+
+    return {
+        p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(output.glob("part-*.parquet"))
+    }

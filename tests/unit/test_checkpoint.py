@@ -1,0 +1,73 @@
+"""The checkpoint store on a local folder: manifest, fingerprint guard, commit, restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from prefect_vllm._checkpoint import CheckpointStore, JobManifest, check_safe_id, fingerprint_id
+from prefect_vllm._planning import JobPlan
+from prefect_vllm.exceptions import ConfigurationError, FingerprintMismatchError
+from prefect_vllm.results import ShardResult
+
+PLAN = JobPlan(files=[], shards=[], rows_total=0, has_id_column=False)
+
+
+def manifest(**fingerprint: object) -> JobManifest:
+    fp = {"model": "m", "sampling.max_tokens": 16, **fingerprint}
+    return JobManifest(job_id=fingerprint_id(fp), fingerprint=fp, plan=PLAN, created_at=0.0)
+
+
+def marker(shard_id: str) -> ShardResult:
+    return ShardResult(
+        shard_id=shard_id, rows=1, rows_ok=1, rows_failed=0, prompt_tokens=1, output_tokens=1,
+        checksum="x", attempt=1, actor_pid=1, generate_s=0, write_s=0, total_s=0, committed_at=0,
+    )  # fmt: skip
+
+
+def test_a_changed_parameter_is_refused_by_name(tmp_path: Path) -> None:
+    store = CheckpointStore(str(tmp_path / "out"))
+    store.prepare(manifest(), restart=False)
+    assert store.prepare(manifest(), restart=False).job_id == manifest().job_id
+    other = manifest(**{"sampling.max_tokens": 32})
+    with pytest.raises(FingerprintMismatchError, match=r"sampling\.max_tokens \(16 -> 32\)") as info:
+        store.prepare(other.model_copy(update={"job_id": manifest().job_id}), restart=False)
+    assert info.value.changed == ["sampling.max_tokens"]
+
+
+def test_restart_discards_parts_markers_and_manifest(tmp_path: Path) -> None:
+    store = CheckpointStore(str(tmp_path))
+    store.prepare(manifest(), restart=False)
+    store.write_part("000000", pa.table({"custom_id": ["a"]}))
+    store.commit(marker("000000"))
+    (tmp_path / "keep.txt").write_text("user file")
+    assert set(store.committed()) == {"000000"}
+    other = manifest(**{"sampling.max_tokens": 32})
+    assert store.prepare(other, restart=True).job_id == other.job_id
+    assert store.committed() == {}
+    assert not list(tmp_path.glob("part-*"))
+    assert (tmp_path / "keep.txt").exists()
+
+
+def test_write_part_is_atomic_and_checksummed(tmp_path: Path) -> None:
+    import hashlib
+
+    store = CheckpointStore(str(tmp_path))
+    checksum, size = store.write_part("000001", pa.table({"custom_id": ["a", "b"]}))
+    data = (tmp_path / "part-000001.parquet").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == checksum and len(data) == size
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("bad", ["../x", "/abs", "a/b", "", ".", "..", "x" * 200])
+def test_ids_that_could_escape_the_output_folder_are_refused(bad: str) -> None:
+    with pytest.raises(ConfigurationError):
+        check_safe_id(bad, "job id")
+
+
+def test_default_job_id_is_a_stable_hash_of_the_fingerprint() -> None:
+    assert fingerprint_id({"a": 1, "b": 2}) == fingerprint_id({"b": 2, "a": 1})
+    assert fingerprint_id({"a": 1}) != fingerprint_id({"a": 2})
+    assert len(fingerprint_id({"a": 1})) == 16
