@@ -213,6 +213,7 @@ def _run_on_ray(
 
     logger = get_run_logger()
     with RayTaskRunner(address=ray_address, init_kwargs=_ray_init_kwargs(ray_address)) as runner:
+        _warm_shard_workers(pool_config.num_actors * pool_config.shards_per_actor)
         pool = VllmActorPool(model, engine, pool_config)
         infos = pool.start()
         logger.info(
@@ -228,6 +229,25 @@ def _run_on_ray(
             restarts = pool.engine_restarts()
             pool.shutdown()
     return results, restarts, generation_s
+
+
+def _import_shard_task() -> int:
+    import prefect_vllm.tasks.shards  # noqa: F401 - the import is the point
+
+    return os.getpid()
+
+
+def _warm_shard_workers(count: int) -> None:
+    """Start the Ray workers for shard tasks while the engines start, not after.
+
+    A fresh Ray worker spends seconds importing Prefect; paid during engine start-up,
+    that time no longer leaves a ready engine idle before its first shard.
+    """
+    import ray
+
+    warm = ray.remote(num_cpus=0)(_import_shard_task)
+    for _ in range(count):
+        warm.remote()
 
 
 def _stream_shards(
