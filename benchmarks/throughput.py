@@ -59,13 +59,14 @@ def run_raw(model: str, prompts: Path, max_tokens: int) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--raw-worker", model, str(prompts), str(max_tokens)]
     t0 = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    # vLLM logs to stdout too, even after our line (shutdown messages): pick ours.
+    result = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith('{"tokens"')][-1])
     result["process_s"] = time.monotonic() - t0
     return result
 
 
 def run_prefect_vllm(
-    model: str, prompts: Path, max_tokens: int, workdir: Path, actors: int
+    model: str, prompts: Path, max_tokens: int, workdir: Path, actors: int, shard_size: int
 ) -> dict[str, float]:
     out_dir = workdir / f"out-{time.monotonic_ns()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -73,7 +74,7 @@ def run_prefect_vllm(
     cmd = [
         sys.executable, "-m", "prefect_vllm.cli", "run", str(prompts), "--output", str(out_dir),
         "--model", model, "--max-tokens", str(max_tokens), "--ignore-eos", "--temperature", "0",
-        "--actors", str(actors), "--json",
+        "--actors", str(actors), "--shard-size", str(shard_size), "--json",
     ]  # fmt: skip
     t0 = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--shard-size", type=int, default=512)
     parser.add_argument("--model", default=None, help="default: the tiny model, made offline")
     args = parser.parse_args()
 
@@ -113,7 +115,7 @@ def main() -> None:
     raw, ours = [], []
     for _ in range(args.reps):
         raw.append(run_raw(model, prompts, args.max_tokens))
-        ours.append(run_prefect_vllm(model, prompts, args.max_tokens, work, args.actors))
+        ours.append(run_prefect_vllm(model, prompts, args.max_tokens, work, args.actors, args.shard_size))
     raw_gen = [r["tokens"] / r["generation_s"] for r in raw]
     our_gen = [r["tokens"] / r["generation_s"] for r in ours]
     raw_e2e = [r["tokens"] / r["process_s"] for r in raw]
@@ -127,13 +129,14 @@ def main() -> None:
                 "prompts": args.prompts,
                 "max_tokens": args.max_tokens,
                 "actors": args.actors,
+                "shard_size": args.shard_size,
                 "reps": args.reps,
                 "raw_vllm_generation_tokens_per_s": _stats(raw_gen),
                 "prefect_vllm_generation_tokens_per_s": _stats(our_gen),
-                "generation_ratio": _stats([o / r for o, r in zip(our_gen, raw_gen, strict=True)]),
+                "generation_ratio": _stats([o / r for o, r in zip(our_gen, raw_gen, strict=True)], 2),
                 "raw_vllm_end_to_end_tokens_per_s": _stats(raw_e2e),
                 "prefect_vllm_end_to_end_tokens_per_s": _stats(our_e2e),
-                "end_to_end_ratio": _stats([o / r for o, r in zip(our_e2e, raw_e2e, strict=True)]),
+                "end_to_end_ratio": _stats([o / r for o, r in zip(our_e2e, raw_e2e, strict=True)], 2),
                 "raw_engine_start_s": _stats([r["engine_start_s"] for r in raw]),
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
                 "vllm": vllm.__version__,

@@ -23,6 +23,11 @@ logger = logging.getLogger("prefect_vllm.engine")
 #: which Ray answers with a restart and a retry of the calls in flight.
 ENGINE_DEAD_EXIT_CODE = 1
 
+#: How often the watchdog looks at the engine. vLLM marks an engine dead when its
+#: process exits, but a request added in the same instant can wait forever, and an
+#: idle dead engine is noticed by nobody: the watchdog crash-exits in both cases.
+WATCHDOG_INTERVAL_S = 0.5
+
 
 def crash_exit(reason: str) -> NoReturn:
     """Leave the actor process at once, so Ray restarts it and retries its calls.
@@ -61,15 +66,29 @@ class VllmEngineActor:
         self._in_flight = asyncio.Semaphore(max_in_flight)
         self._pid = os.getpid()
         self._max_model_len = self._engine.model_config.max_model_len
+        self._watchdog: asyncio.Task[None] | None = None
+
+    def _ensure_watchdog(self) -> None:
+        # Ray runs the constructor outside the actor's event loop: start on first call.
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch_engine())
+
+    async def _watch_engine(self) -> None:
+        while True:
+            await asyncio.sleep(WATCHDOG_INTERVAL_S)
+            if self._engine.errored:
+                crash_exit("watchdog: the engine process is gone")
 
     async def info(self) -> dict[str, Any]:
         """Who this actor is: pid, engine start time, context length."""
+        self._ensure_watchdog()
         return {"pid": self._pid, "start_s": self._start_s, "max_model_len": self._max_model_len}
 
     async def check_health(self) -> None:
         """Crash-exit if the engine is dead; an idle dead engine is noticed only here."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        self._ensure_watchdog()
         try:
             await self._engine.check_health()
         except EngineDeadError as exc:
