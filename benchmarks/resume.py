@@ -7,8 +7,9 @@ Prints one JSON line:
   (markers written here, as a finished run leaves them): the flow's own time to decide
   there is nothing to do (`flow_wall_s`), the whole command's time including the local
   Prefect server start (`process_s`), and whether any engine or Ray started;
-- `planning`: `plan_job` over a --plan-rows JSONL file in a fresh process: seconds, and
-  that process's peak RSS against its RSS before planning.
+- `planning`: `plan_job` over a --plan-rows JSONL file in a fresh process that has
+  imported prefect-vllm (as a flow process has): seconds, and that process's peak RSS
+  against its RSS before planning.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -100,20 +100,22 @@ def noop_resume(shards: int) -> dict[str, object]:
 
 def planning_child(path: str) -> None:
     """In a fresh process: plan the file, report time and peak RSS."""
+    import prefect_vllm.flows  # noqa: F401 - what a flow process has imported before planning
     from prefect_vllm._planning import InputColumns, plan_job
 
-    def rss_mb() -> float:
+    def status_mb(field: str) -> float:
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forked parent.
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1]) / 1024
         return 0.0
 
-    before = rss_mb()
+    before = status_mb("VmRSS:")
     t0 = time.monotonic()
     plan = plan_job(path, InputColumns(), 512)
     seconds = time.monotonic() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mb("VmHWM:")
     print(json.dumps({"rows": plan.rows_total, "shards": len(plan.shards), "seconds": round(seconds, 2),
                       "rss_before_mb": round(before, 1), "peak_rss_mb": round(peak, 1)}))  # fmt: skip
 

@@ -81,7 +81,10 @@ def run_prefect_vllm(
     if out.returncode != 0:
         raise RuntimeError(f"prefect-vllm run failed ({out.returncode}):\n{out.stderr[-3000:]}")
     summary = json.loads(out.stdout.strip().splitlines()[-1])
+    commits = [json.loads(p.read_text()) for p in (out_dir / "_commits").glob("*.json")]
     return {
+        "commit_fraction": statistics.median(c["write_s"] / c["total_s"] for c in commits),
+        "commit_s": statistics.median(c["write_s"] for c in commits),
         "tokens": summary["output_tokens"],
         "generation_s": summary["generation_s"],
         "end_to_end_s": time.monotonic() - t0,
@@ -89,11 +92,11 @@ def run_prefect_vllm(
     }
 
 
-def _stats(values: list[float]) -> dict[str, float]:
+def _stats(values: list[float], digits: int = 1) -> dict[str, float]:
     return {
-        "median": round(statistics.median(values), 1),
-        "min": round(min(values), 1),
-        "max": round(max(values), 1),
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
     }
 
 
@@ -138,6 +141,8 @@ def main() -> None:
                 "prefect_vllm_end_to_end_tokens_per_s": _stats(our_e2e),
                 "end_to_end_ratio": _stats([o / r for o, r in zip(our_e2e, raw_e2e, strict=True)], 2),
                 "raw_engine_start_s": _stats([r["engine_start_s"] for r in raw]),
+                "per_shard_commit_s": _stats([r["commit_s"] for r in ours], 3),
+                "per_shard_commit_fraction_of_shard_time": _stats([r["commit_fraction"] for r in ours], 3),
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
                 "vllm": vllm.__version__,
             }
