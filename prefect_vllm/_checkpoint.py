@@ -134,8 +134,8 @@ class CheckpointStore:
         """Open the job in this location, refusing to mix two jobs' outputs.
 
         Returns:
-            The manifest in force: the stored one when resuming (its plan is reused,
-            so a resume never re-reads the input), else the given one.
+            The manifest in force: the stored one when resuming (same fingerprint,
+            so the same plan), else the given one.
 
         Raises:
             FingerprintMismatchError: The location holds another job, or this job with

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections import deque
@@ -191,8 +192,9 @@ def _ray_init_kwargs(ray_address: str | None) -> dict[str, Any]:
     """Every Ray worker reaches the same Prefect server: never its own ephemeral one."""
     from prefect_vllm._server import configured_api_url
 
-    env_vars = {"PREFECT_API_URL": configured_api_url() or ""}
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": {k: v for k, v in env_vars.items() if v}}}
+    api_url = configured_api_url()
+    env_vars = {"PREFECT_API_URL": api_url} if api_url else {}
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}}
     if not ray_address:
         kwargs["include_dashboard"] = False
     return kwargs
@@ -220,7 +222,7 @@ def _run_on_ray(
             "%d vLLM engine(s) started in %s s",
             len(infos), ", ".join(f"{i['start_s']:.1f}" for i in infos),
         )  # fmt: skip
-        job = ShardJob(**{**job.__dict__, "pool": pool})
+        job = dataclasses.replace(job, pool=pool)
         started = time.monotonic()
         try:
             results = _stream_shards(runner, pending, job, pool_config)
