@@ -175,12 +175,12 @@ def plan_job(input_spec: str, columns: InputColumns, shard_size: int) -> JobPlan
     for f in files:
         scanner = {"jsonl": _scan_jsonl, "parquet": _scan_parquet, "csv": _scan_csv}[f.format]
         ranges, rows, file_has_id, ids = scanner(f.path, columns, shard_size)
-        if has_id is None or rows:
-            if has_id is not None and rows and file_has_id != has_id:
+        if rows:
+            if has_id is not None and file_has_id != has_id:
                 raise InputError(
                     "some input files have the id column and some do not", path=f.path, column=columns.id
                 )
-            has_id = file_has_id if rows else has_id
+            has_id = file_has_id
         id_chunks.extend(ids)
         planned.append((f.model_copy(update={"rows": rows}), ranges))
     rows_total = sum(f.rows for f, _ in planned)

@@ -108,3 +108,17 @@ def test_row_seeds_depend_only_on_job_seed_and_custom_id() -> None:
     assert row_seeds(7, ["a"]) != row_seeds(8, ["a"])
     assert row_seeds(7, ["b", "a"]) == list(reversed(row_seeds(7, ["a", "b"])))
     assert all(0 <= s < 2**63 for s in row_seeds(0, ["x", "y"]))
+
+
+def test_files_that_disagree_on_the_id_column_are_refused(tmp_path: Path) -> None:
+    d = tmp_path / "in"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", rows(2))
+    write_jsonl(d / "b.jsonl", [{"prompt": "no id"}])
+    (d / "c.jsonl").write_text("\n")
+    with pytest.raises(
+        InputError, match=r"b\.jsonl, column 'custom_id': some input files have the id column"
+    ):
+        plan_job(str(d), COLUMNS, 10)
+    (d / "b.jsonl").unlink()
+    assert plan_job(str(d), COLUMNS, 10).rows_total == 2
