@@ -30,8 +30,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--cpus-per-actor", type=float, default=1.0)
     run.add_argument("--gpus-per-actor", type=float, default=None)
     run.add_argument("--tensor-parallel-size", type=int, default=1)
-    run.add_argument("--max-restarts", type=int, default=4, help="Ray restarts per actor (default 4)")
-    run.add_argument("--max-task-retries", type=int, default=4, help="Ray retries per call (default 4)")
+    run.add_argument("--max-restarts", type=int, default=32, help="engine restarts per actor (default 32)")
+    run.add_argument("--max-job-restarts", type=int, default=64, help="engine restarts per run (default 64)")
+    run.add_argument(
+        "--poison-after", type=int, default=2, help="deaths alone that condemn a row (default 2)"
+    )
+    run.add_argument(
+        "--hang-timeout", type=float, default=300.0, help="call deadline floor, seconds (default 300)"
+    )
+    run.add_argument(
+        "--hang-timeout-per-token", type=float, default=0.02, help="deadline seconds per token (default 0.02)"
+    )
+    run.add_argument("--actor-resources", default=None, help="JSON object of custom Ray resources per actor")
     run.add_argument("--max-tokens", type=int, default=256)
     run.add_argument("--temperature", type=float, default=1.0)
     run.add_argument("--top-p", type=float, default=1.0)
@@ -60,7 +70,7 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _engine_args(raw: str | None) -> dict[str, Any]:
+def _json_object(raw: str | None, flag: str) -> dict[str, Any]:
     from prefect_vllm.exceptions import ConfigurationError
 
     if raw is None:
@@ -68,18 +78,16 @@ def _engine_args(raw: str | None) -> dict[str, Any]:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ConfigurationError(
-            f"--engine-args is not valid JSON ({exc.msg} at column {exc.colno})"
-        ) from None
+        raise ConfigurationError(f"{flag} is not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(value, dict):
-        raise ConfigurationError(f"--engine-args must be a JSON object, got {type(value).__name__}")
+        raise ConfigurationError(f"{flag} must be a JSON object, got {type(value).__name__}")
     return value
 
 
 def _run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from prefect_vllm.config import ActorPoolConfig, EngineConfig, SamplingConfig
+    from prefect_vllm.config import ActorPoolConfig, EngineConfig, RecoveryConfig, SamplingConfig
     from prefect_vllm.exceptions import ConfigurationError, IncompleteJobError, PrefectVllmError
 
     try:
@@ -89,11 +97,16 @@ def _run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         engine = EngineConfig(
             dtype=args.dtype, max_model_len=args.max_model_len,
-            tensor_parallel_size=args.tensor_parallel_size, engine_args=_engine_args(args.engine_args),
+            tensor_parallel_size=args.tensor_parallel_size, engine_args=_json_object(args.engine_args, "--engine-args"),
         )  # fmt: skip
         pool = ActorPoolConfig(
             num_actors=args.actors, num_cpus=args.cpus_per_actor, num_gpus=args.gpus_per_actor,
-            max_restarts=args.max_restarts, max_task_retries=args.max_task_retries,
+            max_restarts=args.max_restarts,
+            resources=_json_object(args.actor_resources, "--actor-resources"),
+        )  # fmt: skip
+        recovery = RecoveryConfig(
+            max_job_restarts=args.max_job_restarts, poison_after=args.poison_after,
+            hang_timeout_s=args.hang_timeout, hang_timeout_per_token_s=args.hang_timeout_per_token,
         )  # fmt: skip
         _precheck(args)
     except ValidationError as exc:
@@ -109,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
             result = batch_inference(
                 input=args.input, output=args.output, model=args.model,
                 prompt_column=args.prompt_column, id_column=args.id_column,
-                shard_size=args.shard_size, sampling=sampling, engine=engine, pool=pool,
+                shard_size=args.shard_size, sampling=sampling, engine=engine, pool=pool, recovery=recovery,
                 ray_address=args.ray_address, job_id=args.job_id, restart=args.restart,
             )  # fmt: skip
     except ConfigurationError as exc:

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ActorPoolConfig", "EngineConfig", "SamplingConfig"]
+__all__ = ["ActorPoolConfig", "EngineConfig", "RecoveryConfig", "SamplingConfig"]
 
 #: KV cache size used on CPU when the user sets none: vLLM refuses to start without one.
 CPU_KV_CACHE_BYTES = 256 << 20
@@ -126,15 +126,16 @@ class ActorPoolConfig(_Config):
         "cluster has GPUs, else 0.",
     )
     max_restarts: int = Field(
-        default=4,
+        default=32,
         ge=0,
-        description="How often Ray restarts an actor whose engine died, before giving up on "
-        "it. Default 4; bounded so a poison row cannot loop forever.",
+        description="Engine restarts per actor before Ray gives up on it and its work moves "
+        "to the other actors. Default 32: room to isolate a few poison rows (each costs "
+        "about log2(shard_size) + 3 restarts) while a broken node is still dropped.",
     )
-    max_task_retries: int = Field(
-        default=4,
-        ge=0,
-        description="How often Ray retries a call that was in flight on an actor that crashed. Default 4.",
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each actor reserves (e.g. {'engine': 1} to keep "
+        "engines on the nodes that advertise it). Default: none.",
     )
     max_in_flight: int = Field(
         default=1024,
@@ -153,3 +154,53 @@ class ActorPoolConfig(_Config):
         gt=0,
         description="Seconds to wait for every engine to start. Default 900.",
     )
+
+
+class RecoveryConfig(_Config):
+    """How a job survives engines that die or hang: budgets, deadlines, poison rows.
+
+    A call whose engine dies is retried with its rows running alone on the engine;
+    if it dies alone it is split in halves, then into single rows; a row that kills
+    an engine `poison_after` times while alone is committed as a row error. With
+    the defaults one poison row costs about log2(shard_size / 32) + 4 restarts.
+    """
+
+    max_job_restarts: int = Field(
+        default=64,
+        ge=0,
+        description="Engine restarts per run, over all actors, before the run stops with "
+        "the remaining shards incomplete (exit 1; a re-run resumes). Default 64.",
+    )
+    poison_after: int = Field(
+        default=2,
+        ge=1,
+        description="Engine deaths a single row must cause while running alone before it "
+        "is committed as a row error. Default 2, so one unrelated crash (an OOM kill, a "
+        "lost node) never condemns an innocent row; 1 isolates faster.",
+    )
+    single_rows_at: int = Field(
+        default=32,
+        ge=1,
+        description="Rows that killed an engine while alone are split in halves while more "
+        "than this many, then retried one row per call, so each further death names its "
+        "row. Default 32: fewer engine restarts per poison row, at the price of generating "
+        "that many rows unbatched.",
+    )
+    hang_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Floor of the deadline for one call into an engine, in seconds. Default "
+        "300. The deadline is this plus hang_timeout_per_token_s for every token the call "
+        "may generate; past it the engine is declared hung, its actor killed and restarted.",
+    )
+    hang_timeout_per_token_s: float = Field(
+        default=0.02,
+        ge=0,
+        description="Seconds added to a call's deadline per token it may generate (rows x "
+        "max_tokens). Default 0.02, i.e. a hang is declared only below 50 tokens/s for the "
+        "call; raise it for slow CPU engines running large models.",
+    )
+
+    def deadline_s(self, rows: int, max_tokens: int) -> float:
+        """The deadline for one call of `rows` rows of up to `max_tokens` tokens each."""
+        return self.hang_timeout_s + self.hang_timeout_per_token_s * rows * max_tokens

@@ -7,6 +7,7 @@ PrefectVllmError                       base; `retryable` says if a re-run may he
 │   └── FingerprintMismatchError       resuming a job whose parameters changed
 ├── EngineError (RuntimeError)         the vLLM engine or its actors failed
 │   ├── EngineStartError               an engine could not start (bounded attempts)
+│   ├── EngineCrashedError             an engine died or hung while a call was in flight
 │   └── EngineUnavailableError         no healthy actor is left to take work
 └── IncompleteJobError (RuntimeError)  shards remain uncommitted; a re-run resumes them
 ```
@@ -21,6 +22,7 @@ from typing import Any
 
 __all__ = [
     "ConfigurationError",
+    "EngineCrashedError",
     "EngineError",
     "EngineStartError",
     "EngineUnavailableError",
@@ -96,6 +98,25 @@ class EngineStartError(EngineError):
     """An engine failed to start; attempts are bounded, never a crash loop."""
 
     retryable = False
+
+
+class EngineCrashedError(EngineError):
+    """An engine died or hung while a call was in flight; its actor is being restarted.
+
+    The shard logic catches it to retry the rows, alone, then split them, so that a
+    row which kills every engine it meets ends as a row error instead of a crash loop.
+
+    Attributes:
+        actor_index: The pool index of the actor whose engine was lost.
+        hung: True when the call ran past its deadline and the actor was killed.
+    """
+
+    retryable = True
+
+    def __init__(self, message: str, *, actor_index: int, hung: bool = False) -> None:
+        super().__init__(message)
+        self.actor_index = actor_index
+        self.hung = hung
 
 
 class EngineUnavailableError(EngineError):

@@ -20,13 +20,51 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prefect_vllm._engine.poison import PoisonLogitsProcessor
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "POISON_ENGINE_ARGS",
+    "POISON_MARKER",
+    "PoisonLogitsProcessor",
     "engine_processes",
     "make_tiny_model",
     "write_sample_prompts",
 ]
+
+#: A prompt containing this kills the engine when `POISON_ENGINE_ARGS` are in use.
+POISON_MARKER = "POISONPILL"
+
+#: Engine arguments that load `PoisonLogitsProcessor` into every engine, e.g.
+#: `prefect-vllm run ... --engine-args '{"logits_processors": ["prefect_vllm.testing:PoisonLogitsProcessor"]}'`.
+POISON_ENGINE_ARGS: dict[str, Any] = {"logits_processors": ["prefect_vllm.testing:PoisonLogitsProcessor"]}
+
+
+def __getattr__(name: str) -> Any:
+    """`PoisonLogitsProcessor` imports vLLM and torch, so it loads only when asked for.
+
+    It is a vLLM logits processor that SIGKILLs its engine process as soon as a
+    prompt containing `POISON_MARKER` joins the batch: a real poison row for
+    rehearsing failures, with no patch to prefect-vllm's code.
+
+    Examples:
+        ```python
+        from prefect_vllm.config import EngineConfig
+        from prefect_vllm.testing import POISON_ENGINE_ARGS, POISON_MARKER
+
+        engine = EngineConfig(engine_args=POISON_ENGINE_ARGS)
+        poison_prompt = f"Tell me about {POISON_MARKER}."  # kills any engine it reaches
+        ```
+    """
+    if name == "PoisonLogitsProcessor":
+        from prefect_vllm._engine.poison import PoisonLogitsProcessor
+
+        return PoisonLogitsProcessor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: A minimal chat template in the ChatML style, stored in the tokenizer config.
 CHAT_TEMPLATE = (

@@ -8,11 +8,14 @@ not pay for importing vLLM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import re
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 from prefect_vllm._columns import COMPLETION_TOKENS, ERROR, FINISH_REASON, PROMPT_TOKENS, TEXT
@@ -49,24 +52,35 @@ class VllmEngineActor:
         engine_kwargs: Keyword arguments for `AsyncEngineArgs`, minus `model`;
             CPU defaults are filled in by `EngineConfig.engine_kwargs`.
         max_in_flight: Most requests handed to the engine at once.
+        hf_token: A `SecretStr` Hugging Face token, or None.
     """
 
-    def __init__(self, model: str, engine_config: dict[str, Any], max_in_flight: int) -> None:
+    def __init__(
+        self, model: str, engine_config: dict[str, Any], max_in_flight: int, hf_token: Any = None
+    ) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from prefect_vllm.config import EngineConfig
 
+        if hf_token is not None:
+            # Read by huggingface_hub here and in the engine processes this one spawns.
+            os.environ["HF_TOKEN"] = hf_token.get_secret_value()
         on_cpu = current_platform.is_cpu()
         kwargs = EngineConfig.model_validate(engine_config).engine_kwargs(model, on_cpu=on_cpu)
         started = time.monotonic()
-        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        try:
+            self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        except Exception as exc:
+            # Ray never retries a constructor that raises: one clear line is all the user gets.
+            raise EngineStartFailure(_engine_log_cause() or _start_failure(exc)) from None
         self._start_s = time.monotonic() - started
         self._in_flight = asyncio.Semaphore(max_in_flight)
         self._pid = os.getpid()
         self._max_model_len = self._engine.model_config.max_model_len
         self._watchdog: asyncio.Task[None] | None = None
+        self._gate = _ExclusiveGate()
 
     def _ensure_watchdog(self) -> None:
         # Ray runs the constructor outside the actor's event loop: start on first call.
@@ -82,7 +96,12 @@ class VllmEngineActor:
     async def info(self) -> dict[str, Any]:
         """Who this actor is: pid, engine start time, context length."""
         self._ensure_watchdog()
-        return {"pid": self._pid, "start_s": self._start_s, "max_model_len": self._max_model_len}
+        return {
+            "pid": self._pid,
+            "start_s": self._start_s,
+            "max_model_len": self._max_model_len,
+            "hf_token_set": bool(os.environ.get("HF_TOKEN")),
+        }
 
     async def check_health(self) -> None:
         """Crash-exit if the engine is dead; an idle dead engine is noticed only here."""
@@ -94,28 +113,45 @@ class VllmEngineActor:
         except EngineDeadError as exc:
             crash_exit(f"health check: {exc!r}")
 
-    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Generate every row of one request batch, concurrently, bounded in flight.
 
-        Args:
-            request: `GenerateRequest.to_payload()`: prompts, seeds and sampling.
+        A streaming method: it first yields `{"started": pid}` once the call has
+        its turn on the engine, then the columns. A caller that loses the actor
+        before the first item knows its rows never ran, so they are not blamed.
+        An `exclusive` call waits until the engine is idle and keeps other calls
+        out until it is done, so an engine death during it is its rows' doing. A
+        call that runs past `deadline_s` means the engine hangs: the actor
+        crash-exits, as on an engine death.
 
-        Returns:
-            Columns `text`, `finish_reason`, `prompt_tokens`, `completion_tokens`,
-            `error` (one entry per prompt, in order), plus `pid` and `seconds`.
+        Args:
+            request: `GenerateRequest.to_payload()`: prompts, seeds, sampling,
+                exclusive, deadline_s.
+
+        Yields:
+            `{"started": pid}`, then the columns `text`, `finish_reason`,
+            `prompt_tokens`, `completion_tokens`, `error` (one entry per prompt,
+            in order), plus `pid` and `seconds`.
         """
         await self.check_health()
-        started = time.monotonic()
         sampling: dict[str, Any] = request["sampling"]
         prompts: list[Any] = request["prompts"]
         seeds: list[int | None] = request["seeds"]
+        deadline_s: float | None = request.get("deadline_s")
         batch = uuid.uuid4().hex[:12]
-        rows = await asyncio.gather(
-            *(
-                self._generate_one(f"{batch}-{i}", p, s, sampling)
-                for i, (p, s) in enumerate(zip(prompts, seeds, strict=False))
+        async with self._gate.enter(exclusive=bool(request.get("exclusive"))):
+            yield {"started": self._pid}
+            started = time.monotonic()
+            work = asyncio.gather(
+                *(
+                    self._generate_one(f"{batch}-{i}", p, s, sampling)
+                    for i, (p, s) in enumerate(zip(prompts, seeds, strict=False))
+                )
             )
-        )
+            try:
+                rows = await asyncio.wait_for(work, timeout=deadline_s)
+            except TimeoutError:
+                crash_exit(f"hang: {len(prompts)} rows not done within the {deadline_s:.0f} s deadline")
         columns: dict[str, Any] = {
             TEXT: [r[0] for r in rows],
             FINISH_REASON: [r[1] for r in rows],
@@ -125,7 +161,7 @@ class VllmEngineActor:
         }
         columns["pid"] = self._pid
         columns["seconds"] = time.monotonic() - started
-        return columns
+        yield columns
 
     async def _generate_one(
         self, request_id: str, prompt: Any, seed: int | None, sampling: dict[str, Any]
@@ -167,6 +203,86 @@ class VllmEngineActor:
     def __ray_shutdown__(self) -> None:
         """Shut the engine down when Ray kills the actor on purpose."""
         self._engine.shutdown()
+
+
+class EngineStartFailure(RuntimeError):
+    """The engine did not start; the message is one line the pool passes on as is."""
+
+
+#: An error line vLLM logged: `... ERROR 11-25 03:43:24 [core.py:1510] RuntimeError: ...`.
+_LOGGED_ERROR = re.compile(r"\bERROR \S+ \S+ \[[^\]]+\] ([A-Za-z_][\w.]*(?:Error|Exception): .+)$")
+
+
+def _engine_log_cause() -> str | None:
+    """The last exception line that the engine's processes logged into this actor's log.
+
+    When the engine process fails to start, vLLM raises "Engine core initialization
+    failed. See root cause above": the cause is only in the log that the engine
+    processes share with this actor (Ray sends a worker's stdout and stderr to files).
+    """
+    causes: list[str] = []
+    for fd in (1, 2):
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            if not os.path.isfile(path):
+                continue
+            with open(path, "rb") as f:
+                f.seek(max(0, os.path.getsize(path) - (256 << 10)))
+                tail = f.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        for line in tail.splitlines():
+            match = _LOGGED_ERROR.search(line)
+            if match and "Engine core initialization failed" not in match.group(1):
+                causes.append(match.group(1).strip())
+    return causes[-1][:600] if causes else None
+
+
+def _start_failure(exc: BaseException) -> str:
+    """One line that says why an engine did not start, from vLLM's validation or error."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):  # pydantic's ValidationError: vLLM validates its configs with it
+        try:
+            message = "; ".join(str(e.get("msg", "")) for e in errors())
+        except Exception:
+            message = str(exc)
+    else:
+        message = str(exc)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:600]
+
+
+class _ExclusiveGate:
+    """Shared calls run together; an exclusive call runs alone, and waiting ones go first."""
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def enter(self, *, exclusive: bool) -> AsyncIterator[None]:
+        async with self._cond:
+            if exclusive:
+                self._waiting += 1
+                try:
+                    await self._cond.wait_for(lambda: self._shared == 0 and not self._exclusive)
+                finally:
+                    self._waiting -= 1
+                self._exclusive = True
+            else:
+                await self._cond.wait_for(lambda: not self._exclusive and self._waiting == 0)
+                self._shared += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                if exclusive:
+                    self._exclusive = False
+                else:
+                    self._shared -= 1
+                self._cond.notify_all()
 
 
 def _row_error(exc: BaseException) -> str:

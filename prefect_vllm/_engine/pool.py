@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import SecretStr
+
 from prefect_vllm.config import ActorPoolConfig, EngineConfig
-from prefect_vllm.exceptions import EngineError, EngineStartError, EngineUnavailableError
+from prefect_vllm.exceptions import (
+    EngineCrashedError,
+    EngineError,
+    EngineStartError,
+    EngineUnavailableError,
+)
 
 logger = logging.getLogger("prefect_vllm.pool")
 
 #: How long a caller waits for an actor that Ray is restarting before trying another.
 _UNAVAILABLE_WAIT_S = 600.0
+
+#: A traceback's last line: `package.SomeError: message`.
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Failure): ")
+
+#: Engine processes crashing while they start, over the pool, that end the start.
+_START_CRASHES = 2
+
+#: How often a call lost before it started is sent again before it counts as a death.
+_UNSTARTED_RETRIES = 8
 
 
 @dataclass(frozen=True)
@@ -24,15 +41,25 @@ class GenerateRequest:
         prompts: Prompt strings (other values become row errors).
         seeds: Per-row sampling seeds, `None` for greedy rows.
         sampling: Keyword arguments for vLLM's `SamplingParams`, minus `seed`.
+        exclusive: Run alone on the engine, so a crash is these rows' doing.
+        deadline_s: Past this, the engine is declared hung and its actor restarted.
     """
 
     prompts: list[Any]
     seeds: list[int | None]
     sampling: dict[str, Any] = field(default_factory=dict)
+    exclusive: bool = False
+    deadline_s: float | None = None
 
     def to_payload(self) -> dict[str, Any]:
         """The plain dict the actor receives."""
-        return {"prompts": self.prompts, "seeds": self.seeds, "sampling": self.sampling}
+        return {
+            "prompts": self.prompts,
+            "seeds": self.seeds,
+            "sampling": self.sampling,
+            "exclusive": self.exclusive,
+            "deadline_s": self.deadline_s,
+        }
 
 
 class VllmActorPool:
@@ -45,12 +72,21 @@ class VllmActorPool:
         model: Hugging Face id or local folder.
         engine: How each engine is built.
         config: Actor count, resources and restart budget.
+        hf_token: Hugging Face token for gated models; it reaches the actors as a
+            constructor argument (never a logged environment or runtime_env).
     """
 
-    def __init__(self, model: str, engine: EngineConfig, config: ActorPoolConfig) -> None:
+    def __init__(
+        self,
+        model: str,
+        engine: EngineConfig,
+        config: ActorPoolConfig,
+        hf_token: SecretStr | None = None,
+    ) -> None:
         self.model = model
         self.engine = engine
         self.config = config
+        self.hf_token = hf_token
         self.handles: list[Any] = []
 
     def start(self) -> list[dict[str, Any]]:
@@ -75,63 +111,148 @@ class VllmActorPool:
         actor_cls = ray.remote(VllmEngineActor).options(
             num_cpus=cfg.num_cpus,
             num_gpus=num_gpus,
+            resources=cfg.resources or None,
+            # One engine per node where possible: losing a node then costs one engine.
+            scheduling_strategy="SPREAD",
             max_restarts=cfg.max_restarts,
-            max_task_retries=cfg.max_task_retries,
+            # Our shard logic retries lost calls itself: it must see each death to
+            # tell a poison row from bad luck, which Ray's transparent retries hide.
+            max_task_retries=0,
             max_concurrency=max(64, cfg.shards_per_actor * 8),
         )
         engine_config = self.engine.model_dump()
         self.handles = [
-            actor_cls.remote(self.model, engine_config, cfg.max_in_flight) for _ in range(cfg.num_actors)
+            actor_cls.remote(self.model, engine_config, cfg.max_in_flight, self.hf_token)
+            for _ in range(cfg.num_actors)
         ]
         try:
-            return list(ray.get([h.info.remote() for h in self.handles], timeout=cfg.start_timeout_s))
-        except ray.exceptions.GetTimeoutError as exc:
+            return self._wait_started(cfg.start_timeout_s)
+        except EngineStartError:
             self.shutdown()
-            raise EngineStartError(
-                f"vLLM engines for {self.model!r} did not start within {cfg.start_timeout_s:.0f} s"
-            ) from exc
-        except ray.exceptions.RayActorError as exc:
-            self.shutdown()
-            raise EngineStartError(
-                f"the vLLM engine for {self.model!r} failed to start: {_root_cause(exc)}"
-            ) from exc
+            raise
 
-    def generate(self, request: GenerateRequest, preferred: int = 0) -> dict[str, Any]:
-        """Run one request batch, on `preferred` first, failing over to live actors.
+    def _wait_started(self, timeout_s: float) -> list[dict[str, Any]]:
+        """Every actor's `info()` once all engines run; EngineStartError otherwise.
 
-        A call in flight on an actor whose engine died is retried by Ray on the
-        restarted actor; only when Ray gives up on an actor does this move on.
-
-        Raises:
-            EngineUnavailableError: Every actor is dead.
-            EngineError: The actor raised an unexpected error.
+        An exception in the constructor is final (Ray never retries it). A process
+        that crashes while starting would be restarted by Ray over and over: two
+        crashes of one actor before it ever answered end the start instead.
         """
         import ray
 
-        payload = request.to_payload()
-        count = len(self.handles)
-        last: BaseException | None = None
-        for k in range(count):
-            handle = self.handles[(preferred + k) % count]
-            deadline = time.monotonic() + _UNAVAILABLE_WAIT_S
-            while True:
+        refs = [h.info.remote() for h in self.handles]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0)
+            if len(ready) == len(refs):
                 try:
-                    return dict(ray.get(handle.generate.remote(payload)))
-                except ray.exceptions.ActorUnavailableError as exc:
-                    # Ray is restarting it and our retries ran out: wait for the restart.
-                    last = exc
-                    if time.monotonic() > deadline:
-                        break
-                    time.sleep(1.0)
-                except ray.exceptions.ActorDiedError as exc:
-                    last = exc
-                    logger.warning("engine actor %d is dead: %s", (preferred + k) % count, _root_cause(exc))
+                    return list(ray.get(refs))
+                except ray.exceptions.RayActorError as exc:
+                    raise EngineStartError(
+                        f"the vLLM engine for {self.model!r} failed to start: {_root_cause(exc)}"
+                    ) from exc
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    raise EngineStartError(
+                        f"the vLLM engine for {self.model!r} failed to start: {_root_cause(exc)}"
+                    ) from exc
+            crashed = self.engine_restarts()
+            if crashed >= _START_CRASHES:
+                raise EngineStartError(
+                    f"the vLLM engines for {self.model!r} crashed {crashed} times while starting; "
+                    "see the actor logs above for the cause (often too little memory)"
+                )
+            if time.monotonic() > deadline:
+                raise EngineStartError(
+                    f"vLLM engines for {self.model!r} did not start within {timeout_s:.0f} s"
+                )
+
+    def generate(self, request: GenerateRequest, preferred: int = 0) -> dict[str, Any]:
+        """Run one request batch on `preferred`, or the next live actor if it is gone.
+
+        A call lost before it had its turn on the engine (the actor died while it
+        waited behind another call) is sent again: its rows are not to blame.
+
+        Raises:
+            EngineCrashedError: The engine died or hung while the call was running;
+                Ray is restarting its actor. The caller decides how to retry the rows.
+            EngineUnavailableError: Every actor is dead for good.
+            EngineError: The actor raised an unexpected error.
+        """
+        count = len(self.handles)
+        for k in range(count):
+            index = (preferred + k) % count
+            for _attempt in range(_UNSTARTED_RETRIES):
+                if not self._wait_alive(index):
+                    logger.warning("engine actor %d is dead for good; trying the next one", index)
                     break
-                except ray.exceptions.RayTaskError as exc:
-                    raise EngineError(f"the engine actor failed: {_root_cause(exc)}") from exc
-        raise EngineUnavailableError(
-            f"no live vLLM engine actor is left out of {count}: {_root_cause(last)}"
-        ) from last
+                result = self._call(index, request)
+                if result is not None:
+                    return result
+            else:
+                raise EngineCrashedError(
+                    f"engine actor {index} died {_UNSTARTED_RETRIES} times before the call started",
+                    actor_index=index,
+                )
+        raise EngineUnavailableError(f"no live vLLM engine actor is left out of {count}")
+
+    def _call(self, index: int, request: GenerateRequest) -> dict[str, Any] | None:
+        """One call on actor `index`: its columns, or None if the actor died before it started."""
+        import ray
+
+        handle = self.handles[index]
+        stream = handle.generate.options(num_returns="streaming").remote(request.to_payload())
+        timeout = _backstop_s(request.deadline_s)
+        started = False
+        try:
+            started = "started" in _next_item(stream, timeout)
+            return dict(_next_item(stream, timeout))
+        except ray.exceptions.GetTimeoutError as exc:
+            # The actor's own deadline did not fire: its process itself is stuck.
+            logger.error("engine actor %d did not answer in time; killing it for a restart", index)
+            ray.kill(handle, no_restart=False)
+            raise EngineCrashedError(
+                f"engine actor {index} hung past the call's deadline and was restarted",
+                actor_index=index,
+                hung=True,
+            ) from exc
+        except ray.exceptions.RayActorError as exc:
+            if not started:
+                logger.info("engine actor %d died before the call started; sending it again", index)
+                return None
+            raise EngineCrashedError(
+                f"the engine of actor {index} died during the call: {_root_cause(exc)}",
+                actor_index=index,
+            ) from exc
+        except ray.exceptions.RayTaskError as exc:
+            raise EngineError(f"the engine actor failed: {_root_cause(exc)}") from exc
+
+    def _wait_alive(self, index: int) -> bool:
+        """Wait until actor `index` answers (it may be restarting); False if dead for good."""
+        import ray
+
+        handle = self.handles[index]
+        deadline = time.monotonic() + _UNAVAILABLE_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                ray.get(handle.info.remote(), timeout=60)
+                return True
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                pass
+            except ray.exceptions.RayActorError:
+                if self._state(index) == "DEAD":
+                    return False
+            time.sleep(0.5)
+        return False
+
+    def _state(self, index: int) -> str:
+        """The actor's state in Ray's control store: ALIVE, RESTARTING, DEAD, ..."""
+        from ray._private import state
+
+        info = state.actors(actor_id=self.handles[index]._actor_id.hex())
+        return str(info.get("State", "UNKNOWN")) if info else "UNKNOWN"
 
     def engine_restarts(self) -> int:
         """How often Ray restarted this pool's actors (each restart is a new engine)."""
@@ -154,9 +275,32 @@ class VllmActorPool:
                 logger.debug("could not kill actor: %r", exc)
 
 
+def _next_item(stream: Any, timeout: float | None) -> dict[str, Any]:
+    """The next item of a streaming actor call, or GetTimeoutError after `timeout`."""
+    import ray
+
+    ready, _ = ray.wait([stream], timeout=timeout)
+    if not ready:
+        raise ray.exceptions.GetTimeoutError(f"no answer within {timeout} s")
+    return dict(ray.get(next(stream)))
+
+
+def _backstop_s(deadline_s: float | None) -> float | None:
+    """How long a caller waits for an answer: the actor's own deadline fires first,
+    and a call may first wait for an exclusive one to finish."""
+    return None if deadline_s is None else 2 * deadline_s + 60.0
+
+
 def _root_cause(exc: BaseException | None) -> str:
-    """The last meaningful line of a Ray error, which names the real cause."""
+    """The line of a Ray error that names the real cause: our own start failure's
+    message, else the last line that reads like an exception, else the last line."""
     if exc is None:
         return "unknown cause"
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[-1][:500] if lines else type(exc).__name__
+    for line in reversed(lines):
+        if "EngineStartFailure: " in line:
+            return line.split("EngineStartFailure: ", 1)[1][:600]
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line):
+            return line[:600]
+    return lines[-1][:600] if lines else type(exc).__name__

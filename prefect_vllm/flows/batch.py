@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections import deque
@@ -11,9 +12,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from prefect_vllm._checkpoint import CheckpointStore, JobManifest, check_safe_id, fingerprint_id
+from prefect_vllm._engine.pool import VllmActorPool
 from prefect_vllm._planning import InputColumns, JobPlan, ShardSpec, plan_job
-from prefect_vllm.config import ActorPoolConfig, EngineConfig, SamplingConfig
-from prefect_vllm.exceptions import ConfigurationError, IncompleteJobError
+from prefect_vllm.blocks.model import VllmModel
+from prefect_vllm.config import ActorPoolConfig, EngineConfig, RecoveryConfig, SamplingConfig
+from prefect_vllm.exceptions import ConfigurationError, IncompleteJobError, InputError
 from prefect_vllm.results import BatchResult, ShardResult
 from prefect_vllm.tasks import ShardJob, run_shard
 
@@ -24,7 +27,10 @@ def check_model(model: str) -> None:
     """Refuse a model that names a local folder which does not exist.
 
     Hugging Face ids (`org/name`) are left to the engine; anything that reads as a
-    path (absolute, `./`, `~`) or exists on disk must be a folder with a config.
+    path (absolute, `./`, `~`) or exists on disk must be a folder with a readable
+    `config.json` holding a JSON object. Deeper problems (an unknown architecture,
+    sizes that do not fit) are the engine's to find: they end the run with an
+    `EngineStartError` after one attempt.
     """
     path = os.path.expanduser(model)
     looks_local = model.startswith(("/", ".", "~")) or os.path.exists(path)
@@ -32,8 +38,18 @@ def check_model(model: str) -> None:
         return
     if not os.path.isdir(path):
         raise ConfigurationError(f"model folder {model!r} does not exist")
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
         raise ConfigurationError(f"model folder {model!r} has no config.json")
+    try:
+        with open(config, encoding="utf-8") as f:
+            parsed = json.load(f)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"{config}: cannot be read ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not valid JSON ({exc.msg})", path=config, line=exc.lineno) from None
+    if not isinstance(parsed, dict):
+        raise InputError(f"must hold a JSON object, not {type(parsed).__name__}", path=config)
 
 
 def job_fingerprint(
@@ -64,13 +80,14 @@ def job_fingerprint(
 def batch_inference(
     input: str,
     output: str,
-    model: str,
+    model: str | VllmModel,
     prompt_column: str = "prompt",
     id_column: str = "custom_id",
     shard_size: int = 512,
     sampling: SamplingConfig = SamplingConfig(),  # noqa: B008 - frozen pydantic model
     engine: EngineConfig = EngineConfig(),  # noqa: B008
     pool: ActorPoolConfig = ActorPoolConfig(),  # noqa: B008
+    recovery: RecoveryConfig = RecoveryConfig(),  # noqa: B008
     ray_address: str | None = None,
     job_id: str | None = None,
     restart: bool = False,
@@ -84,13 +101,15 @@ def batch_inference(
     Args:
         input: A JSONL, Parquet or CSV file, a folder of them, or a glob.
         output: Output folder or `pyarrow.fs` URI; also holds the checkpoints.
-        model: Hugging Face id or local model folder.
+        model: Hugging Face id or local model folder, or a `VllmModel` block (which
+            then also gives the engine settings and the Hugging Face token).
         prompt_column: Column holding the prompt text.
         id_column: Column holding each row's id (`custom_id`); positions when absent.
         shard_size: Rows per shard: the unit of commit and of retry.
         sampling: Job-wide sampling parameters.
         engine: How each vLLM engine is built.
-        pool: Engine actors, their resources and restart budget.
+        pool: Engine actors, their resources and per-actor restart budget.
+        recovery: Job restart budget, hang deadlines and poison-row isolation.
         ray_address: An existing Ray cluster (`auto`, `ray://...`); a local one if None.
         job_id: Explicit job id; default: a hash of everything that changes results.
         restart: Discard the job's checkpoints in `output` and start over.
@@ -122,6 +141,13 @@ def batch_inference(
     """
     logger = get_run_logger()
     started = time.monotonic()
+    hf_token = None
+    if isinstance(model, VllmModel):
+        if engine != EngineConfig():
+            raise ConfigurationError(
+                "engine: give engine settings in the VllmModel block or in `engine`, not both"
+            )
+        engine, hf_token, model = model.engine_config(), model.hf_token, model.model
     check_model(model)
     columns = InputColumns(prompt=prompt_column, id=id_column)
     plan = plan_job(input, columns, shard_size)
@@ -144,13 +170,23 @@ def batch_inference(
         columns=columns,
         has_id_column=manifest.plan.has_id_column,
         sampling=sampling,
+        recovery=recovery,
         pool=None,
     )
     new: dict[str, ShardResult] = {}
     restarts = 0
     generation_s = 0.0
+    why = "run the same command again to resume them"
     if pending:
-        new, restarts, generation_s = _run_on_ray(pending, job, model, engine, pool, ray_address)
+        new, restarts, generation_s = _run_on_ray(
+            pending, job, VllmActorPool(model, engine, pool, hf_token), ray_address
+        )
+        if restarts > recovery.max_job_restarts:
+            why = (
+                f"the run stopped after {restarts} engine restarts (budget max_job_restarts="
+                f"{recovery.max_job_restarts}); fix what kills the engines, or raise the budget, "
+                "and run the same command again to resume"
+            )
     results = {**committed, **new}
     incomplete = [s.shard_id for s in manifest.plan.shards if s.shard_id not in results]
     wall = time.monotonic() - started
@@ -165,6 +201,8 @@ def batch_inference(
         rows_ok=sum(r.rows_ok for r in results.values()),
         rows_failed=sum(r.rows_failed for r in results.values()),
         engine_restarts=restarts,
+        engine_deaths_by_shard={k: r.engine_deaths for k, r in sorted(new.items()) if r.engine_deaths},
+        poisoned_rows=[cid for k in sorted(results) for cid in results[k].poisoned_rows],
         wall_s=round(wall, 3),
         generation_s=round(generation_s, 3),
         output_tokens=tokens,
@@ -176,8 +214,7 @@ def batch_inference(
     if incomplete:
         shown = ", ".join(incomplete[:10]) + (" ..." if len(incomplete) > 10 else "")
         raise IncompleteJobError(
-            f"{len(incomplete)} of {len(manifest.plan.shards)} shards were not committed ({shown}); "
-            "run the same command again to resume them",
+            f"{len(incomplete)} of {len(manifest.plan.shards)} shards were not committed ({shown}); {why}",
             incomplete=incomplete,
             result=summary,
         )
@@ -186,6 +223,10 @@ def batch_inference(
         resolved_id, summary.rows_ok, summary.rows_failed, restarts, wall,
     )  # fmt: skip
     return summary
+
+
+#: How often the flow looks at the engine restart count while shards run.
+_BUDGET_CHECK_S = 2.0
 
 
 def _ray_init_kwargs(ray_address: str | None) -> dict[str, Any]:
@@ -201,31 +242,25 @@ def _ray_init_kwargs(ray_address: str | None) -> dict[str, Any]:
 
 
 def _run_on_ray(
-    pending: list[ShardSpec],
-    job: ShardJob,
-    model: str,
-    engine: EngineConfig,
-    pool_config: ActorPoolConfig,
-    ray_address: str | None,
+    pending: list[ShardSpec], job: ShardJob, pool: VllmActorPool, ray_address: str | None
 ) -> tuple[dict[str, ShardResult], int, float]:
     """Start the engine pool, stream the pending shards through it, stop it."""
     from prefect_ray import RayTaskRunner
 
-    from prefect_vllm._engine import VllmActorPool
-
     logger = get_run_logger()
+    pool_config = pool.config
     with RayTaskRunner(address=ray_address, init_kwargs=_ray_init_kwargs(ray_address)) as runner:
         _warm_shard_workers(pool_config.num_actors * pool_config.shards_per_actor)
-        pool = VllmActorPool(model, engine, pool_config)
         infos = pool.start()
         logger.info(
-            "%d vLLM engine(s) started in %s s",
+            "%d vLLM engine(s) started in %s s (Hugging Face token %s)",
             len(infos), ", ".join(f"{i['start_s']:.1f}" for i in infos),
+            "set" if all(i["hf_token_set"] for i in infos) else "not set",
         )  # fmt: skip
         job = dataclasses.replace(job, pool=pool)
         started = time.monotonic()
         try:
-            results = _stream_shards(runner, pending, job, pool_config)
+            results = _stream_shards(runner, pending, job, pool_config, pool)
         finally:
             generation_s = time.monotonic() - started
             restarts = pool.engine_restarts()
@@ -253,13 +288,15 @@ def _warm_shard_workers(count: int) -> None:
 
 
 def _stream_shards(
-    runner: Any, pending: list[ShardSpec], job: ShardJob, pool_config: ActorPoolConfig
+    runner: Any, pending: list[ShardSpec], job: ShardJob, pool_config: ActorPoolConfig, pool: Any
 ) -> dict[str, ShardResult]:
     """Keep `shards_per_actor` shards in flight per actor until every shard is done.
 
     The window keeps each engine fed across shard boundaries (the next shard's
     requests are queued while the previous one is written) without turning
-    thousands of shards into thousands of Ray workers at once.
+    thousands of shards into thousands of Ray workers at once. Once the pool has
+    restarted engines more than the job's budget, nothing new starts and the
+    shards in flight are cancelled: they stay incomplete for a re-run.
     """
     import ray
     from prefect_ray.context import remote_options
@@ -270,7 +307,14 @@ def _stream_shards(
     window = pool_config.num_actors * pool_config.shards_per_actor
     in_flight: dict[Any, tuple[ShardSpec, Any, int]] = {}
     results: dict[str, ShardResult] = {}
+    budget = job.recovery.max_job_restarts
     while queue or in_flight:
+        if pool.engine_restarts() > budget:
+            for ref in in_flight:
+                ray.cancel(ref, force=True)
+            queue.clear()
+            in_flight.clear()
+            break
         while queue and len(in_flight) < window:
             spec = queue.popleft()
             actor = load.index(min(load))
@@ -279,7 +323,7 @@ def _stream_shards(
                 future = runner.submit(run_shard, {"spec": spec, "job": job, "actor_index": actor})
             in_flight[future.wrapped_future] = (spec, future, actor)
             load[actor] += 1
-        done, _ = ray.wait(list(in_flight), num_returns=1)
+        done, _ = ray.wait(list(in_flight), num_returns=1, timeout=_BUDGET_CHECK_S)
         for ref in done:
             spec, future, actor = in_flight.pop(ref)
             load[actor] -= 1
@@ -289,9 +333,10 @@ def _stream_shards(
                 result: ShardResult = state.result()
                 results[spec.shard_id] = result
                 logger.info(
-                    "shard %s committed: %d rows (%d errors), %d tokens, %.1f s, attempt %d",
-                    spec.shard_id, result.rows, result.rows_failed, result.output_tokens,
-                    result.total_s, result.attempt,
+                    "shard %s committed: %d rows (%d errors, %d poison rows), %d tokens, %.1f s, "
+                    "attempt %d, %d engine deaths",
+                    spec.shard_id, result.rows, result.rows_failed, len(result.poisoned_rows),
+                    result.output_tokens, result.total_s, result.attempt, result.engine_deaths,
                 )  # fmt: skip
             else:
                 logger.error("shard %s not committed: %s", spec.shard_id, state.message)

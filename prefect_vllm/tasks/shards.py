@@ -6,15 +6,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from prefect_vllm._checkpoint import CheckpointStore
 from prefect_vllm._columns import COMPLETION_TOKENS, ERROR, PROMPT_TOKENS
+from prefect_vllm._isolation import EngineCall, generate_isolating
 from prefect_vllm._planning import InputColumns, ShardSpec
 from prefect_vllm._shards import output_table, read_shard, row_seeds
-from prefect_vllm.config import SamplingConfig
+from prefect_vllm.config import RecoveryConfig, SamplingConfig
 from prefect_vllm.exceptions import PrefectVllmError
 from prefect_vllm.results import ShardResult
 
@@ -29,6 +30,7 @@ class ShardJob:
         columns: Which input columns hold the prompt and the id.
         has_id_column: Whether the input has the id column.
         sampling: Job-wide sampling parameters.
+        recovery: Deadlines and poison isolation.
         pool: The engine actor pool (a `VllmActorPool`; picklable).
     """
 
@@ -37,7 +39,31 @@ class ShardJob:
     columns: InputColumns
     has_id_column: bool
     sampling: SamplingConfig
+    recovery: RecoveryConfig
     pool: Any
+
+
+def _engine_call(job: ShardJob, prompts: list[Any], custom_ids: list[str], actor_index: int) -> EngineCall:
+    """Generate rows [start, stop) of the shard on the pool, with the call's deadline."""
+    from prefect_vllm._engine import GenerateRequest
+
+    sampling = job.sampling.model_dump(exclude={"seed"})
+    greedy = job.sampling.temperature == 0.0
+    seeds: list[int | None] = (
+        [None] * len(custom_ids) if greedy else list(row_seeds(job.sampling.seed, custom_ids))
+    )
+
+    def call(start: int, stop: int, exclusive: bool) -> dict[str, Any]:
+        request = GenerateRequest(
+            prompts=prompts[start:stop],
+            seeds=seeds[start:stop],
+            sampling=sampling,
+            exclusive=exclusive,
+            deadline_s=job.recovery.deadline_s(stop - start, job.sampling.max_tokens),
+        )
+        return dict(job.pool.generate(request, actor_index))
+
+    return call
 
 
 def _retry_if_retryable(task: Any, task_run: Any, state: Any) -> bool:
@@ -75,18 +101,16 @@ def run_shard(spec: ShardSpec, job: ShardJob, actor_index: int = 0) -> ShardResu
     Returns:
         The commit marker's content.
     """
-    from prefect_vllm._engine import GenerateRequest
-
     started = time.monotonic()
+    logger = get_run_logger()
     custom_ids, prompts = read_shard(spec, job.columns, job.has_id_column)
-    sampling = job.sampling.model_dump(exclude={"seed"})
-    greedy = job.sampling.temperature == 0.0
-    seeds: list[int | None] = (
-        [None] * len(custom_ids) if greedy else list(row_seeds(job.sampling.seed, custom_ids))
-    )
     read_done = time.monotonic()
-    generated = job.pool.generate(
-        GenerateRequest(prompts=prompts, seeds=seeds, sampling=sampling), actor_index
+    generated, report = generate_isolating(
+        _engine_call(job, prompts, custom_ids, actor_index),
+        len(prompts),
+        poison_after=job.recovery.poison_after,
+        single_rows_at=job.recovery.single_rows_at,
+        log=lambda line: logger.warning("shard %s: %s", spec.shard_id, line),
     )
     generate_done = time.monotonic()
     store = CheckpointStore(job.output)
@@ -103,7 +127,9 @@ def run_shard(spec: ShardSpec, job: ShardJob, actor_index: int = 0) -> ShardResu
         output_tokens=sum(t or 0 for t in generated[COMPLETION_TOKENS]),
         checksum=checksum,
         attempt=context.task_run.run_count if context else 1,
-        actor_pid=int(generated["pid"]),
+        actor_pid=report.pid,
+        engine_deaths=report.deaths,
+        poisoned_rows=[custom_ids[i] for i in report.poisoned],
         generate_s=generate_done - read_done,
         write_s=finished - generate_done,
         total_s=finished - started,
