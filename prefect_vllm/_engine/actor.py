@@ -18,6 +18,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
+import psutil
+
 from prefect_vllm._columns import COMPLETION_TOKENS, ERROR, FINISH_REASON, PROMPT_TOKENS, TEXT
 
 logger = logging.getLogger("prefect_vllm.engine")
@@ -81,6 +83,9 @@ class VllmEngineActor:
         self._max_model_len = self._engine.model_config.max_model_len
         self._watchdog: asyncio.Task[None] | None = None
         self._gate = _ExclusiveGate()
+        self._engine_processes = [
+            p for p in psutil.Process().children(recursive=True) if _is_engine_process(p)
+        ]
 
     def _ensure_watchdog(self) -> None:
         # Ray runs the constructor outside the actor's event loop: start on first call.
@@ -90,8 +95,22 @@ class VllmEngineActor:
     async def _watch_engine(self) -> None:
         while True:
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
-            if self._engine.errored:
+            if self._engine.errored or not self._engine_processes_alive():
                 crash_exit("watchdog: the engine process is gone")
+
+    def _engine_processes_alive(self) -> bool:
+        """Whether every `VLLM::` process this actor's engine started still runs.
+
+        vLLM notices a dead engine process from a monitor thread, a moment later; a
+        call arriving in that moment would run on a dead engine and be blamed for it.
+        """
+        for proc in self._engine_processes:
+            try:
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    return False
+            except psutil.NoSuchProcess:
+                return False
+        return True
 
     async def info(self) -> dict[str, Any]:
         """Who this actor is: pid, engine start time, context length."""
@@ -108,6 +127,8 @@ class VllmEngineActor:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         self._ensure_watchdog()
+        if not self._engine_processes_alive():
+            crash_exit("health check: an engine process is gone")
         try:
             await self._engine.check_health()
         except EngineDeadError as exc:
@@ -203,6 +224,13 @@ class VllmEngineActor:
     def __ray_shutdown__(self) -> None:
         """Shut the engine down when Ray kills the actor on purpose."""
         self._engine.shutdown()
+
+
+def _is_engine_process(proc: psutil.Process) -> bool:
+    try:
+        return " ".join(proc.cmdline()).startswith("VLLM::")
+    except psutil.Error:
+        return False
 
 
 class EngineStartFailure(RuntimeError):

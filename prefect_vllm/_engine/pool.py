@@ -182,8 +182,8 @@ class VllmActorPool:
             EngineError: The actor raised an unexpected error.
         """
         count = len(self.handles)
-        for k in range(count):
-            index = (preferred + k) % count
+        order = self._by_readiness(preferred)
+        for index in order:
             for _attempt in range(_UNSTARTED_RETRIES):
                 if not self._wait_alive(index):
                     logger.warning("engine actor %d is dead for good; trying the next one", index)
@@ -197,6 +197,17 @@ class VllmActorPool:
                     actor_index=index,
                 )
         raise EngineUnavailableError(f"no live vLLM engine actor is left out of {count}")
+
+    def _by_readiness(self, preferred: int) -> list[int]:
+        """Actor indexes to try: `preferred` onwards, those alive now first.
+
+        A call never waits for an actor that Ray is restarting (a lost node, a dead
+        engine) while another one is ready to take it.
+        """
+        count = len(self.handles)
+        order = [(preferred + k) % count for k in range(count)]
+        states = {index: self._state(index) for index in order}
+        return [i for i in order if states[i] == "ALIVE"] + [i for i in order if states[i] != "ALIVE"]
 
     def _call(self, index: int, request: GenerateRequest) -> dict[str, Any] | None:
         """One call on actor `index`: its columns, or None if the actor died before it started."""

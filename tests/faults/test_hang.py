@@ -1,0 +1,66 @@
+"""A SIGSTOPped `VLLM::EngineCore` (alive, no progress) is noticed at the call's deadline."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+
+from prefect_vllm.testing import engine_processes, write_sample_prompts
+from tests.helpers import (
+    finish,
+    input_ids,
+    markers,
+    no_engine_left,
+    read_output,
+    start_cli,
+    summary_of,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+HANG_TIMEOUT_S = 15
+
+
+def test_a_hung_engine_is_killed_at_its_deadline_and_the_job_completes_exactly(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=400)
+    out = tmp_path / "out"
+    log = tmp_path / "run.log"
+    launched = time.monotonic()
+    proc = start_cli(
+        ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--shard-size", "20",
+         "--max-tokens", "32", "--ignore-eos", "--temperature", "0",
+         "--hang-timeout", str(HANG_TIMEOUT_S), "--hang-timeout-per-token", "0", "--json"],
+        tmp_path / "home",
+        log,
+    )  # fmt: skip
+    wait_for(lambda: markers(out) or proc.poll() is not None, 900, "the first committed shard")
+    assert proc.poll() is None, log.read_text()[-3000:]
+    first_commit_s = time.monotonic() - launched  # server, Ray and one engine start
+    (core,) = engine_processes(("VLLM::EngineCore",))
+    os.kill(core, signal.SIGSTOP)
+    stopped = time.monotonic()
+
+    done = finish(proc, log)
+    recovered_s = time.monotonic() - stopped
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "hang:" in done.stderr, "the actor's deadline did not fire"
+    # The deadline, one actor restart (no faster than the first start) and the rest
+    # of the job, which takes seconds with this tiny model.
+    assert recovered_s < HANG_TIMEOUT_S + first_commit_s + 30, (recovered_s, first_commit_s)
+    summary = summary_of(done)
+    assert summary["engine_restarts"] >= 1
+    assert summary["rows_ok"] == 400 and summary["rows_failed"] == 0 and summary["poisoned_rows"] == []
+    table = read_output(out)
+    assert Counter(table.column("custom_id").to_pylist()) == Counter(input_ids(prompts))
+    assert set(table.column("completion_tokens").to_pylist()) == {32}
+    no_engine_left()
+    assert not psutil.pid_exists(core) or psutil.Process(core).status() == psutil.STATUS_ZOMBIE
