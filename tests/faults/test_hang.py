@@ -64,3 +64,34 @@ def test_a_hung_engine_is_killed_at_its_deadline_and_the_job_completes_exactly(
     assert set(table.column("completion_tokens").to_pylist()) == {32}
     no_engine_left()
     assert not psutil.pid_exists(core) or psutil.Process(core).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_stuck_actor_process_is_killed_by_the_caller_and_restarted(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """SIGSTOP the actor itself: its own deadline cannot fire, the caller's backstop must."""
+    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=200)
+    out = tmp_path / "out"
+    log = tmp_path / "run.log"
+    proc = start_cli(
+        ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--shard-size", "20",
+         "--max-tokens", "32", "--ignore-eos", "--temperature", "0",
+         "--hang-timeout", str(HANG_TIMEOUT_S), "--hang-timeout-per-token", "0", "--json"],
+        tmp_path / "home",
+        log,
+    )  # fmt: skip
+    wait_for(lambda: markers(out) or proc.poll() is not None, 900, "the first committed shard")
+    assert proc.poll() is None, log.read_text()[-3000:]
+    (core,) = engine_processes(("VLLM::EngineCore",))
+    actor = psutil.Process(core).ppid()
+    os.kill(actor, signal.SIGSTOP)
+
+    done = finish(proc, log)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "engine hung with rows" in done.stderr, "the caller did not declare the actor hung"
+    summary = summary_of(done)
+    assert summary["engine_restarts"] >= 1 and summary["rows_ok"] == 200
+    table = read_output(out)
+    assert Counter(table.column("custom_id").to_pylist()) == Counter(input_ids(prompts))
+    no_engine_left()
+    assert not psutil.pid_exists(actor) or psutil.Process(actor).status() == psutil.STATUS_ZOMBIE
