@@ -26,6 +26,9 @@ _UNAVAILABLE_WAIT_S = 600.0
 #: A traceback's last line: `package.SomeError: message`.
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Failure): ")
 
+#: How long an actor may take to answer `info`, which never waits for its engine.
+_INFO_TIMEOUT_S = 60.0
+
 #: Engine processes crashing while they start, over the pool, that end the start.
 _START_CRASHES = 2
 
@@ -248,9 +251,17 @@ class VllmActorPool:
         deadline = time.monotonic() + _UNAVAILABLE_WAIT_S
         while time.monotonic() < deadline:
             try:
-                ray.get(handle.info.remote(), timeout=60)
+                ray.get(handle.info.remote(), timeout=_INFO_TIMEOUT_S)
                 return True
-            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+            except ray.exceptions.GetTimeoutError:
+                # `info` never waits for the engine: an actor that Ray reports alive but
+                # that cannot answer it is stuck; kill it so Ray restarts it.
+                if self._state(index) == "ALIVE":
+                    logger.error(
+                        "engine actor %d is alive but does not answer; killing it for a restart", index
+                    )
+                    ray.kill(handle, no_restart=False)
+            except ray.exceptions.ActorUnavailableError:
                 pass
             except ray.exceptions.RayActorError:
                 if self._state(index) == "DEAD":

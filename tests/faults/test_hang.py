@@ -88,7 +88,8 @@ def test_a_stuck_actor_process_is_killed_by_the_caller_and_restarted(
 
     done = finish(proc, log)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "engine hung with rows" in done.stderr, "the caller did not declare the actor hung"
+    # Stopped during a call, the call's backstop fires; between calls, the health probe's.
+    assert "engine hung with rows" in done.stderr or "is alive but does not answer" in done.stderr
     summary = summary_of(done)
     assert summary["engine_restarts"] >= 1 and summary["rows_ok"] == 200
     table = read_output(out)
