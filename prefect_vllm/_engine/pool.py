@@ -147,20 +147,14 @@ class VllmActorPool:
         deadline = time.monotonic() + timeout_s
         while True:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0)
-            if len(ready) == len(refs):
-                try:
-                    return list(ray.get(refs))
-                except ray.exceptions.RayActorError as exc:
-                    raise EngineStartError(
-                        f"the vLLM engine for {self.model!r} failed to start: {_root_cause(exc)}"
-                    ) from exc
-            for ref in ready:
-                try:
-                    ray.get(ref)
-                except ray.exceptions.RayActorError as exc:
-                    raise EngineStartError(
-                        f"the vLLM engine for {self.model!r} failed to start: {_root_cause(exc)}"
-                    ) from exc
+            try:
+                infos = [ray.get(ref) for ref in ready]  # a failed start raises here
+            except ray.exceptions.RayActorError as exc:
+                raise EngineStartError(
+                    f"the vLLM engine for {self.model!r} failed to start: {_root_cause(exc)}"
+                ) from exc
+            if len(infos) == len(refs):  # ray.wait keeps the order of `refs`
+                return infos
             crashed = self.engine_restarts()
             if crashed >= _START_CRASHES:
                 raise EngineStartError(

@@ -260,7 +260,7 @@ def _run_on_ray(
         job = dataclasses.replace(job, pool=pool)
         started = time.monotonic()
         try:
-            results = _stream_shards(runner, pending, job, pool_config, pool)
+            results = _stream_shards(runner, pending, job, pool)
         finally:
             generation_s = time.monotonic() - started
             restarts = pool.engine_restarts()
@@ -288,7 +288,7 @@ def _warm_shard_workers(count: int) -> None:
 
 
 def _stream_shards(
-    runner: Any, pending: list[ShardSpec], job: ShardJob, pool_config: ActorPoolConfig, pool: Any
+    runner: Any, pending: list[ShardSpec], job: ShardJob, pool: VllmActorPool
 ) -> dict[str, ShardResult]:
     """Keep `shards_per_actor` shards in flight per actor until every shard is done.
 
@@ -303,8 +303,8 @@ def _stream_shards(
 
     logger = get_run_logger()
     queue = deque(pending)
-    load = [0] * pool_config.num_actors
-    window = pool_config.num_actors * pool_config.shards_per_actor
+    load = [0] * pool.config.num_actors
+    window = pool.config.num_actors * pool.config.shards_per_actor
     in_flight: dict[Any, tuple[ShardSpec, Any, int]] = {}
     results: dict[str, ShardResult] = {}
     budget = job.recovery.max_job_restarts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,13 +29,13 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 HANG_TIMEOUT_S = 15
 
 
-def test_a_hung_engine_is_killed_at_its_deadline_and_the_job_completes_exactly(
-    tmp_path: Path, tiny_model: Path
-) -> None:
-    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=400)
+def start_committing_job(
+    tmp_path: Path, tiny_model: Path, rows: int
+) -> tuple[Path, Path, Path, subprocess.Popen[str]]:
+    """Start a job with a 15 s call deadline; return once its first shard is committed."""
+    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=rows)
     out = tmp_path / "out"
     log = tmp_path / "run.log"
-    launched = time.monotonic()
     proc = start_cli(
         ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--shard-size", "20",
          "--max-tokens", "32", "--ignore-eos", "--temperature", "0",
@@ -44,6 +45,14 @@ def test_a_hung_engine_is_killed_at_its_deadline_and_the_job_completes_exactly(
     )  # fmt: skip
     wait_for(lambda: markers(out) or proc.poll() is not None, 900, "the first committed shard")
     assert proc.poll() is None, log.read_text()[-3000:]
+    return prompts, out, log, proc
+
+
+def test_a_hung_engine_is_killed_at_its_deadline_and_the_job_completes_exactly(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    launched = time.monotonic()
+    prompts, out, log, proc = start_committing_job(tmp_path, tiny_model, rows=400)
     first_commit_s = time.monotonic() - launched  # server, Ray and one engine start
     (core,) = engine_processes(("VLLM::EngineCore",))
     os.kill(core, signal.SIGSTOP)
@@ -70,18 +79,7 @@ def test_a_stuck_actor_process_is_killed_by_the_caller_and_restarted(
     tmp_path: Path, tiny_model: Path
 ) -> None:
     """SIGSTOP the actor itself: its own deadline cannot fire, the caller's backstop must."""
-    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=200)
-    out = tmp_path / "out"
-    log = tmp_path / "run.log"
-    proc = start_cli(
-        ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--shard-size", "20",
-         "--max-tokens", "32", "--ignore-eos", "--temperature", "0",
-         "--hang-timeout", str(HANG_TIMEOUT_S), "--hang-timeout-per-token", "0", "--json"],
-        tmp_path / "home",
-        log,
-    )  # fmt: skip
-    wait_for(lambda: markers(out) or proc.poll() is not None, 900, "the first committed shard")
-    assert proc.poll() is None, log.read_text()[-3000:]
+    prompts, out, log, proc = start_committing_job(tmp_path, tiny_model, rows=200)
     (core,) = engine_processes(("VLLM::EngineCore",))
     actor = psutil.Process(core).ppid()
     os.kill(actor, signal.SIGSTOP)
