@@ -48,12 +48,12 @@ def test_killed_engine_is_restarted_and_every_row_is_generated_once(tmp_path: Pa
     assert "crash-exiting" in done.stderr
     summary = summary_of(done)
     assert summary["engine_restarts"] >= 1
-    assert summary["engine_deaths_by_shard"], "no shard saw the engine die under it"
     assert summary["rows_ok"] == 600 and summary["rows_failed"] == 0 and summary["poisoned_rows"] == []
     table = read_output(out)
     assert Counter(table.column("custom_id").to_pylist()) == Counter(input_ids(prompts))
     assert set(table.column("completion_tokens").to_pylist()) == {64}
-    # The lost shards were sent again: to the live actor at once, or to the restarted one.
+    # A kill between two calls is noticed by the health check before the next call and
+    # blames no shard; the shards that did lose a call were sent again, to a live actor.
     resent = [
         json.loads((out / "_commits" / f"{k}.json").read_text()) for k in summary["engine_deaths_by_shard"]
     ]
