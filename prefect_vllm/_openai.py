@@ -1,0 +1,294 @@
+"""OpenAI Batch files: requests in (`{custom_id, method, url, body}`), responses out.
+
+Pure logic: no vLLM, no I/O beyond what callers pass in. A request that cannot be
+served (an unsupported endpoint, an unknown body field) becomes a row error, never
+a silent ignore; a line that makes the whole file unusable (no `custom_id`, not an
+object) is an `InputError` naming the file, line and field.
+
+Examples:
+    ```python
+    from prefect_vllm._openai import parse_request
+
+    request = parse_request(
+        {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}},
+        path="batch.jsonl", line=1,
+    )
+    assert request.kind == "chat" and request.sampling == {"max_tokens": 8}
+    ```
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from prefect_vllm.exceptions import InputError
+
+__all__ = ["ENDPOINTS", "RowRequest", "error_line", "looks_like_batch", "output_line", "parse_request"]
+
+#: The endpoints served, by URL, and the kind of request each one carries.
+ENDPOINTS: dict[str, Literal["chat", "completion"]] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+}
+
+#: Body fields that need no mapping: the job's model serves every row, and a batch
+#: never streams.
+_ACCEPTED = {"model", "messages", "prompt", "stream", "user", "metadata"}
+
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+@dataclass(frozen=True)
+class RowRequest:
+    """One request of an OpenAI Batch file, ready for the engine or failed already.
+
+    Attributes:
+        custom_id: The request's id, unique in the job.
+        kind: `chat` (messages, rendered with the chat template) or `completion`.
+        prompt: The prompt of a completion request.
+        messages: The messages of a chat request.
+        sampling: vLLM `SamplingParams` overrides from the body (`max_tokens`, ...).
+        response_format: The body's `response_format`, for structured output.
+        error: Why the request cannot be served, when it cannot.
+    """
+
+    custom_id: str
+    kind: Literal["chat", "completion"]
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+    response_format: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def looks_like_batch(record: Any) -> bool:
+    """Whether a parsed JSONL line is an OpenAI Batch request rather than a plain row."""
+    return isinstance(record, dict) and "body" in record and "url" in record
+
+
+def parse_request(record: Any, *, path: str, line: int) -> RowRequest:
+    """Parse one line of an OpenAI Batch file.
+
+    Raises:
+        InputError: The line cannot be attributed to a request (no string
+            `custom_id`, not a JSON object): the file is unusable as it is.
+    """
+    if not isinstance(record, dict):
+        raise InputError(
+            f"an OpenAI Batch line must be an object, not {type(record).__name__}", path=path, line=line
+        )
+    custom_id = record.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise InputError("must be a non-empty string", path=path, line=line, column="custom_id")
+    url = record.get("url")
+    kind = ENDPOINTS.get(url) if isinstance(url, str) else None
+    if kind is None:
+        return RowRequest(
+            custom_id, "completion", error=f"unsupported endpoint {url!r}; supported: {', '.join(ENDPOINTS)}"
+        )
+    if record.get("method", "POST") != "POST":
+        return RowRequest(custom_id, kind, error=f"unsupported method {record.get('method')!r}; use POST")
+    body = record.get("body")
+    if not isinstance(body, dict):
+        return RowRequest(custom_id, kind, error="body must be a JSON object")
+    try:
+        sampling, response_format = _sampling(body, kind)
+        if kind == "chat":
+            return RowRequest(
+                custom_id,
+                kind,
+                messages=_messages(body.get("messages")),
+                sampling=sampling,
+                response_format=response_format,
+            )
+        return RowRequest(
+            custom_id,
+            kind,
+            prompt=_prompt(body.get("prompt")),
+            sampling=sampling,
+            response_format=response_format,
+        )
+    except ValueError as exc:
+        return RowRequest(custom_id, kind, error=str(exc))
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("body.messages must be a non-empty list")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or message.get("role") not in _ROLES:
+            raise ValueError(f"body.messages[{i}] needs a role among {sorted(_ROLES)}")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: only text is served
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise ValueError(f"body.messages[{i}].content: only text parts are supported")
+            content = "".join(str(p.get("text", "")) for p in content)
+        if not isinstance(content, str):
+            raise ValueError(f"body.messages[{i}].content must be a string or text parts")
+        messages.append({"role": message["role"], "content": content})
+    return messages
+
+
+def _prompt(value: Any) -> str:
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        value = value[0]
+    if not isinstance(value, str):
+        raise ValueError(
+            "body.prompt must be one string (lists of prompts are not supported in a batch line)"
+        )
+    return value
+
+
+def _sampling(body: dict[str, Any], kind: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """vLLM `SamplingParams` overrides from an OpenAI body; ValueError on anything unserved."""
+    out: dict[str, Any] = {}
+    response_format = None
+    for key, value in body.items():
+        if key in _ACCEPTED:
+            if key == "stream" and value:
+                raise ValueError("body.stream: a batch request cannot stream")
+            continue
+        if key in ("max_tokens", "max_completion_tokens"):
+            out["max_tokens"] = _int(key, value, minimum=1)
+        elif key in ("temperature", "presence_penalty", "frequency_penalty") or key == "top_p":
+            out[key] = _number(key, value)
+        elif key == "seed":
+            out[key] = _int(key, value)
+        elif key == "n":
+            out[key] = _int(key, value, minimum=1)
+        elif key == "stop":
+            if isinstance(value, str):
+                value = [value]
+            if value is not None and not (isinstance(value, list) and all(isinstance(s, str) for s in value)):
+                raise ValueError("body.stop must be a string or a list of strings")
+            if value:
+                out["stop"] = value
+        elif key == "logprobs":
+            if kind == "chat":
+                if not isinstance(value, bool):
+                    raise ValueError("body.logprobs must be true or false for chat completions")
+                if value:
+                    out["logprobs"] = _int("top_logprobs", body.get("top_logprobs", 0), minimum=0)
+            elif value is not None:
+                out["logprobs"] = _int(key, value, minimum=0)
+        elif key == "top_logprobs":
+            continue  # read with logprobs
+        elif key == "response_format":
+            response_format = _response_format(value)
+        else:
+            raise ValueError(f"body.{key} is not supported")
+    return out, response_format
+
+
+def _response_format(value: Any) -> dict[str, Any] | None:
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise ValueError("body.response_format.type must be text, json_object or json_schema")
+    if value["type"] == "text":
+        return None
+    if value["type"] == "json_schema":
+        schema = value.get("json_schema")
+        if not isinstance(schema, dict) or not isinstance(schema.get("schema"), dict):
+            raise ValueError("body.response_format.json_schema.schema must be a JSON schema object")
+    return dict(value)
+
+
+def _int(key: str, value: Any, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"body.{key} must be an integer{bound}, got {value!r}")
+    return value
+
+
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"body.{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _request_id(custom_id: str, job_id: str) -> str:
+    return hashlib.sha256(f"{job_id}:{custom_id}".encode()).hexdigest()[:24]
+
+
+def output_line(
+    row: dict[str, Any], *, kind: Literal["chat", "completion"], model: str, job_id: str, created: int
+) -> dict[str, Any]:
+    """A line of `output.jsonl` for a generated row, in the OpenAI Batch shape.
+
+    Args:
+        row: One output row: `custom_id`, `text`, `finish_reason`, `prompt_tokens`,
+            `completion_tokens`, and `choices` (a list of `{text, finish_reason}`)
+            when the request asked for `n > 1`.
+        kind: The request's kind: decides `chat.completion` or `text_completion`.
+        model: The model name reported in the body.
+        job_id: The job's id; ids are derived from it and `custom_id`, so a
+            resumed export writes the same ids.
+        created: Unix time reported in the body.
+    """
+    request_id = _request_id(row["custom_id"], job_id)
+    choices = row.get("choices") or [{"text": row["text"], "finish_reason": row["finish_reason"]}]
+    prompt_tokens = int(row.get("prompt_tokens") or 0)
+    completion_tokens = int(row.get("completion_tokens") or 0)
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    if kind == "chat":
+        body: dict[str, Any] = {
+            "id": f"chatcmpl-{request_id}",
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": c["text"]},
+                    "finish_reason": _finish_reason(c["finish_reason"]),
+                    "logprobs": None,
+                }
+                for i, c in enumerate(choices)
+            ],
+            "usage": usage,
+        }
+    else:
+        body = {
+            "id": f"cmpl-{request_id}",
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": i,
+                    "text": c["text"],
+                    "finish_reason": _finish_reason(c["finish_reason"]),
+                    "logprobs": None,
+                }
+                for i, c in enumerate(choices)
+            ],
+            "usage": usage,
+        }
+    return {
+        "id": f"batch_req_{request_id}",
+        "custom_id": row["custom_id"],
+        "response": {"status_code": 200, "request_id": request_id, "body": body},
+        "error": None,
+    }
+
+
+def error_line(custom_id: str, message: str, *, job_id: str, code: str = "invalid_request") -> dict[str, Any]:
+    """A line of `errors.jsonl` for a row that has an error instead of a completion."""
+    return {
+        "id": f"batch_req_{_request_id(custom_id, job_id)}",
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message},
+    }
+
+
+def _finish_reason(reason: Any) -> str:
+    """vLLM's finish reasons mapped onto OpenAI's (`abort` has no equivalent)."""
+    return reason if reason in ("stop", "length", "tool_calls", "content_filter") else "stop"
