@@ -7,7 +7,12 @@ part-<shard_id>.parquet      a shard's rows; rewritten by a re-run until committ
 _manifest.json               job id, fingerprint, plan
 _commits/<shard_id>.json     the commit marker, written after the part file is durable
 _summary.json                the last run's summary
+_openai/output.jsonl         with `--export openai`: generated rows, OpenAI Batch shape
+_openai/errors.jsonl         with `--export openai`: row errors, OpenAI Batch shape
 ```
+
+The exports sit under `_openai/` so the folder stays a Parquet dataset that
+`pyarrow.parquet.read_table(DIR)` reads (it skips names starting with `_`).
 
 A shard is complete only when its marker exists. On local disks every file is
 written to a temporary name and renamed; on object stores a PUT is atomic and the
@@ -16,11 +21,13 @@ marker is the commit point.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import uuid
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -36,6 +43,7 @@ if TYPE_CHECKING:
 MANIFEST = "_manifest.json"
 COMMITS = "_commits"
 SUMMARY = "_summary.json"
+EXPORTS = "_openai"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -112,6 +120,36 @@ class CheckpointStore:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
+
+    @contextlib.contextmanager
+    def open_output(self, name: str) -> Iterator[Any]:
+        """A file written as a stream and in place only once closed without error.
+
+        Local disks get a temp name and a rename; object stores upload on close.
+        """
+        dest = self.path(name)
+        self.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+        if not self._local:
+            with self.fs.open_output_stream(dest) as out:
+                yield out
+            return
+        tmp = f"{os.path.dirname(dest)}/.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def read_part(self, shard_id: str) -> pa.Table:
+        """A committed shard's output table."""
+        import pyarrow.parquet as pq
+
+        with self.fs.open_input_file(self.path(self.part_name(shard_id))) as src:
+            return pq.read_table(src)
 
     def read_bytes(self, name: str) -> bytes | None:
         """A file's bytes, or None when it does not exist."""
@@ -204,6 +242,7 @@ class CheckpointStore:
         import pyarrow.fs as pafs
 
         self.fs.delete_dir_contents(self.path(COMMITS), missing_dir_ok=True)
+        self.fs.delete_dir_contents(self.path(EXPORTS), missing_dir_ok=True)
         for info in self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True)):
             name = info.base_name
             if info.type == pafs.FileType.File and (

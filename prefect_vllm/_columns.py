@@ -14,9 +14,17 @@ FINISH_REASON = "finish_reason"
 PROMPT_TOKENS = "prompt_tokens"
 COMPLETION_TOKENS = "completion_tokens"
 ERROR = "error"
+KIND = "kind"
+CHOICES = "choices"
 
-#: Output columns, in order (DESIGN.md section 3.2).
-OUTPUT_COLUMNS = (CUSTOM_ID, TEXT, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS, ERROR)
+#: Optional input columns: chat messages, and per-row sampling overrides.
+MESSAGES = "messages"
+SAMPLING_PARAMS = "sampling_params"
+
+#: Output columns, in order (DESIGN.md section 3.2). `kind` is `chat` or `completion`;
+#: `choices` holds every choice (with logprobs when asked for) for rows that asked for
+#: `n > 1` or logprobs, and is null otherwise: `text` is always the first choice.
+OUTPUT_COLUMNS = (CUSTOM_ID, TEXT, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS, ERROR, KIND, CHOICES)
 
 #: Prefix of metadata files in the output folder; part files never start with it.
 METADATA_PREFIX = "_"
@@ -26,6 +34,22 @@ def output_schema() -> pa.Schema:
     """The Arrow schema of every `part-<shard>.parquet` file."""
     import pyarrow as pa
 
+    top = pa.struct([pa.field("token", pa.string()), pa.field("logprob", pa.float64())])
+    logprob = pa.struct(
+        [
+            pa.field("token", pa.string()),
+            pa.field("logprob", pa.float64()),
+            pa.field("top_logprobs", pa.list_(top)),
+        ]
+    )
+    choice = pa.struct(
+        [
+            pa.field("text", pa.string()),
+            pa.field("finish_reason", pa.string()),
+            pa.field("completion_tokens", pa.int32()),
+            pa.field("logprobs", pa.list_(logprob)),
+        ]
+    )
     return pa.schema(
         [
             pa.field(CUSTOM_ID, pa.string(), nullable=False),
@@ -34,5 +58,7 @@ def output_schema() -> pa.Schema:
             pa.field(PROMPT_TOKENS, pa.int32()),
             pa.field(COMPLETION_TOKENS, pa.int32()),
             pa.field(ERROR, pa.string()),
+            pa.field(KIND, pa.string()),
+            pa.field(CHOICES, pa.list_(choice)),
         ]
     )

@@ -17,11 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from prefect_vllm._columns import COMPLETION_TOKENS, ERROR, FINISH_REASON, PROMPT_TOKENS, TEXT
+from prefect_vllm._columns import CHOICES, COMPLETION_TOKENS, ERROR, FINISH_REASON, PROMPT_TOKENS, TEXT
 from prefect_vllm.exceptions import EngineCrashedError
 
 #: The per-row columns an engine call returns, in order.
-ROW_COLUMNS = (TEXT, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS, ERROR)
+ROW_COLUMNS = (TEXT, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS, ERROR, CHOICES)
 
 #: `call(start, stop, exclusive)` generates rows [start, stop) and returns their columns.
 EngineCall = Callable[[int, int, bool], dict[str, Any]]

@@ -21,12 +21,12 @@ Examples:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from prefect_vllm._requests import RowRequest, messages_of, parse_response_format
 from prefect_vllm.exceptions import InputError
 
-__all__ = ["ENDPOINTS", "RowRequest", "error_line", "looks_like_batch", "output_line", "parse_request"]
+__all__ = ["ENDPOINTS", "error_line", "looks_like_batch", "output_line", "parse_request"]
 
 #: The endpoints served, by URL, and the kind of request each one carries.
 ENDPOINTS: dict[str, Literal["chat", "completion"]] = {
@@ -37,31 +37,6 @@ ENDPOINTS: dict[str, Literal["chat", "completion"]] = {
 #: Body fields that need no mapping: the job's model serves every row, and a batch
 #: never streams.
 _ACCEPTED = {"model", "messages", "prompt", "stream", "user", "metadata"}
-
-_ROLES = {"system", "developer", "user", "assistant", "tool"}
-
-
-@dataclass(frozen=True)
-class RowRequest:
-    """One request of an OpenAI Batch file, ready for the engine or failed already.
-
-    Attributes:
-        custom_id: The request's id, unique in the job.
-        kind: `chat` (messages, rendered with the chat template) or `completion`.
-        prompt: The prompt of a completion request.
-        messages: The messages of a chat request.
-        sampling: vLLM `SamplingParams` overrides from the body (`max_tokens`, ...).
-        response_format: The body's `response_format`, for structured output.
-        error: Why the request cannot be served, when it cannot.
-    """
-
-    custom_id: str
-    kind: Literal["chat", "completion"]
-    prompt: str | None = None
-    messages: list[dict[str, Any]] | None = None
-    sampling: dict[str, Any] = field(default_factory=dict)
-    response_format: dict[str, Any] | None = None
-    error: str | None = None
 
 
 def looks_like_batch(record: Any) -> bool:
@@ -100,7 +75,7 @@ def parse_request(record: Any, *, path: str, line: int) -> RowRequest:
             return RowRequest(
                 custom_id,
                 kind,
-                messages=_messages(body.get("messages")),
+                messages=messages_of(body.get("messages"), "body.messages"),
                 sampling=sampling,
                 response_format=response_format,
             )
@@ -113,24 +88,6 @@ def parse_request(record: Any, *, path: str, line: int) -> RowRequest:
         )
     except ValueError as exc:
         return RowRequest(custom_id, kind, error=str(exc))
-
-
-def _messages(value: Any) -> list[dict[str, Any]]:
-    if not isinstance(value, list) or not value:
-        raise ValueError("body.messages must be a non-empty list")
-    messages = []
-    for i, message in enumerate(value):
-        if not isinstance(message, dict) or message.get("role") not in _ROLES:
-            raise ValueError(f"body.messages[{i}] needs a role among {sorted(_ROLES)}")
-        content = message.get("content")
-        if isinstance(content, list):  # content parts: only text is served
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise ValueError(f"body.messages[{i}].content: only text parts are supported")
-            content = "".join(str(p.get("text", "")) for p in content)
-        if not isinstance(content, str):
-            raise ValueError(f"body.messages[{i}].content must be a string or text parts")
-        messages.append({"role": message["role"], "content": content})
-    return messages
 
 
 def _prompt(value: Any) -> str:
@@ -178,22 +135,10 @@ def _sampling(body: dict[str, Any], kind: str) -> tuple[dict[str, Any], dict[str
         elif key == "top_logprobs":
             continue  # read with logprobs
         elif key == "response_format":
-            response_format = _response_format(value)
+            response_format = parse_response_format(value, "body.response_format")
         else:
             raise ValueError(f"body.{key} is not supported")
     return out, response_format
-
-
-def _response_format(value: Any) -> dict[str, Any] | None:
-    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
-        raise ValueError("body.response_format.type must be text, json_object or json_schema")
-    if value["type"] == "text":
-        return None
-    if value["type"] == "json_schema":
-        schema = value.get("json_schema")
-        if not isinstance(schema, dict) or not isinstance(schema.get("schema"), dict):
-            raise ValueError("body.response_format.json_schema.schema must be a JSON schema object")
-    return dict(value)
 
 
 def _int(key: str, value: Any, *, minimum: int | None = None) -> int:
@@ -220,8 +165,8 @@ def output_line(
 
     Args:
         row: One output row: `custom_id`, `text`, `finish_reason`, `prompt_tokens`,
-            `completion_tokens`, and `choices` (a list of `{text, finish_reason}`)
-            when the request asked for `n > 1`.
+            `completion_tokens`, and `choices` (a list of `{text, finish_reason,
+            logprobs}`) when the request asked for `n > 1` or logprobs.
         kind: The request's kind: decides `chat.completion` or `text_completion`.
         model: The model name reported in the body.
         job_id: The job's id; ids are derived from it and `custom_id`, so a
@@ -248,7 +193,7 @@ def output_line(
                     "index": i,
                     "message": {"role": "assistant", "content": c["text"]},
                     "finish_reason": _finish_reason(c["finish_reason"]),
-                    "logprobs": None,
+                    "logprobs": _chat_logprobs(c.get("logprobs")),
                 }
                 for i, c in enumerate(choices)
             ],
@@ -265,7 +210,7 @@ def output_line(
                     "index": i,
                     "text": c["text"],
                     "finish_reason": _finish_reason(c["finish_reason"]),
-                    "logprobs": None,
+                    "logprobs": _completion_logprobs(c.get("logprobs")),
                 }
                 for i, c in enumerate(choices)
             ],
@@ -276,6 +221,42 @@ def output_line(
         "custom_id": row["custom_id"],
         "response": {"status_code": 200, "request_id": request_id, "body": body},
         "error": None,
+    }
+
+
+def _chat_logprobs(tokens: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """Chat completions' logprobs: `{content: [{token, logprob, bytes, top_logprobs}]}`."""
+    if tokens is None:
+        return None
+
+    def entry(token: str | None, logprob: float | None) -> dict[str, Any]:
+        return {"token": token or "", "logprob": logprob, "bytes": list((token or "").encode())}
+
+    return {
+        "content": [
+            {
+                **entry(t["token"], t["logprob"]),
+                "top_logprobs": [entry(top["token"], top["logprob"]) for top in t["top_logprobs"] or ()],
+            }
+            for t in tokens
+        ],
+        "refusal": None,
+    }
+
+
+def _completion_logprobs(tokens: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """Legacy completions' logprobs: parallel lists of tokens, logprobs and top candidates."""
+    if tokens is None:
+        return None
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t["token"] or "")
+    return {
+        "tokens": [t["token"] or "" for t in tokens],
+        "token_logprobs": [t["logprob"] for t in tokens],
+        "top_logprobs": [{top["token"]: top["logprob"] for top in t["top_logprobs"] or ()} for t in tokens],
+        "text_offset": offsets,
     }
 
 

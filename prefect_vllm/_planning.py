@@ -15,10 +15,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from prefect_vllm._columns import CUSTOM_ID
+from prefect_vllm._columns import CUSTOM_ID, MESSAGES
+from prefect_vllm._openai import looks_like_batch, parse_request
 from prefect_vllm.exceptions import InputError
 
-Format = Literal["jsonl", "parquet", "csv"]
+#: `openai` is a JSONL file of OpenAI Batch requests (`{custom_id, method, url, body}`).
+Format = Literal["jsonl", "openai", "parquet", "csv"]
 
 _SUFFIXES: dict[str, Format] = {
     ".jsonl": "jsonl",
@@ -72,11 +74,16 @@ class ShardSpec(BaseModel):
 
 
 class InputColumns(BaseModel):
-    """Which input columns hold the prompt and the row id."""
+    """Which input columns hold the prompt, the chat messages and the row id.
+
+    A row needs a prompt or messages; a row with non-null messages is a chat row.
+    OpenAI Batch files ignore these names: their requests say it all.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     prompt: str = "prompt"
+    messages: str = MESSAGES
     id: str = CUSTOM_ID
 
 
@@ -115,9 +122,21 @@ def discover_inputs(spec: str) -> list[InputFile]:
         fmt = _SUFFIXES.get(os.path.splitext(p)[1].lower())
         if fmt is None:
             raise InputError(f"unknown input format; use one of {', '.join(sorted(_SUFFIXES))}", path=p)
+        if fmt == "jsonl" and _is_batch_file(p):
+            fmt = "openai"
         st = os.stat(p)
         files.append(InputFile(path=os.path.abspath(p), format=fmt, size=st.st_size, mtime_ns=st.st_mtime_ns))
     return files
+
+
+def _is_batch_file(path: str) -> bool:
+    """Whether a JSONL file holds OpenAI Batch requests, judged by its first line."""
+    for _offset, raw in iter_jsonl_lines(path):
+        try:
+            return looks_like_batch(json.loads(raw))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False  # planning names the malformed line
+    return False
 
 
 def check_columns(input_spec: str, columns: InputColumns) -> None:
@@ -130,6 +149,8 @@ def check_columns(input_spec: str, columns: InputColumns) -> None:
         InputError: No input, or the prompt column is missing.
     """
     first = discover_inputs(input_spec)[0]
+    if first.format == "openai":
+        return
     if first.format == "jsonl":
         for line_no, (_offset, raw) in enumerate(iter_jsonl_lines(first.path), start=1):
             names = list(parse_jsonl_line(raw, first.path, line_no))
@@ -145,9 +166,15 @@ def check_columns(input_spec: str, columns: InputColumns) -> None:
             names = pcsv.open_csv(first.path).schema.names
         except Exception as exc:
             raise InputError(f"not a readable CSV file: {exc}", path=first.path) from None
-    if columns.prompt not in names:
+    _require_prompt(names, columns, first.path)
+
+
+def _require_prompt(names: list[str], columns: InputColumns, path: str) -> None:
+    if columns.prompt not in names and columns.messages not in names:
         raise InputError(
-            f"missing prompt column; the input has {names}", path=first.path, column=columns.prompt
+            f"missing prompt column (or {columns.messages!r} column); the input has {names}",
+            path=path,
+            column=columns.prompt,
         )
 
 
@@ -173,8 +200,13 @@ def plan_job(input_spec: str, columns: InputColumns, shard_size: int) -> JobPlan
     planned: list[tuple[InputFile, list[dict[str, int]]]] = []
     id_chunks: list[Any] = []
     for f in files:
-        scanner = {"jsonl": _scan_jsonl, "parquet": _scan_parquet, "csv": _scan_csv}[f.format]
-        ranges, rows, file_has_id, ids = scanner(f.path, columns, shard_size)
+        if f.format in ("jsonl", "openai"):
+            ranges, rows, file_has_id, ids = _scan_jsonl(
+                f.path, columns, shard_size, batch=f.format == "openai"
+            )
+        else:
+            scanner = _scan_parquet if f.format == "parquet" else _scan_csv
+            ranges, rows, file_has_id, ids = scanner(f.path, columns, shard_size)
         if rows:
             if has_id is not None and file_has_id != has_id:
                 raise InputError(
@@ -256,7 +288,7 @@ def parse_jsonl_line(raw: bytes, path: str, line: int) -> dict[str, Any]:
 
 
 def _scan_jsonl(
-    path: str, columns: InputColumns, shard_size: int
+    path: str, columns: InputColumns, shard_size: int, *, batch: bool
 ) -> tuple[list[dict[str, int]], int, bool, list[Any]]:
     import pyarrow as pa
 
@@ -276,9 +308,17 @@ def _scan_jsonl(
             if not raw.strip():
                 continue
             obj = parse_jsonl_line(raw, path, line_no)
-            if columns.prompt not in obj:
-                raise InputError("missing prompt field", path=path, line=line_no, column=columns.prompt)
-            row_has_id = columns.id in obj
+            if batch:
+                chunk.append(parse_request(obj, path=path, line=line_no).custom_id)
+                has_id = True
+            elif columns.prompt not in obj and columns.messages not in obj:
+                raise InputError(
+                    f"missing prompt field (or {columns.messages!r})",
+                    path=path,
+                    line=line_no,
+                    column=columns.prompt,
+                )
+            row_has_id = batch or columns.id in obj
             if has_id is None:
                 has_id = row_has_id
             elif row_has_id != has_id:
@@ -290,7 +330,7 @@ def _scan_jsonl(
                     line=line_no,
                     column=columns.id,
                 )
-            if has_id:
+            if has_id and not batch:
                 value = obj[columns.id]
                 if not isinstance(value, (str, int)) or isinstance(value, bool) or value == "":
                     raise InputError(
@@ -300,9 +340,9 @@ def _scan_jsonl(
                         column=columns.id,
                     )
                 chunk.append(str(value))
-                if len(chunk) >= 65536:
-                    ids.append(pa.array(chunk, pa.string()))
-                    chunk = []
+            if len(chunk) >= 65536:
+                ids.append(pa.array(chunk, pa.string()))
+                chunk = []
             if rows % shard_size == 0:
                 if ranges:
                     ranges[-1]["byte_end"] = here
@@ -335,8 +375,7 @@ def _scan_parquet(
     except Exception as exc:
         raise InputError(f"not a readable Parquet file: {exc}", path=path) from None
     names = pf.schema_arrow.names
-    if columns.prompt not in names:
-        raise InputError(f"missing prompt column; the file has {names}", path=path, column=columns.prompt)
+    _require_prompt(names, columns, path)
     rows = pf.metadata.num_rows
     has_id = columns.id in names
     ids: list[Any] = []
@@ -356,8 +395,7 @@ def _scan_csv(
     except Exception as exc:
         raise InputError(f"not a readable CSV file: {exc}", path=path) from None
     names = reader.schema.names
-    if columns.prompt not in names:
-        raise InputError(f"missing prompt column; the file has {names}", path=path, column=columns.prompt)
+    _require_prompt(names, columns, path)
     has_id = columns.id in names
     rows = 0
     ids: list[Any] = []

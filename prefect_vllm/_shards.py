@@ -2,42 +2,76 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import TYPE_CHECKING, Any
 
 from prefect_vllm._columns import (
+    CHOICES,
     COMPLETION_TOKENS,
     CUSTOM_ID,
     ERROR,
     FINISH_REASON,
+    KIND,
     PROMPT_TOKENS,
+    SAMPLING_PARAMS,
     TEXT,
     output_schema,
 )
+from prefect_vllm._openai import parse_request
 from prefect_vllm._planning import InputColumns, ShardSpec, iter_jsonl_lines, parse_jsonl_line
+from prefect_vllm._requests import RowRequest, plain_row
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 
-def read_shard(spec: ShardSpec, columns: InputColumns, has_id: bool) -> tuple[list[str], list[Any]]:
-    """The shard's custom ids and prompts, read straight from the input file."""
-    if spec.format == "jsonl":
-        ids: list[str] = []
-        prompts: list[Any] = []
+def read_shard(spec: ShardSpec, columns: InputColumns, has_id: bool) -> list[RowRequest]:
+    """The shard's rows as requests, read straight from the input file.
+
+    Rows that cannot be served (an unsupported endpoint, an unknown sampling key)
+    come back with their error set: they are committed as row errors.
+    """
+    if spec.format in ("jsonl", "openai"):
+        rows: list[RowRequest] = []
         line = spec.first_line
         for _offset, raw in iter_jsonl_lines(spec.path, spec.byte_start, spec.byte_end):
             obj = parse_jsonl_line(raw, spec.path, line)
-            prompts.append(obj.get(columns.prompt))
-            ids.append(str(obj[columns.id]) if has_id else "")
+            if spec.format == "openai":
+                rows.append(parse_request(obj, path=spec.path, line=line))
+            else:
+                row = plain_row(obj.get(columns.prompt), obj.get(columns.messages), obj.get(SAMPLING_PARAMS))
+                rows.append(dataclasses.replace(row, custom_id=str(obj[columns.id]) if has_id else ""))
             line += 1
         if not has_id:
-            ids = _position_ids(spec)
-        return ids, prompts
-    table = _read_table_range(spec, [columns.prompt, columns.id] if has_id else [columns.prompt])
-    prompts = table.column(columns.prompt).to_pylist()
+            rows = [
+                dataclasses.replace(r, custom_id=i) for r, i in zip(rows, _position_ids(spec), strict=True)
+            ]
+        return rows
+    names = _read_schema_names(spec)
+    wanted = [n for n in (columns.prompt, columns.messages, SAMPLING_PARAMS) if n in names]
+    table = _read_table_range(spec, wanted + ([columns.id] if has_id else []))
     ids = table.column(columns.id).cast("string").to_pylist() if has_id else _position_ids(spec)
-    return ids, prompts
+    empty = [None] * table.num_rows
+
+    def column(name: str) -> list[Any]:
+        return table.column(name).to_pylist() if name in wanted else empty
+
+    return [
+        dataclasses.replace(plain_row(prompt, messages, sampling), custom_id=cid)
+        for cid, prompt, messages, sampling in zip(
+            ids, column(columns.prompt), column(columns.messages), column(SAMPLING_PARAMS), strict=True
+        )
+    ]
+
+
+def _read_schema_names(spec: ShardSpec) -> list[str]:
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    if spec.format == "parquet":
+        return list(pq.read_schema(spec.path).names)
+    return list(pcsv.open_csv(spec.path).schema.names)
 
 
 def _position_ids(spec: ShardSpec) -> list[str]:
@@ -88,18 +122,20 @@ def row_seeds(job_seed: int, custom_ids: list[str]) -> list[int]:
     ]
 
 
-def output_table(custom_ids: list[str], generated: dict[str, Any]) -> pa.Table:
+def output_table(rows: list[RowRequest], generated: dict[str, Any]) -> pa.Table:
     """The shard's output table in the contract's column order and types."""
     import pyarrow as pa
 
     return pa.Table.from_pydict(
         {
-            CUSTOM_ID: custom_ids,
+            CUSTOM_ID: [r.custom_id for r in rows],
             TEXT: generated[TEXT],
             FINISH_REASON: generated[FINISH_REASON],
             PROMPT_TOKENS: generated[PROMPT_TOKENS],
             COMPLETION_TOKENS: generated[COMPLETION_TOKENS],
             ERROR: generated[ERROR],
+            KIND: [r.kind for r in rows],
+            CHOICES: generated[CHOICES],
         },
         schema=output_schema(),
     )

@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output", required=True, help="output folder or pyarrow.fs URI")
     run.add_argument("--model", required=True, help="Hugging Face id or local model folder")
     run.add_argument("--prompt-column", default="prompt")
+    run.add_argument("--messages-column", default="messages", help="chat messages column (default messages)")
     run.add_argument("--id-column", default="custom_id")
     run.add_argument("--shard-size", type=int, default=512, help="rows per shard (default 512)")
     run.add_argument("--actors", type=int, default=1, help="engine actors (default 1)")
@@ -50,6 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default=None, help="default: float32 on CPU, auto on GPU")
     run.add_argument("--max-model-len", type=int, default=None)
     run.add_argument("--engine-args", default=None, help="JSON object of vLLM engine arguments")
+    run.add_argument(
+        "--chat-template", default=None, help="Jinja chat template: a file, or the template itself"
+    )
+    run.add_argument("--chat-template-kwargs", default=None, help="JSON object of chat template variables")
+    run.add_argument(
+        "--json-schema", default=None, metavar="FILE", help="JSON schema every output must follow"
+    )
+    run.add_argument(
+        "--export", choices=["openai"], default=None, help="also write OpenAI Batch output files"
+    )
     run.add_argument("--ray-address", default=None, help="existing Ray cluster (default: local)")
     run.add_argument("--job-id", default=None, help="default: a hash of the job's parameters")
     run.add_argument("--restart", action="store_true", help="discard the job's checkpoints")
@@ -84,10 +95,51 @@ def _json_object(raw: str | None, flag: str) -> dict[str, Any]:
     return value
 
 
+def _template(raw: str | None) -> str | None:
+    """`--chat-template`: a file's content when it names a file, else the template itself."""
+    from prefect_vllm.exceptions import ConfigurationError
+
+    if raw is None or "{" in raw:
+        return raw
+    try:
+        with open(raw, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"--chat-template: {raw!r} is not a template and cannot be read ({exc})"
+        ) from None
+
+
+def _json_file(path: str | None) -> dict[str, Any] | None:
+    """`--json-schema FILE`: a JSON object read from a file, errors naming file and line."""
+    from prefect_vllm.exceptions import ConfigurationError, InputError
+
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except OSError as exc:
+        raise ConfigurationError(f"--json-schema: cannot read {path!r} ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"not valid JSON ({exc.msg}, column {exc.colno})", path=path, line=exc.lineno
+        ) from None
+    if not isinstance(value, dict):
+        raise InputError(f"a JSON schema must be an object, not {type(value).__name__}", path=path)
+    return value
+
+
 def _run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from prefect_vllm.config import ActorPoolConfig, EngineConfig, RecoveryConfig, SamplingConfig
+    from prefect_vllm.config import (
+        ActorPoolConfig,
+        EngineConfig,
+        RecoveryConfig,
+        RequestConfig,
+        SamplingConfig,
+    )
     from prefect_vllm.exceptions import ConfigurationError, IncompleteJobError, PrefectVllmError
 
     try:
@@ -104,6 +156,11 @@ def _run(args: argparse.Namespace) -> int:
             max_restarts=args.max_restarts,
             resources=_json_object(args.actor_resources, "--actor-resources"),
         )  # fmt: skip
+        requests = RequestConfig(
+            chat_template=_template(args.chat_template),
+            chat_template_kwargs=_json_object(args.chat_template_kwargs, "--chat-template-kwargs"),
+            json_schema=_json_file(args.json_schema),
+        )
         recovery = RecoveryConfig(
             max_job_restarts=args.max_job_restarts, poison_after=args.poison_after,
             hang_timeout_s=args.hang_timeout, hang_timeout_per_token_s=args.hang_timeout_per_token,
@@ -121,9 +178,10 @@ def _run(args: argparse.Namespace) -> int:
         with prefect_api():
             result = batch_inference(
                 input=args.input, output=args.output, model=args.model,
-                prompt_column=args.prompt_column, id_column=args.id_column,
-                shard_size=args.shard_size, sampling=sampling, engine=engine, pool=pool, recovery=recovery,
-                ray_address=args.ray_address, job_id=args.job_id, restart=args.restart,
+                prompt_column=args.prompt_column, messages_column=args.messages_column, id_column=args.id_column,
+                shard_size=args.shard_size, sampling=sampling, requests=requests, engine=engine, pool=pool,
+                recovery=recovery, ray_address=args.ray_address, job_id=args.job_id, restart=args.restart,
+                export=args.export,
             )  # fmt: skip
     except ConfigurationError as exc:
         return _fail(str(exc), EXIT_USAGE)
@@ -142,7 +200,9 @@ def _precheck(args: argparse.Namespace) -> None:
     from prefect_vllm._planning import InputColumns, check_columns
     from prefect_vllm.flows.batch import check_model
 
-    check_columns(args.input, InputColumns(prompt=args.prompt_column, id=args.id_column))
+    check_columns(
+        args.input, InputColumns(prompt=args.prompt_column, messages=args.messages_column, id=args.id_column)
+    )
     check_model(args.model)
 
 
@@ -162,6 +222,13 @@ def _print_summary(result: Any, as_json: bool) -> None:
         f"{result.tokens_per_s:.0f} tokens/s\noutput: {result.output}",
         flush=True,
     )
+    if result.request_counts is not None:
+        counts = result.request_counts
+        print(
+            f"OpenAI export: {counts['completed']} completed, {counts['failed']} failed of "
+            f"{counts['total']} in {result.output}/_openai/output.jsonl and errors.jsonl",
+            flush=True,
+        )
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["ActorPoolConfig", "EngineConfig", "RecoveryConfig", "SamplingConfig"]
+__all__ = ["ActorPoolConfig", "EngineConfig", "RecoveryConfig", "RequestConfig", "SamplingConfig"]
 
 #: KV cache size used on CPU when the user sets none: vLLM refuses to start without one.
 CPU_KV_CACHE_BYTES = 256 << 20
@@ -105,6 +105,59 @@ class SamplingConfig(_Config):
         description="Keep generating past the end-of-sequence token, up to max_tokens. "
         "Default false; benchmarks set it to fix the output length.",
     )
+
+
+class RequestConfig(_Config):
+    """How rows become engine requests: the chat template and job-wide structured output.
+
+    Examples:
+        ```python
+        from prefect_vllm.config import RequestConfig
+
+        requests = RequestConfig(
+            chat_template_kwargs={"enable_thinking": False},
+            json_schema={"type": "object", "properties": {"ok": {"type": "boolean"}}},
+        )
+        assert requests.response_format()["type"] == "json_schema"
+        ```
+    """
+
+    chat_template: str | None = Field(
+        default=None,
+        description="A Jinja chat template that renders chat rows (the messages column or "
+        "chat requests), replacing the model's own. Default: the model's template.",
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Extra variables for the chat template, e.g. {"enable_thinking": false}. Default: none.',
+    )
+    json_schema: dict[str, Any] | None = Field(
+        default=None,
+        description="A JSON schema that every row's output must follow (vLLM structured "
+        "output), unless the row asks for its own response_format. Default: free text.",
+    )
+
+    @field_validator("json_schema")
+    @classmethod
+    def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            import jsonschema
+
+            try:
+                jsonschema.validators.validator_for(value).check_schema(value)
+            except jsonschema.SchemaError as exc:
+                raise ValueError(f"not a valid JSON schema: {exc.message}") from None
+        return value
+
+    def response_format(self) -> dict[str, Any] | None:
+        """The job-wide OpenAI-style `response_format`, or None for free text."""
+        if self.json_schema is None:
+            return None
+        return {"type": "json_schema", "json_schema": {"name": "job", "schema": self.json_schema}}
+
+    def template(self) -> dict[str, Any]:
+        """What the engine needs to render chat rows."""
+        return {"chat_template": self.chat_template, "chat_template_kwargs": self.chat_template_kwargs}
 
 
 class ActorPoolConfig(_Config):

@@ -58,3 +58,8 @@ class BatchResult(BaseModel):
     tokens_per_s: float = Field(description="output_tokens / wall_s.")
     generation_tokens_per_s: float = Field(description="output_tokens / generation_s.")
     output: str = Field(description="Where the part files are.")
+    request_counts: dict[str, int] | None = Field(
+        default=None,
+        description="With export='openai': OpenAI's request_counts (total, completed, failed) "
+        "of the exported files; null without an export or while shards are incomplete.",
+    )

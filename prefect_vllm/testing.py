@@ -32,6 +32,7 @@ __all__ = [
     "PoisonLogitsProcessor",
     "engine_processes",
     "make_tiny_model",
+    "write_sample_batch",
     "write_sample_prompts",
 ]
 
@@ -323,6 +324,47 @@ def write_sample_prompts(
         for i in range(n):
             words = " ".join(rng.choice(_CORPUS_WORDS) for _ in range(rng.randint(3, 12)))
             record = {"custom_id": f"{id_prefix}-{i:06d}", "prompt": f"Tell me about {words}."}
+            f.write(json.dumps(record) + "\n")
+    return out
+
+
+def write_sample_batch(
+    path: str | os.PathLike[str], n: int = 64, *, seed: int = 0, model: str = "tiny-llama"
+) -> Path:
+    """Write `n` OpenAI Batch requests, alternating chat and text completions.
+
+    Examples:
+        ```python
+        import json
+
+        from prefect_vllm.testing import write_sample_batch
+
+        p = write_sample_batch("/tmp/batch.jsonl", n=4)
+        first = json.loads(p.read_text().splitlines()[0])
+        assert first["url"] == "/v1/chat/completions"
+        ```
+    """
+    import random
+
+    rng = random.Random(seed)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            words = " ".join(rng.choice(_CORPUS_WORDS) for _ in range(rng.randint(3, 12)))
+            if i % 2 == 0:
+                url, body = (
+                    "/v1/chat/completions",
+                    {"messages": [{"role": "user", "content": f"Tell me about {words}."}]},
+                )
+            else:
+                url, body = "/v1/completions", {"prompt": f"Tell me about {words}."}
+            record = {
+                "custom_id": f"req-{i:06d}",
+                "method": "POST",
+                "url": url,
+                "body": {"model": model, **body},
+            }
             f.write(json.dumps(record) + "\n")
     return out
 

@@ -20,7 +20,8 @@ from typing import Any, NoReturn
 
 import psutil
 
-from prefect_vllm._columns import COMPLETION_TOKENS, ERROR, FINISH_REASON, PROMPT_TOKENS, TEXT
+from prefect_vllm._columns import CHOICES, COMPLETION_TOKENS, ERROR, FINISH_REASON, PROMPT_TOKENS, TEXT
+from prefect_vllm._engine.requests import engine_prompt, failed_row, output_row, sampling_params
 
 logger = logging.getLogger("prefect_vllm.engine")
 
@@ -146,17 +147,16 @@ class VllmEngineActor:
         crash-exits, as on an engine death.
 
         Args:
-            request: `GenerateRequest.to_payload()`: prompts, seeds, sampling,
-                exclusive, deadline_s.
+            request: `GenerateRequest.to_payload()`: rows, seeds, sampling,
+                response_format, template, exclusive, deadline_s.
 
         Yields:
             `{"started": pid}`, then the columns `text`, `finish_reason`,
-            `prompt_tokens`, `completion_tokens`, `error` (one entry per prompt,
-            in order), plus `pid` and `seconds`.
+            `prompt_tokens`, `completion_tokens`, `error`, `choices` (one entry
+            per row, in order), plus `pid` and `seconds`.
         """
         await self.check_health()
-        sampling: dict[str, Any] = request["sampling"]
-        prompts: list[Any] = request["prompts"]
+        rows: list[dict[str, Any]] = request["rows"]
         seeds: list[int | None] = request["seeds"]
         deadline_s: float | None = request.get("deadline_s")
         batch = uuid.uuid4().hex[:12]
@@ -165,61 +165,51 @@ class VllmEngineActor:
             started = time.monotonic()
             work = asyncio.gather(
                 *(
-                    self._generate_one(f"{batch}-{i}", p, s, sampling)
-                    for i, (p, s) in enumerate(zip(prompts, seeds, strict=False))
+                    self._generate_one(f"{batch}-{i}", row, seed, request)
+                    for i, (row, seed) in enumerate(zip(rows, seeds, strict=False))
                 )
             )
             try:
-                rows = await asyncio.wait_for(work, timeout=deadline_s)
+                outputs = await asyncio.wait_for(work, timeout=deadline_s)
             except TimeoutError:
-                crash_exit(f"hang: {len(prompts)} rows not done within the {deadline_s:.0f} s deadline")
+                crash_exit(f"hang: {len(rows)} rows not done within the {deadline_s:.0f} s deadline")
         columns: dict[str, Any] = {
-            TEXT: [r[0] for r in rows],
-            FINISH_REASON: [r[1] for r in rows],
-            PROMPT_TOKENS: [r[2] for r in rows],
-            COMPLETION_TOKENS: [r[3] for r in rows],
-            ERROR: [r[4] for r in rows],
+            name: [out[name] for out in outputs]
+            for name in (TEXT, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS, ERROR, CHOICES)
         }
         columns["pid"] = self._pid
         columns["seconds"] = time.monotonic() - started
         yield columns
 
     async def _generate_one(
-        self, request_id: str, prompt: Any, seed: int | None, sampling: dict[str, Any]
-    ) -> tuple[str | None, str | None, int | None, int | None, str | None]:
-        from vllm import SamplingParams
+        self, request_id: str, row: dict[str, Any], seed: int | None, request: dict[str, Any]
+    ) -> dict[str, Any]:
         from vllm.exceptions import VLLMValidationError
-        from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
-        if not isinstance(prompt, str):
-            return None, None, None, None, f"prompt must be a string, got {type(prompt).__name__}"
-        if not prompt:
-            return None, None, None, None, "prompt is empty"
-        params = SamplingParams(**sampling, seed=seed, output_kind=RequestOutputKind.FINAL_ONLY)
+        if "error" in row:
+            return failed_row(row["error"])
+        try:
+            prompt = engine_prompt(row, self._engine.get_tokenizer(), request.get("template") or {})
+            params = sampling_params(row, seed, request["sampling"], request.get("response_format"))
+        except (ValueError, TypeError) as exc:
+            return failed_row(_row_error(exc))
         final = None
         async with self._in_flight:
             try:
-                async for out in self._engine.generate({"prompt": prompt}, params, request_id):
+                async for out in self._engine.generate(prompt, params, request_id):
                     final = out
             except EngineDeadError as exc:
                 crash_exit(repr(exc))
             except (VLLMValidationError, ValueError) as exc:
-                return None, None, None, None, _row_error(exc)
+                return failed_row(_row_error(exc))
             except EngineGenerateError as exc:
                 if self._engine.errored:
                     crash_exit(repr(exc.__cause__ or exc))
-                return None, None, None, None, _row_error(exc.__cause__ or exc)
+                return failed_row(_row_error(exc.__cause__ or exc))
         if final is None or not final.outputs:
-            return None, None, None, None, "the engine returned no output"
-        choice = final.outputs[0]
-        return (
-            choice.text,
-            choice.finish_reason,
-            len(final.prompt_token_ids or ()),
-            len(choice.token_ids),
-            None,
-        )
+            return failed_row("the engine returned no output")
+        return output_row(final, params)
 
     def __ray_shutdown__(self) -> None:
         """Shut the engine down when Ray kills the actor on purpose."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -38,31 +39,35 @@ _UNSTARTED_RETRIES = 8
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """One batch of prompts for one actor call (a shard, or part of one).
+    """One batch of rows for one actor call (a shard, or part of one).
 
     Attributes:
-        prompts: Prompt strings (other values become row errors).
-        seeds: Per-row sampling seeds, `None` for greedy rows.
-        sampling: Keyword arguments for vLLM's `SamplingParams`, minus `seed`.
+        rows: `RowRequest.payload()` per row: a prompt or messages, the row's own
+            sampling overrides and response format, or an error found already.
+        seeds: Per-row sampling seeds derived from the job seed, `None` for greedy rows.
+        sampling: Job-wide keyword arguments for vLLM's `SamplingParams`, minus `seed`.
+        response_format: Job-wide structured output (`json_schema`), for rows without their own.
+        template: `chat_template` and `chat_template_kwargs` for chat rows.
         exclusive: Run alone on the engine, so a crash is these rows' doing.
         deadline_s: Past this, the engine is declared hung and its actor restarted.
     """
 
-    prompts: list[Any]
+    rows: list[dict[str, Any]]
     seeds: list[int | None]
     sampling: dict[str, Any] = field(default_factory=dict)
+    response_format: dict[str, Any] | None = None
+    template: dict[str, Any] = field(default_factory=dict)
     exclusive: bool = False
     deadline_s: float | None = None
 
+    @classmethod
+    def of_prompts(cls, prompts: list[str], **kwargs: Any) -> GenerateRequest:
+        """A request for plain text prompts with the job's sampling, unseeded."""
+        return cls(rows=[{"prompt": p} for p in prompts], seeds=[None] * len(prompts), **kwargs)
+
     def to_payload(self) -> dict[str, Any]:
         """The plain dict the actor receives."""
-        return {
-            "prompts": self.prompts,
-            "seeds": self.seeds,
-            "sampling": self.sampling,
-            "exclusive": self.exclusive,
-            "deadline_s": self.deadline_s,
-        }
+        return dataclasses.asdict(self)
 
 
 class VllmActorPool:

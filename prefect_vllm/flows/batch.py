@@ -7,15 +7,16 @@ import json
 import os
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
-from prefect_vllm._checkpoint import CheckpointStore, JobManifest, check_safe_id, fingerprint_id
+from prefect_vllm._checkpoint import EXPORTS, CheckpointStore, JobManifest, check_safe_id, fingerprint_id
 from prefect_vllm._engine.pool import VllmActorPool
+from prefect_vllm._export import export_openai
 from prefect_vllm._planning import InputColumns, JobPlan, ShardSpec, plan_job
 from prefect_vllm.blocks.model import VllmModel
-from prefect_vllm.config import ActorPoolConfig, EngineConfig, RecoveryConfig, SamplingConfig
+from prefect_vllm.config import ActorPoolConfig, EngineConfig, RecoveryConfig, RequestConfig, SamplingConfig
 from prefect_vllm.exceptions import ConfigurationError, IncompleteJobError, InputError
 from prefect_vllm.results import BatchResult, ShardResult
 from prefect_vllm.tasks import ShardJob, run_shard
@@ -59,6 +60,7 @@ def job_fingerprint(
     shard_size: int,
     sampling: SamplingConfig,
     engine: EngineConfig,
+    requests: RequestConfig,
 ) -> dict[str, Any]:
     """Everything that changes the job's results, flat; its hash is the default job id.
 
@@ -67,12 +69,14 @@ def job_fingerprint(
     fingerprint: dict[str, Any] = {
         "model": model,
         "prompt_column": columns.prompt,
+        "messages_column": columns.messages,
         "id_column": columns.id,
         "shard_size": shard_size,
         "inputs": [[f.path, f.size, f.mtime_ns] for f in plan.files],
     }
     fingerprint.update({f"engine.{k}": v for k, v in engine.model_dump(mode="json").items()})
     fingerprint.update({f"sampling.{k}": v for k, v in sampling.model_dump(mode="json").items()})
+    fingerprint.update({f"requests.{k}": v for k, v in requests.model_dump(mode="json").items()})
     return fingerprint
 
 
@@ -82,15 +86,18 @@ def batch_inference(
     output: str,
     model: str | VllmModel,
     prompt_column: str = "prompt",
+    messages_column: str = "messages",
     id_column: str = "custom_id",
     shard_size: int = 512,
     sampling: SamplingConfig = SamplingConfig(),  # noqa: B008 - frozen pydantic model
+    requests: RequestConfig = RequestConfig(),  # noqa: B008
     engine: EngineConfig = EngineConfig(),  # noqa: B008
     pool: ActorPoolConfig = ActorPoolConfig(),  # noqa: B008
     recovery: RecoveryConfig = RecoveryConfig(),  # noqa: B008
     ray_address: str | None = None,
     job_id: str | None = None,
     restart: bool = False,
+    export: Literal["openai"] | None = None,
 ) -> BatchResult:
     """Generate a completion for every row of a prompt dataset, resumably.
 
@@ -99,20 +106,28 @@ def batch_inference(
     engine actors. Running the same call again resumes the same job.
 
     Args:
-        input: A JSONL, Parquet or CSV file, a folder of them, or a glob.
+        input: A JSONL, Parquet or CSV file, a folder of them, or a glob. A JSONL
+            file of OpenAI Batch requests (`{custom_id, method, url, body}`) is
+            recognised by its first line.
         output: Output folder or `pyarrow.fs` URI; also holds the checkpoints.
         model: Hugging Face id or local model folder, or a `VllmModel` block (which
             then also gives the engine settings and the Hugging Face token).
         prompt_column: Column holding the prompt text.
+        messages_column: Column holding chat messages (a list of `{role, content}`,
+            or its JSON text); a row with messages is rendered with the chat template.
         id_column: Column holding each row's id (`custom_id`); positions when absent.
         shard_size: Rows per shard: the unit of commit and of retry.
-        sampling: Job-wide sampling parameters.
+        sampling: Job-wide sampling parameters; a `sampling_params` column (struct or
+            JSON text) overrides them per row.
+        requests: Chat template and its kwargs, and a job-wide JSON schema.
         engine: How each vLLM engine is built.
         pool: Engine actors, their resources and per-actor restart budget.
         recovery: Job restart budget, hang deadlines and poison-row isolation.
         ray_address: An existing Ray cluster (`auto`, `ray://...`); a local one if None.
         job_id: Explicit job id; default: a hash of everything that changes results.
         restart: Discard the job's checkpoints in `output` and start over.
+        export: `openai` also writes `_openai/output.jsonl` and `_openai/errors.jsonl`
+            in the OpenAI Batch output shapes once every shard is committed.
 
     Returns:
         The run's summary.
@@ -149,10 +164,10 @@ def batch_inference(
             )
         engine, hf_token, model = model.engine_config(), model.hf_token, model.model
     check_model(model)
-    columns = InputColumns(prompt=prompt_column, id=id_column)
+    columns = InputColumns(prompt=prompt_column, messages=messages_column, id=id_column)
     plan = plan_job(input, columns, shard_size)
     store = CheckpointStore(output)
-    fingerprint = job_fingerprint(model, plan, columns, shard_size, sampling, engine)
+    fingerprint = job_fingerprint(model, plan, columns, shard_size, sampling, engine, requests)
     resolved_id = check_safe_id(job_id or fingerprint_id(fingerprint), "job id")
     manifest = store.prepare(
         JobManifest(job_id=resolved_id, fingerprint=fingerprint, plan=plan, created_at=time.time()),
@@ -170,6 +185,7 @@ def batch_inference(
         columns=columns,
         has_id_column=manifest.plan.has_id_column,
         sampling=sampling,
+        requests=requests,
         recovery=recovery,
         pool=None,
     )
@@ -210,6 +226,12 @@ def batch_inference(
         generation_tokens_per_s=round(tokens / generation_s, 1) if generation_s else 0.0,
         output=store.uri,
     )
+    if export == "openai" and not incomplete:
+        shards = [results[s.shard_id] for s in manifest.plan.shards]
+        counts = export_openai(store, shards, job_id=resolved_id, model=model)
+        summary = summary.model_copy(update={"request_counts": counts})
+        logger.info("exported %d requests (%d completed, %d failed) to %s/%s", counts["total"],
+                    counts["completed"], counts["failed"], store.uri, EXPORTS)  # fmt: skip
     store.write_summary(summary)
     if incomplete:
         shown = ", ".join(incomplete[:10]) + (" ..." if len(incomplete) > 10 else "")

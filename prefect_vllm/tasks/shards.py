@@ -14,8 +14,9 @@ from prefect_vllm._checkpoint import CheckpointStore
 from prefect_vllm._columns import COMPLETION_TOKENS, ERROR, PROMPT_TOKENS
 from prefect_vllm._isolation import EngineCall, generate_isolating
 from prefect_vllm._planning import InputColumns, ShardSpec
+from prefect_vllm._requests import RowRequest
 from prefect_vllm._shards import output_table, read_shard, row_seeds
-from prefect_vllm.config import RecoveryConfig, SamplingConfig
+from prefect_vllm.config import RecoveryConfig, RequestConfig, SamplingConfig
 from prefect_vllm.exceptions import PrefectVllmError
 from prefect_vllm.results import ShardResult
 
@@ -30,6 +31,7 @@ class ShardJob:
         columns: Which input columns hold the prompt and the id.
         has_id_column: Whether the input has the id column.
         sampling: Job-wide sampling parameters.
+        requests: Chat template and job-wide structured output.
         recovery: Deadlines and poison isolation.
         pool: The engine actor pool (a `VllmActorPool`; picklable).
     """
@@ -39,27 +41,33 @@ class ShardJob:
     columns: InputColumns
     has_id_column: bool
     sampling: SamplingConfig
+    requests: RequestConfig
     recovery: RecoveryConfig
     pool: Any
 
 
-def _engine_call(job: ShardJob, prompts: list[Any], custom_ids: list[str], actor_index: int) -> EngineCall:
+def _engine_call(job: ShardJob, rows: list[RowRequest], actor_index: int) -> EngineCall:
     """Generate rows [start, stop) of the shard on the pool, with the call's deadline."""
     from prefect_vllm._engine import GenerateRequest
 
     sampling = job.sampling.model_dump(exclude={"seed"})
     greedy = job.sampling.temperature == 0.0
     seeds: list[int | None] = (
-        [None] * len(custom_ids) if greedy else list(row_seeds(job.sampling.seed, custom_ids))
+        [None] * len(rows) if greedy else list(row_seeds(job.sampling.seed, [r.custom_id for r in rows]))
     )
+    payloads = [r.payload() for r in rows]
+    # The most tokens each row may generate: its own max_tokens, times n choices.
+    budgets = [r.sampling.get("max_tokens", job.sampling.max_tokens) * r.sampling.get("n", 1) for r in rows]
 
     def call(start: int, stop: int, exclusive: bool) -> dict[str, Any]:
         request = GenerateRequest(
-            prompts=prompts[start:stop],
+            rows=payloads[start:stop],
             seeds=seeds[start:stop],
             sampling=sampling,
+            response_format=job.requests.response_format(),
+            template=job.requests.template(),
             exclusive=exclusive,
-            deadline_s=job.recovery.deadline_s(stop - start, job.sampling.max_tokens),
+            deadline_s=job.recovery.deadline_s(1, sum(budgets[start:stop])),
         )
         return dict(job.pool.generate(request, actor_index))
 
@@ -103,25 +111,25 @@ def run_shard(spec: ShardSpec, job: ShardJob, actor_index: int = 0) -> ShardResu
     """
     started = time.monotonic()
     logger = get_run_logger()
-    custom_ids, prompts = read_shard(spec, job.columns, job.has_id_column)
+    rows = read_shard(spec, job.columns, job.has_id_column)
     read_done = time.monotonic()
     generated, report = generate_isolating(
-        _engine_call(job, prompts, custom_ids, actor_index),
-        len(prompts),
+        _engine_call(job, rows, actor_index),
+        len(rows),
         poison_after=job.recovery.poison_after,
         single_rows_at=job.recovery.single_rows_at,
         log=lambda line: logger.warning("shard %s: %s", spec.shard_id, line),
     )
     generate_done = time.monotonic()
     store = CheckpointStore(job.output)
-    checksum, _size = store.write_part(spec.shard_id, output_table(custom_ids, generated))
+    checksum, _size = store.write_part(spec.shard_id, output_table(rows, generated))
     failed = sum(1 for e in generated[ERROR] if e is not None)
     context = TaskRunContext.get()
     finished = time.monotonic()
     result = ShardResult(
         shard_id=spec.shard_id,
-        rows=len(custom_ids),
-        rows_ok=len(custom_ids) - failed,
+        rows=len(rows),
+        rows_ok=len(rows) - failed,
         rows_failed=failed,
         prompt_tokens=sum(t or 0 for t in generated[PROMPT_TOKENS]),
         output_tokens=sum(t or 0 for t in generated[COMPLETION_TOKENS]),
@@ -129,7 +137,7 @@ def run_shard(spec: ShardSpec, job: ShardJob, actor_index: int = 0) -> ShardResu
         attempt=context.task_run.run_count if context else 1,
         actor_pid=report.pid,
         engine_deaths=report.deaths,
-        poisoned_rows=[custom_ids[i] for i in report.poisoned],
+        poisoned_rows=[rows[i].custom_id for i in report.poisoned],
         generate_s=generate_done - read_done,
         write_s=finished - generate_done,
         total_s=finished - started,

@@ -35,9 +35,7 @@ def test_dead_idle_engine_is_replaced_before_the_next_call(tiny_model: Path, loc
         (core,) = engine_processes(("VLLM::EngineCore",))
         os.kill(core, signal.SIGKILL)
         wait_for(lambda: core not in engine_processes(("VLLM::EngineCore",)), 30, "the engine to die")
-        request = GenerateRequest(
-            prompts=["Tell me about cats."] * 4, seeds=[None] * 4, sampling={"max_tokens": 4}
-        )
+        request = GenerateRequest.of_prompts(["Tell me about cats."] * 4, sampling={"max_tokens": 4})
         out = pool.generate(request)
         assert out["error"] == [None] * 4 and all(out["text"])
         assert out["pid"] != info["pid"], "the call was served by the actor whose engine had died"

@@ -31,7 +31,7 @@ def test_jsonl_shards_cover_every_row_once_with_stable_ids(tmp_path: Path) -> No
     plan = plan_job(str(path), COLUMNS, shard_size=4)
     assert [s.shard_id for s in plan.shards] == ["000000", "000001", "000002"]
     assert [s.num_rows for s in plan.shards] == [4, 4, 2]
-    got = [cid for s in plan.shards for cid in read_shard(s, COLUMNS, plan.has_id_column)[0]]
+    got = [r.custom_id for s in plan.shards for r in read_shard(s, COLUMNS, plan.has_id_column)]
     assert got == [f"id-{i}" for i in range(10)]
     assert plan_job(str(path), COLUMNS, shard_size=4) == plan
 
@@ -42,8 +42,8 @@ def test_blank_lines_are_skipped_and_line_numbers_kept(tmp_path: Path) -> None:
     plan = plan_job(str(path), COLUMNS, shard_size=2)
     assert plan.rows_total == 3 and not plan.has_id_column
     assert [s.first_line for s in plan.shards] == [1, 5]
-    ids, prompts = read_shard(plan.shards[1], COLUMNS, False)
-    assert (ids, prompts) == (["2"], ["c"])
+    (row,) = read_shard(plan.shards[1], COLUMNS, False)
+    assert (row.custom_id, row.prompt) == ("2", "c")
 
 
 def test_malformed_json_line_names_file_line_and_column(tmp_path: Path) -> None:
@@ -92,7 +92,7 @@ def test_folder_and_glob_inputs_mix_parquet_jsonl_and_csv(tmp_path: Path) -> Non
             (d / "_ignored.jsonl").unlink()
         plan = plan_job(spec, COLUMNS, shard_size=2)
         assert plan.rows_total == 12
-        got = [cid for s in plan.shards for cid in read_shard(s, COLUMNS, True)[0]]
+        got = [r.custom_id for s in plan.shards for r in read_shard(s, COLUMNS, True)]
         assert got == [f"id-{i}" for i in range(12)]
 
 

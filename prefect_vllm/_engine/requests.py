@@ -1,0 +1,134 @@
+"""One row's request into vLLM's terms, and vLLM's output back into one output row.
+
+Runs inside the engine actor. A chat row is rendered with the model's chat template
+(or the job's) into token ids here, with the engine's own tokenizer, so the engine
+never re-tokenizes rendered text (which would add a second BOS token).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect_vllm._columns import CHOICES, COMPLETION_TOKENS, ERROR, FINISH_REASON, PROMPT_TOKENS, TEXT
+
+
+def engine_prompt(row: dict[str, Any], tokenizer: Any, template: dict[str, Any]) -> Any:
+    """The engine's prompt for a row: its text, or its messages rendered to token ids.
+
+    Args:
+        row: `RowRequest.payload()`.
+        tokenizer: The engine's tokenizer.
+        template: `chat_template` (a Jinja string or None for the model's own) and
+            `chat_template_kwargs` (extra variables, e.g. `enable_thinking`).
+
+    Raises:
+        ValueError: The model has no chat template, or rendering failed.
+    """
+    messages = row.get("messages")
+    if messages is None:
+        return {"prompt": row["prompt"]}
+    try:
+        rendered = tokenizer.apply_chat_template(
+            messages,
+            tokenize=True,
+            add_generation_prompt=True,
+            chat_template=template.get("chat_template"),
+            **(template.get("chat_template_kwargs") or {}),
+        )
+    except Exception as exc:
+        raise ValueError(f"chat template: {type(exc).__name__}: {str(exc)[:300]}") from None
+    ids = rendered if isinstance(rendered, list) else rendered["input_ids"]
+    return {"prompt_token_ids": list(ids)}
+
+
+def sampling_params(
+    row: dict[str, Any], seed: int | None, job_sampling: dict[str, Any], job_format: dict[str, Any] | None
+) -> Any:
+    """vLLM `SamplingParams` for a row: the job's, overridden by the row's own.
+
+    A row's own `seed` wins over the one derived from the job seed; a row's own
+    `response_format` wins over the job's JSON schema.
+
+    Raises:
+        ValueError: vLLM rejects the combination (e.g. `top_p` out of range).
+    """
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    merged = {**job_sampling, **row.get("sampling", {})}
+    merged.setdefault("seed", seed)
+    response_format = row.get("response_format") or job_format
+    if response_format:
+        if response_format["type"] == "json_schema":
+            structured = StructuredOutputsParams(json=response_format["json_schema"]["schema"])
+        else:
+            structured = StructuredOutputsParams(json_object=True)
+        merged["structured_outputs"] = structured
+    return SamplingParams(**merged, output_kind=RequestOutputKind.FINAL_ONLY)
+
+
+def output_row(final: Any, params: Any) -> dict[str, Any]:
+    """One output row from vLLM's final `RequestOutput`: the first choice, and all of them.
+
+    Every choice goes to `choices` when the row asked for `n > 1` or logprobs;
+    otherwise `choices` is null.
+
+    Args:
+        final: The request's final output.
+        params: The request's `SamplingParams`.
+    """
+    wants_choices = params.n > 1 or params.logprobs is not None
+    choices = sorted(final.outputs, key=lambda c: c.index)
+    first = choices[0]
+    return {
+        TEXT: first.text,
+        FINISH_REASON: first.finish_reason,
+        PROMPT_TOKENS: len(final.prompt_token_ids or ()),
+        COMPLETION_TOKENS: sum(len(c.token_ids) for c in choices),
+        ERROR: None,
+        CHOICES: [_choice(c, params.logprobs) for c in choices] if wants_choices else None,
+    }
+
+
+def failed_row(message: str) -> dict[str, Any]:
+    """An output row that carries only an error."""
+    return {
+        TEXT: None,
+        FINISH_REASON: None,
+        PROMPT_TOKENS: None,
+        COMPLETION_TOKENS: None,
+        ERROR: message,
+        CHOICES: None,
+    }
+
+
+def _choice(completion: Any, top_k: int | None) -> dict[str, Any]:
+    logprobs = None
+    if completion.logprobs is not None:
+        logprobs = [
+            _token_logprobs(token_id, candidates, top_k or 0)
+            for token_id, candidates in zip(completion.token_ids, completion.logprobs, strict=False)
+        ]
+    return {
+        "text": completion.text,
+        "finish_reason": completion.finish_reason,
+        "completion_tokens": len(completion.token_ids),
+        "logprobs": logprobs,
+    }
+
+
+def _token_logprobs(token_id: int, candidates: dict[int, Any], top_k: int) -> dict[str, Any]:
+    """The sampled token's logprob and the `top_k` best candidates, best first.
+
+    vLLM adds the sampled token to the candidates even when it ranks below the top
+    k: it is left out of `top_logprobs` then, as OpenAI does.
+    """
+    sampled = candidates.get(token_id)
+    top = sorted(
+        (lp for lp in candidates.values() if lp.rank is not None and lp.rank <= top_k), key=lambda lp: lp.rank
+    )
+    return {
+        "token": sampled.decoded_token if sampled is not None else None,
+        "logprob": sampled.logprob if sampled is not None else None,
+        "top_logprobs": [{"token": lp.decoded_token, "logprob": lp.logprob} for lp in top],
+    }

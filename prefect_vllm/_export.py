@@ -1,0 +1,61 @@
+"""`--export openai`: the committed part files as OpenAI Batch `output.jsonl` and `errors.jsonl`.
+
+Written at the end of every run from the part files alone, in plan order, so the
+export of a resumed job holds each `custom_id` exactly once, like the parts, and
+the same ids and `created` times as an export of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prefect_vllm._checkpoint import EXPORTS, CheckpointStore
+from prefect_vllm._columns import ERROR, KIND
+from prefect_vllm._isolation import poison_message
+from prefect_vllm._openai import error_line, output_line
+from prefect_vllm.results import ShardResult
+
+__all__ = ["OUTPUT_FILE", "ERRORS_FILE", "export_openai"]
+
+OUTPUT_FILE = f"{EXPORTS}/output.jsonl"
+ERRORS_FILE = f"{EXPORTS}/errors.jsonl"
+
+#: Where poison messages start: a row that killed the engine is a server error, not a bad request.
+_POISON_PREFIX = poison_message(1).split(":")[0]
+
+
+def export_openai(
+    store: CheckpointStore, shards: list[ShardResult], *, job_id: str, model: str
+) -> dict[str, int]:
+    """Write both export files from the given committed shards, in the order given.
+
+    Args:
+        store: The job's output location.
+        shards: The committed shards, in plan order.
+        job_id: The job's id: response ids derive from it and each `custom_id`.
+        model: The model name written into each response body.
+
+    Returns:
+        OpenAI's `request_counts`: `total`, `completed`, `failed`.
+    """
+    completed = failed = 0
+    with store.open_output(OUTPUT_FILE) as out, store.open_output(ERRORS_FILE) as errors:
+        for shard in shards:
+            created = int(shard.committed_at)
+            for row in store.read_part(shard.shard_id).to_pylist():
+                if row[ERROR] is None:
+                    line = output_line(
+                        row, kind=row[KIND] or "completion", model=model, job_id=job_id, created=created
+                    )
+                    out.write(_jsonl(line))
+                    completed += 1
+                else:
+                    code = "server_error" if row[ERROR].startswith(_POISON_PREFIX) else "invalid_request"
+                    errors.write(_jsonl(error_line(row["custom_id"], row[ERROR], job_id=job_id, code=code)))
+                    failed += 1
+    return {"total": completed + failed, "completed": completed, "failed": failed}
+
+
+def _jsonl(line: dict[str, Any]) -> bytes:
+    return (json.dumps(line, ensure_ascii=False) + "\n").encode()

@@ -1,0 +1,213 @@
+"""Input rows into engine requests: a prompt or chat messages, per-row sampling, structure.
+
+Pure logic, no vLLM: planning and shard reading call it on every row, the actor
+receives what it returns. Something wrong with one row (an unknown sampling key,
+a malformed message) becomes that row's error, never a silent ignore and never
+the whole job's failure.
+
+Examples:
+    ```python
+    from prefect_vllm._requests import plain_row
+
+    row = plain_row(
+        prompt=None,
+        messages=[{"role": "user", "content": "Hi"}],
+        sampling_params='{"max_tokens": 8, "n": 2}',
+    )
+    assert row.kind == "chat" and row.sampling == {"max_tokens": 8, "n": 2}
+    ```
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["RowRequest", "messages_of", "parse_response_format", "parse_sampling_params", "plain_row"]
+
+Kind = Literal["chat", "completion"]
+
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+#: Per-row sampling keys (vLLM `SamplingParams` names) and what each value must be.
+_SAMPLING_KEYS: dict[str, str] = {
+    "max_tokens": "int>=1",
+    "min_tokens": "int>=0",
+    "n": "int>=1",
+    "seed": "int",
+    "logprobs": "int>=0",
+    "top_k": "int",
+    "temperature": "number",
+    "top_p": "number",
+    "min_p": "number",
+    "presence_penalty": "number",
+    "frequency_penalty": "number",
+    "repetition_penalty": "number",
+    "stop": "strings",
+    "ignore_eos": "bool",
+}
+
+
+@dataclass(frozen=True)
+class RowRequest:
+    """One input row, ready for the engine or failed already.
+
+    Attributes:
+        custom_id: The row's id (filled in by the reader when it comes from a column).
+        kind: `chat` (messages, rendered with the chat template) or `completion`.
+        prompt: The prompt of a completion row.
+        messages: The `{role, content}` messages of a chat row.
+        sampling: vLLM `SamplingParams` overrides for this row (`max_tokens`, `n`, ...).
+        response_format: OpenAI-style `response_format` (`json_schema` or
+            `json_object`) for structured output, or None.
+        error: Why the row cannot be served, when it cannot.
+    """
+
+    custom_id: str
+    kind: Kind
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+    response_format: dict[str, Any] | None = None
+    error: str | None = None
+
+    def payload(self) -> dict[str, Any]:
+        """The plain dict the engine actor receives for this row."""
+        out: dict[str, Any] = {}
+        if self.error is not None:
+            out["error"] = self.error
+        elif self.kind == "chat":
+            out["messages"] = self.messages
+        else:
+            out["prompt"] = self.prompt
+        if self.sampling:
+            out["sampling"] = self.sampling
+        if self.response_format:
+            out["response_format"] = self.response_format
+        return out
+
+
+def plain_row(prompt: Any, messages: Any, sampling_params: Any, custom_id: str = "") -> RowRequest:
+    """The request for a row of a plain dataset (prompt or messages column).
+
+    A row with non-null messages is a chat row; otherwise its prompt is sent as
+    text. A prompt that is not a string or is empty becomes a row error.
+    """
+    try:
+        sampling = parse_sampling_params(sampling_params)
+    except ValueError as exc:
+        return RowRequest(custom_id, "completion", error=str(exc))
+    if messages is not None:
+        try:
+            return RowRequest(
+                custom_id, "chat", messages=messages_of(messages, "messages"), sampling=sampling
+            )
+        except ValueError as exc:
+            return RowRequest(custom_id, "chat", error=str(exc))
+    if not isinstance(prompt, str):
+        return RowRequest(custom_id, "completion", error=f"prompt must be a string, got {_type(prompt)}")
+    if not prompt:
+        return RowRequest(custom_id, "completion", error="prompt is empty")
+    return RowRequest(custom_id, "completion", prompt=prompt, sampling=sampling)
+
+
+def messages_of(value: Any, where: str) -> list[dict[str, Any]]:
+    """Validated chat messages: a non-empty list of `{role, content}` with text content.
+
+    Raises:
+        ValueError: What is wrong, naming `where` and the message's index.
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where} is not valid JSON: {exc.msg}") from None
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where} must be a non-empty list of {{role, content}} messages")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or message.get("role") not in _ROLES:
+            raise ValueError(f"{where}[{i}] needs a role among {sorted(_ROLES)}")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: only text is served
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise ValueError(f"{where}[{i}].content: only text parts are supported")
+            content = "".join(str(p.get("text", "")) for p in content)
+        if not isinstance(content, str):
+            raise ValueError(f"{where}[{i}].content must be a string or text parts")
+        messages.append({"role": message["role"], "content": content})
+    return messages
+
+
+def parse_sampling_params(value: Any) -> dict[str, Any]:
+    """Per-row sampling overrides from a struct (dict) or a JSON string; null keys are unset.
+
+    Raises:
+        ValueError: Not an object, an unknown key or a value of the wrong type.
+    """
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        if not value.strip():
+            return {}
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"sampling_params is not valid JSON: {exc.msg}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"sampling_params must be an object, got {_type(value)}")
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if item is None:
+            continue
+        rule = _SAMPLING_KEYS.get(key)
+        if rule is None:
+            raise ValueError(
+                f"sampling_params.{key} is not supported; supported: {', '.join(sorted(_SAMPLING_KEYS))}"
+            )
+        out[key] = _checked(f"sampling_params.{key}", item, rule)
+    return out
+
+
+def _checked(where: str, value: Any, rule: str) -> Any:
+    if rule.startswith("int"):
+        minimum = int(rule[5:]) if rule.startswith("int>=") else None
+        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+            bound = f" >= {minimum}" if minimum is not None else ""
+            raise ValueError(f"{where} must be an integer{bound}, got {value!r}")
+        return value
+    if rule == "number":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if rule == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, str):
+        value = [value]
+    if not (isinstance(value, list) and all(isinstance(s, str) for s in value)):
+        raise ValueError(f"{where} must be a string or a list of strings")
+    return value
+
+
+def parse_response_format(value: Any, where: str = "response_format") -> dict[str, Any] | None:
+    """An OpenAI `response_format`: None for text, else `json_object` or `json_schema`.
+
+    Raises:
+        ValueError: An unknown type, or a `json_schema` without a schema object.
+    """
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise ValueError(f"{where}.type must be text, json_object or json_schema")
+    if value["type"] == "text":
+        return None
+    if value["type"] == "json_schema":
+        schema = value.get("json_schema")
+        if not isinstance(schema, dict) or not isinstance(schema.get("schema"), dict):
+            raise ValueError(f"{where}.json_schema.schema must be a JSON schema object")
+    return dict(value)
+
+
+def _type(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
