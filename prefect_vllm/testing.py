@@ -352,18 +352,17 @@ def write_sample_batch(
     with out.open("w", encoding="utf-8") as f:
         for i in range(n):
             words = " ".join(rng.choice(_CORPUS_WORDS) for _ in range(rng.randint(3, 12)))
+            body: dict[str, Any] = {"model": model}
             if i % 2 == 0:
-                url, body = (
-                    "/v1/chat/completions",
-                    {"messages": [{"role": "user", "content": f"Tell me about {words}."}]},
-                )
+                url = "/v1/chat/completions"
+                body["messages"] = [{"role": "user", "content": f"Tell me about {words}."}]
             else:
-                url, body = "/v1/completions", {"prompt": f"Tell me about {words}."}
+                url, body["prompt"] = "/v1/completions", f"Tell me about {words}."
             record = {
                 "custom_id": f"req-{i:06d}",
                 "method": "POST",
                 "url": url,
-                "body": {"model": model, **body},
+                "body": body,
             }
             f.write(json.dumps(record) + "\n")
     return out

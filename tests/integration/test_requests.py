@@ -108,7 +108,9 @@ def test_openai_batch_file_exports_responses_the_openai_models_parse(
     assert summary["request_counts"] == {"total": len(requests), "completed": len(requests) - 2, "failed": 2}
 
     outputs, errors = jsonl(out / "_openai" / "output.jsonl"), jsonl(out / "_openai" / "errors.jsonl")
-    assert Counter(r["custom_id"] for r in outputs + errors) == Counter(list(by_id)), "each request exactly once"
+    assert Counter(r["custom_id"] for r in outputs + errors) == Counter(list(by_id)), (
+        "each request exactly once"
+    )
     assert {e["custom_id"] for e in errors} == {"bad-endpoint", "too-long"}
     for e in errors:
         assert e["response"] is None and e["error"]["code"] == "invalid_request" and e["error"]["message"]
