@@ -31,6 +31,7 @@ __all__ = [
     "POISON_MARKER",
     "PoisonLogitsProcessor",
     "engine_processes",
+    "make_tiny_lora",
     "make_tiny_model",
     "write_sample_batch",
     "write_sample_prompts",
@@ -299,6 +300,62 @@ def make_tiny_model(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(getattr(torch, dtype))  # type: ignore[no-untyped-call]
     model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def make_tiny_lora(
+    path: str | os.PathLike[str], base_model: str | os.PathLike[str], *, rank: int = 8, seed: int = 0
+) -> Path:
+    """Write a random LoRA adapter (PEFT layout) for a model made by `make_tiny_model`.
+
+    The adapter changes `q_proj` and `v_proj` of every layer with large random weights,
+    so greedy outputs with and without it differ. Made offline, in a second.
+
+    Examples:
+        ```python
+        from prefect_vllm.testing import make_tiny_lora, make_tiny_model
+
+        base = make_tiny_model("/tmp/tiny-llama")
+        adapter = make_tiny_lora("/tmp/adapters/pirate", base)
+        assert (adapter / "adapter_config.json").exists()
+        ```
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    with open(Path(base_model) / "config.json", encoding="utf-8") as f:
+        config = json.load(f)
+    hidden = config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    outs = {
+        "q_proj": config["num_attention_heads"] * head_dim,
+        "v_proj": config["num_key_value_heads"] * head_dim,
+    }
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for module, out_features in outs.items():
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, hidden, generator=generator)
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_model),
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(outs),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections import Counter
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from prefect_vllm.testing import engine_processes, write_sample_prompts
+from prefect_vllm.testing import engine_processes, write_sample_batch, write_sample_prompts
 from tests.helpers import (
     finish,
     input_ids,
@@ -28,11 +29,15 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 
 def test_killed_flow_process_resumes_skipping_committed_shards(tmp_path: Path, tiny_model: Path) -> None:
-    """SIGKILL the flow after 2+ commits; the re-run, on a new Prefect database, skips them."""
-    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=640)
+    """SIGKILL the flow after 2+ commits; the re-run, on a new Prefect database, skips them.
+
+    The input is an OpenAI Batch file exported with `--export openai`: the resumed
+    job's export holds each request exactly once.
+    """
+    prompts = write_sample_batch(tmp_path / "batch.jsonl", n=640)
     out = tmp_path / "out"
     args = ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--shard-size", "16",
-            "--max-tokens", "64", "--ignore-eos", "--temperature", "0.8", "--json"]  # fmt: skip
+            "--max-tokens", "64", "--ignore-eos", "--temperature", "0.8", "--export", "openai", "--json"]  # fmt: skip
     proc = start_cli(args, tmp_path / "home-1", tmp_path / "run-1.log")
     wait_for(lambda: len(markers(out)) >= 2 or proc.poll() is not None, 900, "two committed shards")
     proc.send_signal(signal.SIGKILL)
@@ -45,6 +50,7 @@ def test_killed_flow_process_resumes_skipping_committed_shards(tmp_path: Path, t
     committed_before = part_digests(out)
     n_before = len(markers(out))
     assert 2 <= n_before < 40, n_before
+    assert not (out / "_openai").exists(), "an incomplete job has no export"
     committed_before = {
         k: v for k, v in committed_before.items() if (out / "_commits" / f"{k[5:-8]}.json").exists()
     }
@@ -58,6 +64,13 @@ def test_killed_flow_process_resumes_skipping_committed_shards(tmp_path: Path, t
     assert Counter(table.column("custom_id").to_pylist()) == Counter(input_ids(prompts))
     after = part_digests(out)
     assert {k: after[k] for k in committed_before} == committed_before, "a committed shard was rewritten"
+    exported = [
+        json.loads(line)["custom_id"]
+        for name in ("output.jsonl", "errors.jsonl")
+        for line in (out / "_openai" / name).read_text().splitlines()
+    ]
+    assert Counter(exported) == Counter(input_ids(prompts)), "each custom_id exactly once in the export"
+    assert summary["request_counts"] == {"total": 640, "completed": 640, "failed": 0}
 
     changed = run_cli([*args[:-1], "--max-tokens", "32", "--job-id", summary["job_id"]], tmp_path / "home-2")
     assert changed.returncode == 2
