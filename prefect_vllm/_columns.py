@@ -17,9 +17,10 @@ ERROR = "error"
 KIND = "kind"
 CHOICES = "choices"
 
-#: Optional input columns: chat messages, and per-row sampling overrides.
+#: Optional input columns: chat messages, per-row sampling overrides, a LoRA adapter's name.
 MESSAGES = "messages"
 SAMPLING_PARAMS = "sampling_params"
+MODEL = "model"
 
 #: Output columns, in order (DESIGN.md section 3.2). `kind` is `chat` or `completion`;
 #: `choices` holds every choice (with logprobs when asked for) for rows that asked for

@@ -69,6 +69,7 @@ def parse_request(record: Any, *, path: str, line: int) -> RowRequest:
     body = record.get("body")
     if not isinstance(body, dict):
         return RowRequest(custom_id, kind, error="body must be a JSON object")
+    model = body.get("model") if isinstance(body.get("model"), str) else None
     try:
         sampling, response_format = _sampling(body, kind)
         if kind == "chat":
@@ -78,6 +79,7 @@ def parse_request(record: Any, *, path: str, line: int) -> RowRequest:
                 messages=messages_of(body.get("messages"), "body.messages"),
                 sampling=sampling,
                 response_format=response_format,
+                model=model,
             )
         return RowRequest(
             custom_id,
@@ -85,6 +87,7 @@ def parse_request(record: Any, *, path: str, line: int) -> RowRequest:
             prompt=_prompt(body.get("prompt")),
             sampling=sampling,
             response_format=response_format,
+            model=model,
         )
     except ValueError as exc:
         return RowRequest(custom_id, kind, error=str(exc))

@@ -20,7 +20,9 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,6 +64,8 @@ class RowRequest:
         response_format: OpenAI-style `response_format` (`json_schema` or
             `json_object`) for structured output, or None.
         error: Why the row cannot be served, when it cannot.
+        model: The model the row names (an OpenAI Batch body's `model`, a `model` column).
+        adapter: The LoRA adapter that generates the row, when its model names one.
     """
 
     custom_id: str
@@ -71,6 +75,8 @@ class RowRequest:
     sampling: dict[str, Any] = field(default_factory=dict)
     response_format: dict[str, Any] | None = None
     error: str | None = None
+    model: str | None = None
+    adapter: str | None = None
 
     def payload(self) -> dict[str, Any]:
         """The plain dict the engine actor receives for this row."""
@@ -85,15 +91,48 @@ class RowRequest:
             out["sampling"] = self.sampling
         if self.response_format:
             out["response_format"] = self.response_format
+        if self.adapter is not None:
+            out["adapter"] = self.adapter
         return out
 
+    def with_adapter(self, adapters: Mapping[str, str], *, strict: bool) -> RowRequest:
+        """This row with its LoRA adapter: the adapter its `model` names, if any.
 
-def plain_row(prompt: Any, messages: Any, sampling_params: Any, custom_id: str = "") -> RowRequest:
+        Args:
+            adapters: Adapter names (subfolders of the job's LoRA folder) to paths.
+            strict: A model that names no adapter is a row error (a `model` column
+                exists for this), rather than the base model (OpenAI Batch bodies
+                always name some model).
+        """
+        if self.error is not None or self.model is None:
+            return self
+        if self.model in adapters:
+            return dataclasses.replace(self, adapter=self.model)
+        if strict:
+            known = ", ".join(sorted(adapters)) or "none"
+            return dataclasses.replace(
+                self, error=f"model {self.model!r} is not a LoRA adapter (adapters: {known})"
+            )
+        return self
+
+
+def plain_row(
+    prompt: Any, messages: Any, sampling_params: Any, custom_id: str = "", model: Any = None
+) -> RowRequest:
     """The request for a row of a plain dataset (prompt or messages column).
 
     A row with non-null messages is a chat row; otherwise its prompt is sent as
     text. A prompt that is not a string or is empty becomes a row error.
     """
+    row = _plain_row(prompt, messages, sampling_params, custom_id)
+    if model is None:
+        return row
+    if not isinstance(model, str):
+        return dataclasses.replace(row, error=row.error or f"model must be a string, got {_type(model)}")
+    return dataclasses.replace(row, model=model)
+
+
+def _plain_row(prompt: Any, messages: Any, sampling_params: Any, custom_id: str) -> RowRequest:
     try:
         sampling = parse_sampling_params(sampling_params)
     except ValueError as exc:

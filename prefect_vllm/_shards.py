@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from prefect_vllm._columns import (
@@ -13,6 +14,7 @@ from prefect_vllm._columns import (
     ERROR,
     FINISH_REASON,
     KIND,
+    MODEL,
     PROMPT_TOKENS,
     SAMPLING_PARAMS,
     TEXT,
@@ -26,12 +28,22 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 
-def read_shard(spec: ShardSpec, columns: InputColumns, has_id: bool) -> list[RowRequest]:
+def read_shard(
+    spec: ShardSpec, columns: InputColumns, has_id: bool, adapters: Mapping[str, str] | None = None
+) -> list[RowRequest]:
     """The shard's rows as requests, read straight from the input file.
 
     Rows that cannot be served (an unsupported endpoint, an unknown sampling key)
-    come back with their error set: they are committed as row errors.
+    come back with their error set: they are committed as row errors. With LoRA
+    `adapters`, a row whose model names one is generated with it.
     """
+    rows = _read_rows(spec, columns, has_id, adapters is not None)
+    if adapters is None:
+        return rows
+    return [r.with_adapter(adapters, strict=spec.format != "openai") for r in rows]
+
+
+def _read_rows(spec: ShardSpec, columns: InputColumns, has_id: bool, with_model: bool) -> list[RowRequest]:
     if spec.format in ("jsonl", "openai"):
         rows: list[RowRequest] = []
         line = spec.first_line
@@ -40,7 +52,12 @@ def read_shard(spec: ShardSpec, columns: InputColumns, has_id: bool) -> list[Row
             if spec.format == "openai":
                 rows.append(parse_request(obj, path=spec.path, line=line))
             else:
-                row = plain_row(obj.get(columns.prompt), obj.get(columns.messages), obj.get(SAMPLING_PARAMS))
+                row = plain_row(
+                    obj.get(columns.prompt),
+                    obj.get(columns.messages),
+                    obj.get(SAMPLING_PARAMS),
+                    model=obj.get(MODEL) if with_model else None,
+                )
                 rows.append(dataclasses.replace(row, custom_id=str(obj[columns.id]) if has_id else ""))
             line += 1
         if not has_id:
@@ -49,7 +66,9 @@ def read_shard(spec: ShardSpec, columns: InputColumns, has_id: bool) -> list[Row
             ]
         return rows
     names = _read_schema_names(spec)
-    wanted = [n for n in (columns.prompt, columns.messages, SAMPLING_PARAMS) if n in names]
+    wanted = [n for n in (columns.prompt, columns.messages, SAMPLING_PARAMS, MODEL) if n in names]
+    if not with_model and MODEL in wanted:
+        wanted.remove(MODEL)
     table = _read_table_range(spec, wanted + ([columns.id] if has_id else []))
     ids = table.column(columns.id).cast("string").to_pylist() if has_id else _position_ids(spec)
     empty = [None] * table.num_rows
@@ -58,9 +77,14 @@ def read_shard(spec: ShardSpec, columns: InputColumns, has_id: bool) -> list[Row
         return table.column(name).to_pylist() if name in wanted else empty
 
     return [
-        dataclasses.replace(plain_row(prompt, messages, sampling), custom_id=cid)
-        for cid, prompt, messages, sampling in zip(
-            ids, column(columns.prompt), column(columns.messages), column(SAMPLING_PARAMS), strict=True
+        plain_row(prompt, messages, sampling, custom_id=cid, model=model)
+        for cid, prompt, messages, sampling, model in zip(
+            ids,
+            column(columns.prompt),
+            column(columns.messages),
+            column(SAMPLING_PARAMS),
+            column(MODEL),
+            strict=True,
         )
     ]
 

@@ -160,6 +160,7 @@ def _run(args: argparse.Namespace) -> int:
             chat_template=_template(args.chat_template),
             chat_template_kwargs=_json_object(args.chat_template_kwargs, "--chat-template-kwargs"),
             json_schema=_json_file(args.json_schema),
+            lora_dir=args.lora_dir,
         )
         recovery = RecoveryConfig(
             max_job_restarts=args.max_job_restarts, poison_after=args.poison_after,

@@ -137,6 +137,13 @@ class RequestConfig(_Config):
         "output), unless the row asks for its own response_format. Default: free text.",
     )
 
+    lora_dir: str | None = Field(
+        default=None,
+        description="A folder of LoRA adapters, one subfolder each in the PEFT layout "
+        "(adapter_config.json + weights). A row whose model (a `model` column, or an OpenAI "
+        "Batch body's model) names a subfolder is generated with that adapter. Default: none.",
+    )
+
     @field_validator("json_schema")
     @classmethod
     def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:

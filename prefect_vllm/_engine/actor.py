@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import psutil
 
 from prefect_vllm._columns import CHOICES, COMPLETION_TOKENS, ERROR, FINISH_REASON, PROMPT_TOKENS, TEXT
-from prefect_vllm._engine.requests import engine_prompt, failed_row, output_row, sampling_params
+from prefect_vllm._engine.requests import engine_prompt, failed_row, lora_request, output_row, sampling_params
 
 logger = logging.getLogger("prefect_vllm.engine")
 
@@ -192,12 +192,13 @@ class VllmEngineActor:
         try:
             prompt = engine_prompt(row, self._engine.get_tokenizer(), request.get("template") or {})
             params = sampling_params(row, seed, request["sampling"], request.get("response_format"))
+            lora = lora_request(row, request.get("adapters") or {})
         except (ValueError, TypeError) as exc:
             return failed_row(_row_error(exc))
         final = None
         async with self._in_flight:
             try:
-                async for out in self._engine.generate(prompt, params, request_id):
+                async for out in self._engine.generate(prompt, params, request_id, lora_request=lora):
                     final = out
             except EngineDeadError as exc:
                 crash_exit(repr(exc))

@@ -48,6 +48,7 @@ class GenerateRequest:
         sampling: Job-wide keyword arguments for vLLM's `SamplingParams`, minus `seed`.
         response_format: Job-wide structured output (`json_schema`), for rows without their own.
         template: `chat_template` and `chat_template_kwargs` for chat rows.
+        adapters: LoRA adapters by name -> path, for rows that name one.
         exclusive: Run alone on the engine, so a crash is these rows' doing.
         deadline_s: Past this, the engine is declared hung and its actor restarted.
     """
@@ -57,6 +58,7 @@ class GenerateRequest:
     sampling: dict[str, Any] = field(default_factory=dict)
     response_format: dict[str, Any] | None = None
     template: dict[str, Any] = field(default_factory=dict)
+    adapters: dict[str, str] = field(default_factory=dict)
     exclusive: bool = False
     deadline_s: float | None = None
 

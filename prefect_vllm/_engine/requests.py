@@ -41,6 +41,19 @@ def engine_prompt(row: dict[str, Any], tokenizer: Any, template: dict[str, Any])
     return {"prompt_token_ids": list(ids)}
 
 
+def lora_request(row: dict[str, Any], adapters: dict[str, str]) -> Any:
+    """vLLM's `LoRARequest` for a row that names an adapter, else None.
+
+    Adapter ids are positions in the sorted names: the same in every actor of a job.
+    """
+    name = row.get("adapter")
+    if name is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(name, sorted(adapters).index(name) + 1, adapters[name])
+
+
 def sampling_params(
     row: dict[str, Any], seed: int | None, job_sampling: dict[str, Any], job_format: dict[str, Any] | None
 ) -> Any:

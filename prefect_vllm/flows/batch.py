@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 from prefect_vllm._checkpoint import EXPORTS, CheckpointStore, JobManifest, check_safe_id, fingerprint_id
 from prefect_vllm._engine.pool import VllmActorPool
 from prefect_vllm._export import export_openai
+from prefect_vllm._lora import find_adapters, lora_engine_args
 from prefect_vllm._planning import InputColumns, JobPlan, ShardSpec, plan_job
 from prefect_vllm.blocks.model import VllmModel
 from prefect_vllm.config import ActorPoolConfig, EngineConfig, RecoveryConfig, RequestConfig, SamplingConfig
@@ -119,7 +120,8 @@ def batch_inference(
         shard_size: Rows per shard: the unit of commit and of retry.
         sampling: Job-wide sampling parameters; a `sampling_params` column (struct or
             JSON text) overrides them per row.
-        requests: Chat template and its kwargs, and a job-wide JSON schema.
+        requests: Chat template and its kwargs, a job-wide JSON schema, and a folder of
+            LoRA adapters that rows name by `model`.
         engine: How each vLLM engine is built.
         pool: Engine actors, their resources and per-actor restart budget.
         recovery: Job restart budget, hang deadlines and poison-row isolation.
@@ -168,6 +170,12 @@ def batch_inference(
     plan = plan_job(input, columns, shard_size)
     store = CheckpointStore(output)
     fingerprint = job_fingerprint(model, plan, columns, shard_size, sampling, engine, requests)
+    adapters = None
+    if requests.lora_dir is not None:
+        found = find_adapters(requests.lora_dir)
+        adapters = {name: path for name, (path, _rank) in found.items()}
+        fingerprint["lora_adapters"] = sorted(adapters)
+        engine = engine.model_copy(update={"engine_args": lora_engine_args(found, engine.engine_args)})
     resolved_id = check_safe_id(job_id or fingerprint_id(fingerprint), "job id")
     manifest = store.prepare(
         JobManifest(job_id=resolved_id, fingerprint=fingerprint, plan=plan, created_at=time.time()),
@@ -188,6 +196,7 @@ def batch_inference(
         requests=requests,
         recovery=recovery,
         pool=None,
+        adapters=adapters,
     )
     new: dict[str, ShardResult] = {}
     restarts = 0

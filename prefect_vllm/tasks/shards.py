@@ -32,6 +32,7 @@ class ShardJob:
         has_id_column: Whether the input has the id column.
         sampling: Job-wide sampling parameters.
         requests: Chat template and job-wide structured output.
+        adapters: LoRA adapters by name -> path, when the job has a LoRA folder.
         recovery: Deadlines and poison isolation.
         pool: The engine actor pool (a `VllmActorPool`; picklable).
     """
@@ -44,6 +45,7 @@ class ShardJob:
     requests: RequestConfig
     recovery: RecoveryConfig
     pool: Any
+    adapters: dict[str, str] | None = None
 
 
 def _engine_call(job: ShardJob, rows: list[RowRequest], actor_index: int) -> EngineCall:
@@ -66,6 +68,7 @@ def _engine_call(job: ShardJob, rows: list[RowRequest], actor_index: int) -> Eng
             sampling=sampling,
             response_format=job.requests.response_format(),
             template=job.requests.template(),
+            adapters=job.adapters or {},
             exclusive=exclusive,
             deadline_s=job.recovery.deadline_s(1, sum(budgets[start:stop])),
         )
@@ -111,7 +114,7 @@ def run_shard(spec: ShardSpec, job: ShardJob, actor_index: int = 0) -> ShardResu
     """
     started = time.monotonic()
     logger = get_run_logger()
-    rows = read_shard(spec, job.columns, job.has_id_column)
+    rows = read_shard(spec, job.columns, job.has_id_column, job.adapters)
     read_done = time.monotonic()
     generated, report = generate_isolating(
         _engine_call(job, rows, actor_index),

@@ -37,7 +37,12 @@ STRUCTURED_ENGINE_ARGS = json.dumps(
 
 
 def request(custom_id: str, url: str, **body: Any) -> dict[str, Any]:
-    return {"custom_id": custom_id, "method": "POST", "url": url, "body": {"model": "tiny", **body}}
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": url,
+        "body": {"model": "tiny", **body},
+    }  # body may name another
 
 
 def chat(custom_id: str, content: str, **body: Any) -> dict[str, Any]:
@@ -205,4 +210,54 @@ def test_messages_and_sampling_params_columns_with_a_job_template_and_schema(
     ]
     for text in generated:
         jsonschema.validate(json.loads(text), SCHEMA)
+    no_engine_left()
+
+
+def test_rows_naming_a_lora_adapter_are_generated_with_it(
+    tmp_path: Path, tiny_model: Path, prefect_server: None
+) -> None:
+    """A `model` column or an OpenAI body's model picks an adapter from the job's LoRA folder;
+    an unknown name in a `model` column is a row error, in an OpenAI body the base model."""
+    from prefect_vllm.config import RequestConfig, SamplingConfig
+    from prefect_vllm.flows import batch_inference
+    from prefect_vllm.testing import make_tiny_lora
+
+    make_tiny_lora(tmp_path / "adapters" / "pirate", tiny_model)
+    make_tiny_lora(tmp_path / "adapters" / "sailor", tiny_model, seed=1)
+    prompt = "Tell me about the sea."
+    plain = [
+        {"custom_id": "base", "prompt": prompt, "model": None},
+        {"custom_id": "pirate", "prompt": prompt, "model": "pirate"},
+        {"custom_id": "unknown", "prompt": prompt, "model": "parrot"},
+        {"custom_id": "sailor", "prompt": prompt, "model": "sailor"},
+    ]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in plain))
+    batch = [
+        completion("batch-pirate", prompt, model="pirate"),
+        completion("batch-base", prompt, model="gpt-4o-mini"),
+    ]
+    (tmp_path / "in" / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in batch))
+
+    def run(output: str, requests: RequestConfig) -> dict[str, Any]:
+        batch_inference(
+            input=str(tmp_path / "in"),
+            output=str(tmp_path / output),
+            model=str(tiny_model),
+            sampling=SamplingConfig(max_tokens=12, temperature=0.0),
+            requests=requests,
+        )
+        return {r["custom_id"]: r for r in read_output(tmp_path / output).to_pylist()}
+
+    out = run("out", RequestConfig(lora_dir=str(tmp_path / "adapters")))
+    without = run("out-no-lora", RequestConfig())
+    assert sum(1 for r in out.values() if r["error"]) == 1
+    assert "model 'parrot' is not a LoRA adapter (adapters: pirate, sailor)" in out["unknown"]["error"]
+    # Greedy on a random model: near-ties may flip a late token between batches, so
+    # compare how the completions start.
+    start = {k: out[k]["text"][:4] for k in ("base", "pirate", "sailor", "batch-base", "batch-pirate")}
+    assert start["pirate"] == start["batch-pirate"], start
+    assert start["base"] == start["batch-base"] == without["base"]["text"][:4], "base rows must stay base"
+    assert len({start["base"], start["pirate"], start["sailor"]}) == 3, f"an adapter changed nothing: {start}"
+    assert without["pirate"]["text"][:4] == start["base"], "without a LoRA folder, model is not read"
     no_engine_left()

@@ -208,3 +208,34 @@ def test_the_openai_export_holds_every_row_once_in_the_openai_shapes(tmp_path: P
         and [json.loads(x) for x in (tmp_path / "out" / OUTPUT_FILE).read_text().splitlines()] == out
     )
     assert not [p for p in (tmp_path / "out" / "_openai").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_lora_folders_are_checked_before_any_engine_starts(tmp_path: Path) -> None:
+    from prefect_vllm._lora import find_adapters, lora_engine_args
+    from prefect_vllm.exceptions import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="is not a folder"):
+        find_adapters(str(tmp_path / "nope"))
+    with pytest.raises(ConfigurationError, match="holds no adapter"):
+        find_adapters(str(tmp_path))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text('{"r": 12}')
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "adapter_config.json").write_text('{"r": 4}')
+    found = find_adapters(str(tmp_path))
+    assert found == {"a": (str(tmp_path / "a"), 12), "b": (str(tmp_path / "b"), 4)}
+    assert lora_engine_args(found, {}) == {"enable_lora": True, "max_lora_rank": 16, "max_loras": 3}
+    assert lora_engine_args(found, {"max_loras": 8})["max_loras"] == 8, "the user's own settings win"
+    (tmp_path / "b" / "adapter_config.json").write_text('{"r": "eight"}')
+    with pytest.raises(InputError, match=r"adapter_config\.json, column 'r': needs a positive integer rank"):
+        find_adapters(str(tmp_path))
+
+
+def test_a_model_column_picks_an_adapter_or_is_a_row_error_and_batch_bodies_fall_back() -> None:
+    adapters = {"pirate": "/adapters/pirate"}
+    row = plain_row("hi", None, None, model="pirate").with_adapter(adapters, strict=True)
+    assert row.payload() == {"prompt": "hi", "adapter": "pirate"}
+    unknown = plain_row("hi", None, None, model="gpt-4o").with_adapter(adapters, strict=True)
+    assert unknown.error == "model 'gpt-4o' is not a LoRA adapter (adapters: pirate)"
+    assert plain_row("hi", None, None, model="gpt-4o").with_adapter(adapters, strict=False).adapter is None
+    assert plain_row("hi", None, None, model=3).error == "model must be a string, got int"
