@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--json-schema", default=None, metavar="FILE", help="JSON schema every output must follow"
     )
+    run.add_argument("--lora-dir", default=None, help="folder of LoRA adapters that rows name as model")
     run.add_argument(
         "--export", choices=["openai"], default=None, help="also write OpenAI Batch output files"
     )

@@ -66,3 +66,26 @@ def test_malformed_line_duplicate_ids_and_empty_input_are_found_in_the_flow(
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert "the input has no rows" in usage_error(tmp_path, str(empty), "--model", str(tiny_model))
+
+
+def test_request_options_are_checked_before_engines_start(
+    tmp_path: Path, prompts: Path, tiny_model: Path
+) -> None:
+    """A malformed or invalid --json-schema, a missing --lora-dir, an OpenAI Batch line
+    without a custom_id: exit 2 naming the file, line and field."""
+    schema = tmp_path / "schema.json"
+    schema.write_text('{\n  "type": "object",\n  "properties": {"a": }\n}\n')
+    err = usage_error(tmp_path, str(prompts), "--model", str(tiny_model), "--json-schema", str(schema))
+    assert "schema.json, line 3: not valid JSON" in err
+    schema.write_text('{"type": "no-such-type"}')
+    err = usage_error(tmp_path, str(prompts), "--model", str(tiny_model), "--json-schema", str(schema))
+    assert "json_schema: Value error, not a valid JSON schema" in err
+    err = usage_error(
+        tmp_path, str(prompts), "--model", str(tiny_model), "--lora-dir", str(tmp_path / "none")
+    )
+    assert "lora_dir: " in err and "is not a folder" in err
+    batch = tmp_path / "batch.jsonl"
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi"}}
+    batch.write_text(json.dumps(line) + "\n" + json.dumps({**line, "custom_id": ""}) + "\n")
+    err = usage_error(tmp_path, str(batch), "--model", str(tiny_model))
+    assert "batch.jsonl, line 2, column 'custom_id': must be a non-empty string" in err
