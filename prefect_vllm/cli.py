@@ -22,7 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run (or resume) a batch job")
     run.add_argument("input", help="JSONL, Parquet or CSV file, folder, or glob")
     run.add_argument("--output", required=True, help="output folder or pyarrow.fs URI")
-    run.add_argument("--model", required=True, help="Hugging Face id or local model folder")
+    run.add_argument(
+        "--model", required=True, help="Hugging Face id, local model folder, or vllm-model/BLOCK_NAME"
+    )
     run.add_argument("--prompt-column", default="prompt")
     run.add_argument("--messages-column", default="messages", help="chat messages column (default messages)")
     run.add_argument("--id-column", default="custom_id")
@@ -63,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
         "--export", choices=["openai"], default=None, help="also write OpenAI Batch output files"
     )
     run.add_argument("--ray-address", default=None, help="existing Ray cluster (default: local)")
+    run.add_argument("--cluster", default=None, help="name of a saved RayCluster block")
+    run.add_argument("--storage", default=None, help="name of a saved CheckpointStorage block")
     run.add_argument("--job-id", default=None, help="default: a hash of the job's parameters")
     run.add_argument("--restart", action="store_true", help="discard the job's checkpoints")
     run.add_argument("--json", action="store_true", help="print the summary as JSON, last line")
@@ -144,10 +148,12 @@ def _run(args: argparse.Namespace) -> int:
     from prefect_vllm.exceptions import ConfigurationError, IncompleteJobError, PrefectVllmError
 
     try:
-        sampling = SamplingConfig(
+        sampling: SamplingConfig | None = SamplingConfig(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
             seed=args.seed, ignore_eos=args.ignore_eos,
         )  # fmt: skip
+        if args.model.startswith("vllm-model/") and sampling == SamplingConfig():
+            sampling = None  # no sampling flags: the model block's defaults apply
         engine = EngineConfig(
             dtype=args.dtype, max_model_len=args.max_model_len,
             tensor_parallel_size=args.tensor_parallel_size, engine_args=_json_object(args.engine_args, "--engine-args"),
@@ -183,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
                 prompt_column=args.prompt_column, messages_column=args.messages_column, id_column=args.id_column,
                 shard_size=args.shard_size, sampling=sampling, requests=requests, engine=engine, pool=pool,
                 recovery=recovery, ray_address=args.ray_address, job_id=args.job_id, restart=args.restart,
-                export=args.export,
+                export=args.export, cluster=args.cluster, storage=args.storage,
             )  # fmt: skip
     except ConfigurationError as exc:
         return _fail(str(exc), EXIT_USAGE)

@@ -9,7 +9,8 @@ PrefectVllmError                       base; `retryable` says if a re-run may he
 │   ├── EngineStartError               an engine could not start (bounded attempts)
 │   ├── EngineCrashedError             an engine died or hung while a call was in flight
 │   └── EngineUnavailableError         no healthy actor is left to take work
-└── IncompleteJobError (RuntimeError)  shards remain uncommitted; a re-run resumes them
+├── IncompleteJobError (RuntimeError)  shards remain uncommitted; a re-run resumes them
+└── JobRunningError (RuntimeError)     another live run holds the job's lock
 ```
 
 Ray and vLLM exceptions never leave `flows/` and `tasks/` as they are: they are
@@ -29,6 +30,7 @@ __all__ = [
     "FingerprintMismatchError",
     "IncompleteJobError",
     "InputError",
+    "JobRunningError",
     "PrefectVllmError",
 ]
 
@@ -139,3 +141,12 @@ class IncompleteJobError(PrefectVllmError, RuntimeError):
         super().__init__(message)
         self.incomplete = incomplete
         self.result = result
+
+
+class JobRunningError(PrefectVllmError, RuntimeError):
+    """Another live run of the same job holds its lock: two writers never share a job.
+
+    Retryable: once that run ends (or dies), the same job can run again.
+    """
+
+    retryable = True

@@ -7,7 +7,8 @@ from typing import Any
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from prefect_vllm.config import EngineConfig
+from prefect_vllm.blocks._logo import _LOGO_URL
+from prefect_vllm.config import EngineConfig, SamplingConfig
 
 
 class VllmModel(Block):
@@ -28,6 +29,8 @@ class VllmModel(Block):
     """
 
     _block_type_name = "vLLM Model"
+    _logo_url = _LOGO_URL  # type: ignore[assignment]
+    _documentation_url = "https://docs.vllm.ai/en/latest/configuration/engine_args.html"  # type: ignore[assignment]
     _description = "A model for prefect-vllm batch jobs, and how its vLLM engines are built."
 
     model: str = Field(description="Hugging Face model id or local model folder.")
@@ -39,6 +42,10 @@ class VllmModel(Block):
     tensor_parallel_size: int = Field(default=1, description="GPUs per engine.")
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM engine arguments, applied last."
+    )
+    sampling: SamplingConfig = Field(
+        default_factory=SamplingConfig,
+        description="Default sampling for jobs on this model; a job's own sampling wins.",
     )
     hf_token: SecretStr | None = Field(
         default=None, description="Hugging Face token for gated models; never logged."

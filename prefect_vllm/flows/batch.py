@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
-from collections import deque
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
+from pydantic import Field
 
 from prefect_vllm._checkpoint import EXPORTS, CheckpointStore, JobManifest, check_safe_id, fingerprint_id
 from prefect_vllm._engine.pool import VllmActorPool
 from prefect_vllm._export import export_openai
+from prefect_vllm._lock import JobLock
 from prefect_vllm._lora import find_adapters, lora_engine_args
-from prefect_vllm._planning import InputColumns, JobPlan, ShardSpec, plan_job
-from prefect_vllm.blocks.model import VllmModel
+from prefect_vllm._planning import InputColumns, JobPlan, plan_job
+from prefect_vllm.blocks import CheckpointStorage, RayCluster, VllmModel
+from prefect_vllm.blocks.storage import open_store
 from prefect_vllm.config import ActorPoolConfig, EngineConfig, RecoveryConfig, RequestConfig, SamplingConfig
 from prefect_vllm.exceptions import ConfigurationError, IncompleteJobError, InputError
+from prefect_vllm.flows._params import cluster_settings, load_block, model_block, render_dated, scheduled_time
+from prefect_vllm.flows._ray import run_on_ray
+from prefect_vllm.flows._report import Progress, publish_results
 from prefect_vllm.results import BatchResult, ShardResult
-from prefect_vllm.tasks import ShardJob, run_shard
+from prefect_vllm.tasks import ShardJob
 
 __all__ = ["batch_inference", "check_model"]
 
@@ -85,16 +89,18 @@ def job_fingerprint(
 def batch_inference(
     input: str,
     output: str,
-    model: str | VllmModel,
+    model: VllmModel | str,
     prompt_column: str = "prompt",
     messages_column: str = "messages",
     id_column: str = "custom_id",
-    shard_size: int = 512,
-    sampling: SamplingConfig = SamplingConfig(),  # noqa: B008 - frozen pydantic model
-    requests: RequestConfig = RequestConfig(),  # noqa: B008
+    shard_size: Annotated[int, Field(ge=1)] = 512,
+    sampling: SamplingConfig | None = None,
+    requests: RequestConfig = RequestConfig(),  # noqa: B008 - frozen pydantic model
     engine: EngineConfig = EngineConfig(),  # noqa: B008
     pool: ActorPoolConfig = ActorPoolConfig(),  # noqa: B008
     recovery: RecoveryConfig = RecoveryConfig(),  # noqa: B008
+    cluster: RayCluster | str | None = None,
+    storage: CheckpointStorage | str | None = None,
     ray_address: str | None = None,
     job_id: str | None = None,
     restart: bool = False,
@@ -109,21 +115,29 @@ def batch_inference(
     Args:
         input: A JSONL, Parquet or CSV file, a folder of them, or a glob. A JSONL
             file of OpenAI Batch requests (`{custom_id, method, url, body}`) is
-            recognised by its first line.
+            recognised by its first line. `{date}` and `{yesterday}` are filled in
+            with the run's scheduled day (`YYYY-MM-DD`).
         output: Output folder or `pyarrow.fs` URI; also holds the checkpoints.
-        model: Hugging Face id or local model folder, or a `VllmModel` block (which
-            then also gives the engine settings and the Hugging Face token).
+            `{date}` and `{yesterday}` are filled in as in `input`.
+        model: Hugging Face id or local model folder; or a `VllmModel` block, given
+            or named as `vllm-model/NAME`, which then also gives the engine settings,
+            the default sampling and the Hugging Face token.
         prompt_column: Column holding the prompt text.
         messages_column: Column holding chat messages (a list of `{role, content}`,
             or its JSON text); a row with messages is rendered with the chat template.
         id_column: Column holding each row's id (`custom_id`); positions when absent.
-        shard_size: Rows per shard: the unit of commit and of retry.
-        sampling: Job-wide sampling parameters; a `sampling_params` column (struct or
-            JSON text) overrides them per row.
+        shard_size: Rows per shard: the unit of commit and of retry (at least 1).
+        sampling: Job-wide sampling parameters (default: the model block's, else
+            `SamplingConfig()`); a `sampling_params` column (struct or JSON text)
+            overrides them per row.
         requests: Chat template and its kwargs, a job-wide JSON schema, and a folder of
             LoRA adapters that rows name by `model`.
         engine: How each vLLM engine is built.
         pool: Engine actors, their resources and per-actor restart budget.
+        cluster: A `RayCluster` block, or its name: gives the Ray address, runtime
+            environment and the engine actors (instead of `pool` and `ray_address`).
+        storage: A `CheckpointStorage` block, or its name: `output` is then a path
+            under its `base_uri`, written with its credentials.
         recovery: Job restart budget, hang deadlines and poison-row isolation.
         ray_address: An existing Ray cluster (`auto`, `ray://...`); a local one if None.
         job_id: Explicit job id; default: a hash of everything that changes results.
@@ -158,17 +172,32 @@ def batch_inference(
     """
     logger = get_run_logger()
     started = time.monotonic()
+    when = scheduled_time()
+    input, output = render_dated(input, when), render_dated(output, when)
+    block = model_block(model)
     hf_token = None
-    if isinstance(model, VllmModel):
+    if block is not None:
         if engine != EngineConfig():
             raise ConfigurationError(
                 "engine: give engine settings in the VllmModel block or in `engine`, not both"
             )
-        engine, hf_token, model = model.engine_config(), model.hf_token, model.model
+        engine, hf_token, model = block.engine_config(), block.hf_token, block.model
+        sampling = sampling or block.sampling
+    assert isinstance(model, str)
+    sampling = sampling or SamplingConfig()
+    ray_cluster = load_block(RayCluster, cluster, "cluster")
+    if ray_cluster is not None:
+        if pool != ActorPoolConfig():
+            raise ConfigurationError(
+                "pool: give actor settings in the RayCluster block or in `pool`, not both"
+            )
+        pool = ray_cluster.pool_config()
+    address, runtime_env = cluster_settings(ray_cluster, ray_address)
+    storage_block = load_block(CheckpointStorage, storage, "storage")
     check_model(model)
     columns = InputColumns(prompt=prompt_column, messages=messages_column, id=id_column)
     plan = plan_job(input, columns, shard_size)
-    store = CheckpointStore(output)
+    store = open_store(output, storage_block)
     fingerprint = job_fingerprint(model, plan, columns, shard_size, sampling, engine, requests)
     adapters = None
     if requests.lora_dir is not None:
@@ -177,51 +206,98 @@ def batch_inference(
         fingerprint["lora_adapters"] = sorted(adapters)
         engine = engine.model_copy(update={"engine_args": lora_engine_args(found, engine.engine_args)})
     resolved_id = check_safe_id(job_id or fingerprint_id(fingerprint), "job id")
-    manifest = store.prepare(
-        JobManifest(job_id=resolved_id, fingerprint=fingerprint, plan=plan, created_at=time.time()),
-        restart=restart,
-    )
+    store.fs.create_dir(store.root, recursive=True)
+    with JobLock(store, resolved_id, owner=_run_name()):
+        manifest = store.prepare(
+            JobManifest(job_id=resolved_id, fingerprint=fingerprint, plan=plan, created_at=time.time()),
+            restart=restart,
+        )
+        job = ShardJob(
+            job_id=resolved_id, output=output, columns=columns, has_id_column=manifest.plan.has_id_column,
+            sampling=sampling, requests=requests, recovery=recovery, pool=None, adapters=adapters,
+            storage=storage_block,
+        )  # fmt: skip
+        summary = _run_job(
+            manifest, store, job, VllmActorPool(model, engine, pool, hf_token), address, runtime_env, started
+        )
+        if export == "openai" and not summary.shards_incomplete:
+            results = store.committed()
+            shards = [results[s.shard_id] for s in manifest.plan.shards]
+            counts = export_openai(store, shards, job_id=resolved_id, model=model)
+            summary = summary.model_copy(update={"request_counts": counts})
+            logger.info("exported %d requests (%d completed, %d failed) to %s/%s", counts["total"],
+                        counts["completed"], counts["failed"], store.uri, EXPORTS)  # fmt: skip
+        store.write_summary(summary)
+    publish_results(summary, store.committed(), _RERUN)
+    if summary.shards_incomplete:
+        incomplete = summary.shards_incomplete
+        shown = ", ".join(incomplete[:10]) + (" ..." if len(incomplete) > 10 else "")
+        why = _RERUN
+        if summary.engine_restarts > recovery.max_job_restarts:
+            why = (
+                f"the run stopped after {summary.engine_restarts} engine restarts (budget max_job_restarts="
+                f"{recovery.max_job_restarts}); fix what kills the engines, or raise the budget, and {_RERUN}"
+            )
+        raise IncompleteJobError(
+            f"{len(incomplete)} of {summary.shards_total} shards were not committed ({shown}); {why}",
+            incomplete=incomplete,
+            result=summary,
+        )
+    logger.info(
+        "job %s complete: %d rows ok, %d row errors, %d engine restarts, %.1f s",
+        resolved_id, summary.rows_ok, summary.rows_failed, summary.engine_restarts, summary.wall_s,
+    )  # fmt: skip
+    return summary
+
+
+#: How a user resumes an incomplete job, in messages and the summary artifact.
+_RERUN = "run the same command (or retry the flow run) again to resume; committed shards are skipped"
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return f"flow run {flow_run.name!r}" if flow_run.name else "a prefect-vllm run"
+
+
+def _run_job(
+    manifest: JobManifest,
+    store: CheckpointStore,
+    job: ShardJob,
+    pool: VllmActorPool,
+    ray_address: str | None,
+    runtime_env: dict[str, Any],
+    started: float,
+) -> BatchResult:
+    """Run the job's uncommitted shards and sum up the whole job."""
+    logger = get_run_logger()
     committed = store.committed()
-    pending = [s for s in manifest.plan.shards if s.shard_id not in committed]
+    shards = manifest.plan.shards
+    pending = [s for s in shards if s.shard_id not in committed]
     logger.info(
         "job %s: %d rows in %d shards; %d already committed, %d to run",
-        resolved_id, plan.rows_total, len(plan.shards), len(committed), len(pending),
+        job.job_id, manifest.plan.rows_total, len(shards), len(committed), len(pending),
     )  # fmt: skip
-    job = ShardJob(
-        job_id=resolved_id,
-        output=output,
-        columns=columns,
-        has_id_column=manifest.plan.has_id_column,
-        sampling=sampling,
-        requests=requests,
-        recovery=recovery,
-        pool=None,
-        adapters=adapters,
-    )
     new: dict[str, ShardResult] = {}
     restarts = 0
     generation_s = 0.0
-    why = "run the same command again to resume them"
     if pending:
-        new, restarts, generation_s = _run_on_ray(
-            pending, job, VllmActorPool(model, engine, pool, hf_token), ray_address
-        )
-        if restarts > recovery.max_job_restarts:
-            why = (
-                f"the run stopped after {restarts} engine restarts (budget max_job_restarts="
-                f"{recovery.max_job_restarts}); fix what kills the engines, or raise the budget, "
-                "and run the same command again to resume"
+        progress = Progress(job.job_id, len(shards), len(committed))
+        try:
+            new, restarts, generation_s = run_on_ray(
+                pending, job, pool, ray_address, runtime_env, on_commit=progress.commit
             )
+        finally:
+            progress.close()
     results = {**committed, **new}
-    incomplete = [s.shard_id for s in manifest.plan.shards if s.shard_id not in results]
     wall = time.monotonic() - started
     tokens = sum(r.output_tokens for r in new.values())
-    summary = BatchResult(
-        job_id=resolved_id,
-        shards_total=len(manifest.plan.shards),
+    return BatchResult(
+        job_id=job.job_id,
+        shards_total=len(shards),
         shards_skipped=len(committed),
         shards_run=len(new),
-        shards_incomplete=incomplete,
+        shards_incomplete=[s.shard_id for s in shards if s.shard_id not in results],
         rows_total=manifest.plan.rows_total,
         rows_ok=sum(r.rows_ok for r in results.values()),
         rows_failed=sum(r.rows_failed for r in results.values()),
@@ -235,140 +311,3 @@ def batch_inference(
         generation_tokens_per_s=round(tokens / generation_s, 1) if generation_s else 0.0,
         output=store.uri,
     )
-    if export == "openai" and not incomplete:
-        shards = [results[s.shard_id] for s in manifest.plan.shards]
-        counts = export_openai(store, shards, job_id=resolved_id, model=model)
-        summary = summary.model_copy(update={"request_counts": counts})
-        logger.info("exported %d requests (%d completed, %d failed) to %s/%s", counts["total"],
-                    counts["completed"], counts["failed"], store.uri, EXPORTS)  # fmt: skip
-    store.write_summary(summary)
-    if incomplete:
-        shown = ", ".join(incomplete[:10]) + (" ..." if len(incomplete) > 10 else "")
-        raise IncompleteJobError(
-            f"{len(incomplete)} of {len(manifest.plan.shards)} shards were not committed ({shown}); {why}",
-            incomplete=incomplete,
-            result=summary,
-        )
-    logger.info(
-        "job %s complete: %d rows ok, %d row errors, %d engine restarts, %.1f s",
-        resolved_id, summary.rows_ok, summary.rows_failed, restarts, wall,
-    )  # fmt: skip
-    return summary
-
-
-#: How often the flow looks at the engine restart count while shards run.
-_BUDGET_CHECK_S = 2.0
-
-
-def _ray_init_kwargs(ray_address: str | None) -> dict[str, Any]:
-    """Every Ray worker reaches the same Prefect server: never its own ephemeral one."""
-    from prefect_vllm._server import configured_api_url
-
-    api_url = configured_api_url()
-    env_vars = {"PREFECT_API_URL": api_url} if api_url else {}
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}}
-    if not ray_address:
-        kwargs["include_dashboard"] = False
-    return kwargs
-
-
-def _run_on_ray(
-    pending: list[ShardSpec], job: ShardJob, pool: VllmActorPool, ray_address: str | None
-) -> tuple[dict[str, ShardResult], int, float]:
-    """Start the engine pool, stream the pending shards through it, stop it."""
-    from prefect_ray import RayTaskRunner
-
-    logger = get_run_logger()
-    pool_config = pool.config
-    with RayTaskRunner(address=ray_address, init_kwargs=_ray_init_kwargs(ray_address)) as runner:
-        _warm_shard_workers(pool_config.num_actors * pool_config.shards_per_actor)
-        infos = pool.start()
-        logger.info(
-            "%d vLLM engine(s) started in %s s (Hugging Face token %s)",
-            len(infos), ", ".join(f"{i['start_s']:.1f}" for i in infos),
-            "set" if all(i["hf_token_set"] for i in infos) else "not set",
-        )  # fmt: skip
-        job = dataclasses.replace(job, pool=pool)
-        started = time.monotonic()
-        try:
-            results = _stream_shards(runner, pending, job, pool)
-        finally:
-            generation_s = time.monotonic() - started
-            restarts = pool.engine_restarts()
-            pool.shutdown()
-    return results, restarts, generation_s
-
-
-def _import_shard_task() -> int:
-    import prefect_vllm.tasks.shards  # noqa: F401 - the import is the point
-
-    return os.getpid()
-
-
-def _warm_shard_workers(count: int) -> None:
-    """Start the Ray workers for shard tasks while the engines start, not after.
-
-    A fresh Ray worker spends seconds importing Prefect; paid during engine start-up,
-    that time no longer leaves a ready engine idle before its first shard.
-    """
-    import ray
-
-    warm = ray.remote(num_cpus=0)(_import_shard_task)
-    for _ in range(count):
-        warm.remote()
-
-
-def _stream_shards(
-    runner: Any, pending: list[ShardSpec], job: ShardJob, pool: VllmActorPool
-) -> dict[str, ShardResult]:
-    """Keep `shards_per_actor` shards in flight per actor until every shard is done.
-
-    The window keeps each engine fed across shard boundaries (the next shard's
-    requests are queued while the previous one is written) without turning
-    thousands of shards into thousands of Ray workers at once. Once the pool has
-    restarted engines more than the job's budget, nothing new starts and the
-    shards in flight are cancelled: they stay incomplete for a re-run.
-    """
-    import ray
-    from prefect_ray.context import remote_options
-
-    logger = get_run_logger()
-    queue = deque(pending)
-    load = [0] * pool.config.num_actors
-    window = pool.config.num_actors * pool.config.shards_per_actor
-    in_flight: dict[Any, tuple[ShardSpec, Any, int]] = {}
-    results: dict[str, ShardResult] = {}
-    budget = job.recovery.max_job_restarts
-    while queue or in_flight:
-        if pool.engine_restarts() > budget:
-            for ref in in_flight:
-                ray.cancel(ref, force=True)
-            queue.clear()
-            in_flight.clear()
-            break
-        while queue and len(in_flight) < window:
-            spec = queue.popleft()
-            actor = load.index(min(load))
-            # Shard tasks reserve no CPU: on small machines the actors need every core.
-            with remote_options(num_cpus=0):
-                future = runner.submit(run_shard, {"spec": spec, "job": job, "actor_index": actor})
-            in_flight[future.wrapped_future] = (spec, future, actor)
-            load[actor] += 1
-        done, _ = ray.wait(list(in_flight), num_returns=1, timeout=_BUDGET_CHECK_S)
-        for ref in done:
-            spec, future, actor = in_flight.pop(ref)
-            load[actor] -= 1
-            future.wait()
-            state = future.state
-            if state.is_completed():
-                result: ShardResult = state.result()
-                results[spec.shard_id] = result
-                logger.info(
-                    "shard %s committed: %d rows (%d errors, %d poison rows), %d tokens, %.1f s, "
-                    "attempt %d, %d engine deaths",
-                    spec.shard_id, result.rows, result.rows_failed, len(result.poisoned_rows),
-                    result.output_tokens, result.total_s, result.attempt, result.engine_deaths,
-                )  # fmt: skip
-            else:
-                logger.error("shard %s not committed: %s", spec.shard_id, state.message)
-    return results

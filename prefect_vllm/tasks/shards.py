@@ -16,6 +16,7 @@ from prefect_vllm._isolation import EngineCall, generate_isolating
 from prefect_vllm._planning import InputColumns, ShardSpec
 from prefect_vllm._requests import RowRequest
 from prefect_vllm._shards import output_table, read_shard, row_seeds
+from prefect_vllm.blocks.storage import open_store
 from prefect_vllm.config import RecoveryConfig, RequestConfig, SamplingConfig
 from prefect_vllm.exceptions import PrefectVllmError
 from prefect_vllm.results import ShardResult
@@ -33,6 +34,7 @@ class ShardJob:
         sampling: Job-wide sampling parameters.
         requests: Chat template and job-wide structured output.
         adapters: LoRA adapters by name -> path, when the job has a LoRA folder.
+        storage: The `CheckpointStorage` block `output` is a path under, if any.
         recovery: Deadlines and poison isolation.
         pool: The engine actor pool (a `VllmActorPool`; picklable).
     """
@@ -46,6 +48,11 @@ class ShardJob:
     recovery: RecoveryConfig
     pool: Any
     adapters: dict[str, str] | None = None
+    storage: Any = None
+
+    def store(self) -> CheckpointStore:
+        """The job's output location, with the storage block's credentials if any."""
+        return open_store(self.output, self.storage)
 
 
 def _engine_call(job: ShardJob, rows: list[RowRequest], actor_index: int) -> EngineCall:
@@ -124,7 +131,7 @@ def run_shard(spec: ShardSpec, job: ShardJob, actor_index: int = 0) -> ShardResu
         log=lambda line: logger.warning("shard %s: %s", spec.shard_id, line),
     )
     generate_done = time.monotonic()
-    store = CheckpointStore(job.output)
+    store = job.store()
     checksum, _size = store.write_part(spec.shard_id, output_table(rows, generated))
     failed = sum(1 for e in generated[ERROR] if e is not None)
     context = TaskRunContext.get()

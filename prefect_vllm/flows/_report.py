@@ -1,0 +1,161 @@
+"""What a run shows while it goes and when it ends: Prefect artifacts and a terminal bar.
+
+Artifacts are reporting, never the job: a failure to create one is logged and the
+run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any
+
+from prefect_vllm.results import BatchResult, ShardResult
+
+logger = logging.getLogger("prefect_vllm.flow")
+
+
+def artifact_key(job_id: str, kind: str) -> str:
+    """A Prefect artifact key for the job (lowercase letters, digits and dashes only)."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"prefect-vllm-{job_id}-{kind}".lower()).strip("-")
+
+
+class Progress:
+    """Shards committed out of the job's total: a progress artifact, and a bar on a terminal.
+
+    Args:
+        job_id: The job's id.
+        total: Shards in the job.
+        done: Shards already committed when the run starts.
+    """
+
+    def __init__(self, job_id: str, total: int, done: int) -> None:
+        self._total, self._done = max(total, 1), done
+        self._artifact = _quietly(
+            "create the progress artifact",
+            lambda: _create_progress(job_id, 100.0 * done / self._total, self._describe()),
+        )
+        self._bar = _terminal_bar(total, done)
+
+    def _describe(self) -> str:
+        return f"{self._done} of {self._total} shards committed"
+
+    def commit(self, result: ShardResult) -> None:
+        """Count one more committed shard."""
+        self._done += 1
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(rows=result.rows, errors=result.rows_failed, refresh=False)
+        artifact = self._artifact
+        if artifact is not None:
+            _quietly(
+                "update the progress artifact",
+                lambda: _update_progress(artifact, 100.0 * self._done / self._total, self._describe()),
+            )
+
+    def close(self) -> None:
+        """End the terminal bar."""
+        if self._bar is not None:
+            self._bar.close()
+
+
+def publish_results(summary: BatchResult, results: dict[str, ShardResult], rerun: str) -> None:
+    """The per-shard table and the markdown summary of the run, as Prefect artifacts.
+
+    Args:
+        summary: The run's summary.
+        results: Every committed shard of the job, by id.
+        rerun: How to resume or re-run the job, for the summary.
+    """
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    rows = [
+        {
+            "shard": r.shard_id,
+            "rows": r.rows,
+            "failed rows": r.rows_failed,
+            "attempt": r.attempt,
+            "engine deaths": r.engine_deaths,
+            "seconds": round(r.total_s, 2),
+            "tokens/s": round(r.output_tokens / r.generate_s, 1) if r.generate_s else 0.0,
+        }
+        for _, r in sorted(results.items())
+    ]
+    _quietly(
+        "create the shard table",
+        lambda: create_table_artifact(
+            rows, key=artifact_key(summary.job_id, "shards"), description="Committed shards of the job."
+        ),
+    )
+    _quietly(
+        "create the summary",
+        lambda: create_markdown_artifact(
+            summary_markdown(summary, rerun),
+            key=artifact_key(summary.job_id, "summary"),
+            description="prefect-vllm run summary.",
+        ),
+    )
+
+
+def summary_markdown(summary: BatchResult, rerun: str) -> str:
+    """The run summary as markdown: totals, throughput, where the output is, how to resume."""
+    state = (
+        "complete"
+        if not summary.shards_incomplete
+        else f"**incomplete**: {len(summary.shards_incomplete)} shards not committed"
+    )
+    lines = [
+        f"# prefect-vllm job `{summary.job_id}`: {state}",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| rows | {summary.rows_total} ({summary.rows_ok} ok, {summary.rows_failed} row errors) |",
+        f"| shards | {summary.shards_total} ({summary.shards_run} run now, {summary.shards_skipped} "
+        "committed before) |",
+        f"| engine restarts | {summary.engine_restarts} |",
+        f"| generated tokens | {summary.output_tokens} |",
+        f"| throughput | {summary.tokens_per_s:.1f} tokens/s end to end, "
+        f"{summary.generation_tokens_per_s:.1f} while generating |",
+        f"| wall time | {summary.wall_s:.1f} s |",
+        f"| output | `{summary.output}` |",
+    ]
+    if summary.request_counts:
+        counts = summary.request_counts
+        lines.append(
+            f"| OpenAI export | {counts['completed']} completed, {counts['failed']} failed "
+            f"(`{summary.output}/_openai/`) |"
+        )
+    if summary.poisoned_rows:
+        lines.append(f"| poison rows | {', '.join(summary.poisoned_rows[:20])} |")
+    lines += ["", f"To resume or re-run: {rerun}"]
+    return "\n".join(lines) + "\n"
+
+
+def _create_progress(job_id: str, progress: float, description: str) -> Any:
+    from prefect.artifacts import create_progress_artifact
+
+    return create_progress_artifact(progress, key=artifact_key(job_id, "progress"), description=description)
+
+
+def _update_progress(artifact: Any, progress: float, description: str) -> Any:
+    from prefect.artifacts import update_progress_artifact
+
+    return update_progress_artifact(artifact, progress, description=description)
+
+
+def _quietly(what: str, action: Any) -> Any:
+    try:
+        return action()
+    except Exception as exc:  # reporting must never fail the job
+        logger.warning("could not %s: %s", what, exc)
+        return None
+
+
+def _terminal_bar(total: int, done: int) -> Any:
+    """A tqdm bar on stderr when it is a terminal; None otherwise (logs, CI, Prefect workers)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, unit="shard", desc="shards", file=sys.stderr)
