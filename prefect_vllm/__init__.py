@@ -12,7 +12,7 @@ Examples:
 """
 
 from prefect_vllm._version import __version__
-from prefect_vllm.blocks import VllmModel
+from prefect_vllm.blocks import CheckpointStorage, RayCluster, VllmModel
 from prefect_vllm.exceptions import (
     ConfigurationError,
     EngineError,
@@ -21,10 +21,12 @@ from prefect_vllm.exceptions import (
     FingerprintMismatchError,
     IncompleteJobError,
     InputError,
+    JobRunningError,
     PrefectVllmError,
 )
 
 __all__ = [
+    "CheckpointStorage",
     "ConfigurationError",
     "EngineError",
     "EngineStartError",
@@ -32,7 +34,9 @@ __all__ = [
     "FingerprintMismatchError",
     "IncompleteJobError",
     "InputError",
+    "JobRunningError",
     "PrefectVllmError",
+    "RayCluster",
     "VllmModel",
     "__version__",
 ]
