@@ -1,6 +1,8 @@
 """The `batch_inference` flow: plan, skip what is committed, run the rest on Ray."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: a served flow is shipped to its run's
+# process by value, with only the globals its body uses, so the parameters' types must
+# be objects in the signature, not names to look up (pydantic builds the form from them).
 
 import json
 import os

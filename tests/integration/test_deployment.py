@@ -1,0 +1,147 @@
+"""The flow as a deployment on a real Prefect server: served by a process, triggered through
+the API as the UI does, with artifacts, bad parameters and two triggers of one job."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from prefect_vllm.testing import write_sample_prompts
+from tests.helpers import REPO, input_ids, no_engine_left, read_output, wait_for
+
+pytestmark = pytest.mark.integration
+
+DEPLOYMENT = "batch-inference/it"
+
+
+async def _deployment_exists(name: str) -> bool:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        try:
+            await client.read_deployment_by_name(name)
+        except Exception:
+            return False
+        return True
+
+
+async def _flow_run(run_id: UUID) -> Any:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return await client.read_flow_run(run_id)
+
+
+async def _artifacts(run_id: UUID) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async with get_client() as client:
+        return await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
+
+
+def trigger(parameters: dict[str, Any]) -> UUID:
+    """Create a flow run of the deployment, as the UI's Run button does, without waiting."""
+    from prefect.deployments import run_deployment
+
+    return run_deployment(DEPLOYMENT, parameters=parameters, timeout=0).id
+
+
+def final_states(run_ids: list[UUID], timeout: float) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = [asyncio.run(_flow_run(r)) for r in run_ids]
+        if all(r.state is not None and r.state.is_final() for r in runs):
+            return [r.state for r in runs]
+        assert time.monotonic() < deadline, [r.state for r in runs]
+        time.sleep(1)
+
+
+@pytest.fixture
+def served(tmp_path: Path, prefect_server: None) -> Any:
+    """`examples/serve.py` in its own process, serving the deployment to the test's server."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONUNBUFFERED": "1"}
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "examples/serve.py", "--name", "it", "--limit", "4"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: asyncio.run(_deployment_exists(DEPLOYMENT)) or proc.poll() is not None,
+            180,
+            "the deployment",
+        )
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_two_triggers_of_one_job_run_it_once_and_the_run_page_has_our_artifacts(
+    tmp_path: Path, tiny_model: Path, served: Any
+) -> None:
+    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=96)
+    params = {
+        "input": str(prompts), "output": str(tmp_path / "out"), "model": str(tiny_model),
+        "shard_size": 32, "sampling": {"max_tokens": 8, "temperature": 0},
+    }  # fmt: skip
+    runs = [trigger(params), trigger(params)]
+    states = final_states(runs, timeout=900)
+    completed = [i for i, s in enumerate(states) if s.is_completed()]
+    assert len(completed) == 1, [(s.type, s.message) for s in states]
+    refused = states[1 - completed[0]]
+    assert refused.is_failed() and "is already running" in (refused.message or ""), refused.message
+    table = read_output(tmp_path / "out")
+    assert Counter(table.column("custom_id").to_pylist()) == Counter(input_ids(prompts))
+
+    artifacts = {a.key: a for a in asyncio.run(_artifacts(runs[completed[0]]))}
+    by_kind = {key.rsplit("-", 1)[-1]: a for key, a in artifacts.items() if key}
+    assert set(by_kind) >= {"progress", "shards", "summary"}, list(artifacts)
+    assert float(by_kind["progress"].data) == 100.0
+    assert "96 (96 ok, 0 row errors)" in by_kind["summary"].data
+    assert str(tmp_path / "out") in by_kind["summary"].data
+    assert by_kind["shards"].type == "table"
+    no_engine_left()
+
+
+def test_bad_parameters_fail_the_run_at_once_naming_the_parameter(
+    tmp_path: Path, tiny_model: Path, served: Any
+) -> None:
+    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=4)
+    base = {"input": str(prompts), "output": str(tmp_path / "out"), "model": str(tiny_model)}
+    with pytest.raises(Exception, match="shard_size") as refused:
+        trigger({**base, "shard_size": -1})
+    assert "less than the minimum of 1" in str(refused.value), "refused by the server, before any run"
+    started = time.monotonic()
+    runs = [
+        trigger({**base, "cluster": "no-such-cluster"}),
+        trigger({**base, "input": str(tmp_path / "missing" / "prompts.jsonl")}),
+        trigger({**base, "storage": "no-such-storage"}),
+    ]
+    states = final_states(runs, timeout=300)
+    messages = [s.message or "" for s in states]
+    assert all(s.is_failed() for s in states), messages
+    assert "cluster: no vLLM Ray Cluster block named 'no-such-cluster'" in messages[0]
+    assert "prompts.jsonl: input file or folder does not exist" in messages[1]
+    assert "storage: no vLLM Checkpoint Storage block named 'no-such-storage'" in messages[2]
+    assert time.monotonic() - started < 240, "bad parameters must fail before any engine starts"
+    assert not list((tmp_path / "out").glob("part-*"))
