@@ -145,3 +145,36 @@ def test_bad_parameters_fail_the_run_at_once_naming_the_parameter(
     assert "storage: no vLLM Checkpoint Storage block named 'no-such-storage'" in messages[2]
     assert time.monotonic() - started < 240, "bad parameters must fail before any engine starts"
     assert not list((tmp_path / "out").glob("part-*"))
+
+
+def test_prefect_yaml_registers_the_nightly_schedule_and_dated_parameters(prefect_server: None) -> None:
+    """`prefect deploy` from the project's prefect.yaml, checked through the API; no clock waits."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL
+
+    async def make_pool() -> None:
+        async with get_client() as client:
+            await client.create_work_pool(WorkPoolCreate(name="batch", type="process"), overwrite=True)
+
+    asyncio.run(make_pool())
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_VLLM_REPO": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "nightly"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    async def read() -> Any:
+        async with get_client() as client:
+            return await client.read_deployment_by_name("batch-inference/nightly")
+
+    deployment = asyncio.run(read())
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]  # type: ignore[union-attr]
+    assert deployment.parameters["input"] == "/data/prompts/{yesterday}"
+    assert deployment.parameters["model"] == "vllm-model/llama"
+    assert deployment.work_pool_name == "batch" and deployment.global_concurrency_limit is not None
+    assert deployment.global_concurrency_limit.limit == 1
+    schema = deployment.parameter_openapi_schema["properties"]
+    assert schema["shard_size"]["minimum"] == 1 and "unit of commit" in schema["shard_size"]["description"]
+    assert set(schema) >= {"input", "output", "model", "sampling", "cluster", "storage", "export"}
