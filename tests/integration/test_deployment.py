@@ -120,7 +120,25 @@ def test_two_triggers_of_one_job_run_it_once_and_the_run_page_has_our_artifacts(
     assert "96 (96 ok, 0 row errors)" in by_kind["summary"].data
     assert str(tmp_path / "out") in by_kind["summary"].data
     assert by_kind["shards"].type == "table"
+
+    # The UI's Retry on the refused run: the same job, now committed, completes at once.
+    refused_id = runs[1 - completed[0]]
+    asyncio.run(_retry(refused_id))
+    (retried,) = final_states([refused_id], timeout=300)
+    assert retried.is_completed(), retried.message
+    retry_artifacts = {a.key for a in asyncio.run(_artifacts(refused_id)) if a.key}
+    assert any(k.endswith("-summary") for k in retry_artifacts), retry_artifacts
     no_engine_left()
+
+
+async def _retry(run_id: UUID) -> None:
+    """What the UI's Retry button does: schedule the finished run again, `AwaitingRetry`."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import AwaitingRetry
+
+    async with get_client() as client:
+        result = await client.set_flow_run_state(run_id, AwaitingRetry(), force=True)
+        assert result.status.value == "ACCEPT", result
 
 
 def test_bad_parameters_fail_the_run_at_once_naming_the_parameter(
