@@ -49,6 +49,7 @@ class JobLock:
             "owner": owner,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "pid_started_at": psutil.Process().create_time(),
             "started_at": time.time(),
         }
         self._stop = threading.Event()
@@ -113,14 +114,18 @@ class JobLock:
 
 
 def _is_stale(held: dict[str, Any]) -> bool:
-    if held.get("host") == socket.gethostname() and not _alive(held.get("pid")):
+    if held.get("host") == socket.gethostname() and not _alive(held.get("pid"), held.get("pid_started_at")):
         return True
     return time.time() - float(held.get("heartbeat_at") or 0) > STALE_S
 
 
-def _alive(pid: Any) -> bool:
+def _alive(pid: Any, started_at: Any) -> bool:
+    """Whether the holder's process still runs: its pid, started when the holder's did
+    (a reused pid belongs to a process started later)."""
     try:
         proc = psutil.Process(int(pid))
+        if started_at is not None and abs(proc.create_time() - float(started_at)) > 1.0:
+            return False
         return proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.Error, TypeError, ValueError):
         return False

@@ -9,11 +9,19 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 from typing import Any
 
 from prefect_vllm.results import BatchResult, ShardResult
 
 logger = logging.getLogger("prefect_vllm.flow")
+
+#: The progress artifact is updated at most this often: each update is an API call
+#: made from the loop that feeds the engines.
+PROGRESS_EVERY_S = 2.0
+
+#: Shards listed in the table artifact; a larger job lists its first ones and says so.
+TABLE_ROWS = 1000
 
 
 def artifact_key(job_id: str, kind: str) -> str:
@@ -37,6 +45,7 @@ class Progress:
             lambda: _create_progress(job_id, 100.0 * done / self._total, self._describe()),
         )
         self._bar = _terminal_bar(total, done)
+        self._updated = time.monotonic()
 
     def _describe(self) -> str:
         return f"{self._done} of {self._total} shards committed"
@@ -48,7 +57,9 @@ class Progress:
             self._bar.update(1)
             self._bar.set_postfix(rows=result.rows, errors=result.rows_failed, refresh=False)
         artifact = self._artifact
-        if artifact is not None:
+        now = time.monotonic()
+        if artifact is not None and (now - self._updated >= PROGRESS_EVERY_S or self._done >= self._total):
+            self._updated = now
             _quietly(
                 "update the progress artifact",
                 lambda: _update_progress(artifact, 100.0 * self._done / self._total, self._describe()),
@@ -80,12 +91,15 @@ def publish_results(summary: BatchResult, results: dict[str, ShardResult], rerun
             "seconds": round(r.total_s, 2),
             "tokens/s": round(r.output_tokens / r.generate_s, 1) if r.generate_s else 0.0,
         }
-        for _, r in sorted(results.items())
+        for _, r in sorted(results.items())[:TABLE_ROWS]
     ]
+    shown = "" if len(results) <= TABLE_ROWS else f" (the first {TABLE_ROWS} of {len(results)})"
     _quietly(
         "create the shard table",
         lambda: create_table_artifact(
-            rows, key=artifact_key(summary.job_id, "shards"), description="Committed shards of the job."
+            rows,
+            key=artifact_key(summary.job_id, "shards"),
+            description=f"Committed shards of the job{shown}.",
         ),
     )
     _quietly(

@@ -219,18 +219,17 @@ def batch_inference(
             sampling=sampling, requests=requests, recovery=recovery, pool=None, adapters=adapters,
             storage=storage_block,
         )  # fmt: skip
-        summary = _run_job(
+        summary, results = _run_job(
             manifest, store, job, VllmActorPool(model, engine, pool, hf_token), address, runtime_env, started
         )
         if export == "openai" and not summary.shards_incomplete:
-            results = store.committed()
             shards = [results[s.shard_id] for s in manifest.plan.shards]
             counts = export_openai(store, shards, job_id=resolved_id, model=model)
             summary = summary.model_copy(update={"request_counts": counts})
             logger.info("exported %d requests (%d completed, %d failed) to %s/%s", counts["total"],
                         counts["completed"], counts["failed"], store.uri, EXPORTS)  # fmt: skip
         store.write_summary(summary)
-    publish_results(summary, store.committed(), _RERUN)
+    publish_results(summary, results, _RERUN)
     if summary.shards_incomplete:
         incomplete = summary.shards_incomplete
         shown = ", ".join(incomplete[:10]) + (" ..." if len(incomplete) > 10 else "")
@@ -270,8 +269,8 @@ def _run_job(
     ray_address: str | None,
     runtime_env: dict[str, Any],
     started: float,
-) -> BatchResult:
-    """Run the job's uncommitted shards and sum up the whole job."""
+) -> tuple[BatchResult, dict[str, ShardResult]]:
+    """Run the job's uncommitted shards; the job's summary and every committed shard."""
     logger = get_run_logger()
     committed = store.committed()
     shards = manifest.plan.shards
@@ -294,7 +293,7 @@ def _run_job(
     results = {**committed, **new}
     wall = time.monotonic() - started
     tokens = sum(r.output_tokens for r in new.values())
-    return BatchResult(
+    summary = BatchResult(
         job_id=job.job_id,
         shards_total=len(shards),
         shards_skipped=len(committed),
@@ -313,3 +312,4 @@ def _run_job(
         generation_tokens_per_s=round(tokens / generation_s, 1) if generation_s else 0.0,
         output=store.uri,
     )
+    return summary, results
