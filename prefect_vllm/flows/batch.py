@@ -252,7 +252,7 @@ def batch_inference(
 
 
 #: How a user resumes an incomplete job, in messages and the summary artifact.
-_RERUN = "run the same command (or retry the flow run) again to resume; committed shards are skipped"
+_RERUN = "run the same command again (or retry the flow run) to resume; committed shards are skipped"
 
 
 def _run_name() -> str:
