@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Literal
 
-from prefect_vllm._requests import RowRequest, messages_of, parse_response_format
+from prefect_vllm._requests import RowRequest, checked, messages_of, parse_response_format
 from prefect_vllm.exceptions import InputError
 
 __all__ = ["ENDPOINTS", "error_line", "looks_like_batch", "output_line", "parse_request"]
@@ -113,13 +113,13 @@ def _sampling(body: dict[str, Any], kind: str) -> tuple[dict[str, Any], dict[str
                 raise ValueError("body.stream: a batch request cannot stream")
             continue
         if key in ("max_tokens", "max_completion_tokens"):
-            out["max_tokens"] = _int(key, value, minimum=1)
+            out["max_tokens"] = checked(f"body.{key}", value, "int>=1")
         elif key in ("temperature", "presence_penalty", "frequency_penalty") or key == "top_p":
-            out[key] = _number(key, value)
+            out[key] = checked(f"body.{key}", value, "number")
         elif key == "seed":
-            out[key] = _int(key, value)
+            out[key] = checked(f"body.{key}", value, "int")
         elif key == "n":
-            out[key] = _int(key, value, minimum=1)
+            out[key] = checked(f"body.{key}", value, "int>=1")
         elif key == "stop":
             if isinstance(value, str):
                 value = [value]
@@ -132,9 +132,9 @@ def _sampling(body: dict[str, Any], kind: str) -> tuple[dict[str, Any], dict[str
                 if not isinstance(value, bool):
                     raise ValueError("body.logprobs must be true or false for chat completions")
                 if value:
-                    out["logprobs"] = _int("top_logprobs", body.get("top_logprobs", 0), minimum=0)
+                    out["logprobs"] = checked("body.top_logprobs", body.get("top_logprobs", 0), "int>=0")
             elif value is not None:
-                out["logprobs"] = _int(key, value, minimum=0)
+                out["logprobs"] = checked(f"body.{key}", value, "int>=0")
         elif key == "top_logprobs":
             continue  # read with logprobs
         elif key == "response_format":
@@ -142,19 +142,6 @@ def _sampling(body: dict[str, Any], kind: str) -> tuple[dict[str, Any], dict[str
         else:
             raise ValueError(f"body.{key} is not supported")
     return out, response_format
-
-
-def _int(key: str, value: Any, *, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        bound = f" >= {minimum}" if minimum is not None else ""
-        raise ValueError(f"body.{key} must be an integer{bound}, got {value!r}")
-    return value
-
-
-def _number(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"body.{key} must be a number, got {value!r}")
-    return float(value)
 
 
 def _request_id(custom_id: str, job_id: str) -> str:

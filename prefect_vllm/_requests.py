@@ -26,7 +26,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["RowRequest", "messages_of", "parse_response_format", "parse_sampling_params", "plain_row"]
+__all__ = [
+    "RowRequest",
+    "checked",
+    "messages_of",
+    "parse_response_format",
+    "parse_sampling_params",
+    "plain_row",
+]
 
 Kind = Literal["chat", "completion"]
 
@@ -205,11 +212,16 @@ def parse_sampling_params(value: Any) -> dict[str, Any]:
             raise ValueError(
                 f"sampling_params.{key} is not supported; supported: {', '.join(sorted(_SAMPLING_KEYS))}"
             )
-        out[key] = _checked(f"sampling_params.{key}", item, rule)
+        out[key] = checked(f"sampling_params.{key}", item, rule)
     return out
 
 
-def _checked(where: str, value: Any, rule: str) -> Any:
+def checked(where: str, value: Any, rule: str) -> Any:
+    """`value` checked against `rule` (`int`, `int>=N`, `number`, `bool`, `strings`).
+
+    Raises:
+        ValueError: What `where` must be, and the value it got.
+    """
     if rule.startswith("int"):
         minimum = int(rule[5:]) if rule.startswith("int>=") else None
         if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):

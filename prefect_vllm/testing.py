@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -359,6 +360,16 @@ def make_tiny_lora(
     return out
 
 
+def _sample_prompts(n: int, seed: int) -> Iterator[str]:
+    """`n` short prompts of random corpus words, the same for the same seed."""
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(n):
+        words = " ".join(rng.choice(_CORPUS_WORDS) for _ in range(rng.randint(3, 12)))
+        yield f"Tell me about {words}."
+
+
 def write_sample_prompts(
     path: str | os.PathLike[str], n: int = 64, *, seed: int = 0, id_prefix: str = "req"
 ) -> Path:
@@ -372,15 +383,11 @@ def write_sample_prompts(
         assert len(p.read_text().splitlines()) == 4
         ```
     """
-    import random
-
-    rng = random.Random(seed)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as f:
-        for i in range(n):
-            words = " ".join(rng.choice(_CORPUS_WORDS) for _ in range(rng.randint(3, 12)))
-            record = {"custom_id": f"{id_prefix}-{i:06d}", "prompt": f"Tell me about {words}."}
+        for i, prompt in enumerate(_sample_prompts(n, seed)):
+            record = {"custom_id": f"{id_prefix}-{i:06d}", "prompt": prompt}
             f.write(json.dumps(record) + "\n")
     return out
 
@@ -401,20 +408,16 @@ def write_sample_batch(
         assert first["url"] == "/v1/chat/completions"
         ```
     """
-    import random
-
-    rng = random.Random(seed)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as f:
-        for i in range(n):
-            words = " ".join(rng.choice(_CORPUS_WORDS) for _ in range(rng.randint(3, 12)))
+        for i, prompt in enumerate(_sample_prompts(n, seed)):
             body: dict[str, Any] = {"model": model}
             if i % 2 == 0:
                 url = "/v1/chat/completions"
-                body["messages"] = [{"role": "user", "content": f"Tell me about {words}."}]
+                body["messages"] = [{"role": "user", "content": prompt}]
             else:
-                url, body["prompt"] = "/v1/completions", f"Tell me about {words}."
+                url, body["prompt"] = "/v1/completions", prompt
             record = {
                 "custom_id": f"req-{i:06d}",
                 "method": "POST",
