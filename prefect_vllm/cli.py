@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
@@ -183,7 +184,9 @@ def _run(args: argparse.Namespace) -> int:
     from prefect_vllm.flows import batch_inference
 
     try:
+        server_starting = time.monotonic()
         with prefect_api():
+            server_start_s = round(time.monotonic() - server_starting, 3)
             result = batch_inference(
                 input=args.input, output=args.output, model=args.model,
                 prompt_column=args.prompt_column, messages_column=args.messages_column, id_column=args.id_column,
@@ -199,6 +202,9 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(str(exc), EXIT_INCOMPLETE)
     except PrefectVllmError as exc:
         return _fail(str(exc), EXIT_INCOMPLETE)
+    result = result.model_copy(
+        update={"timings": {"prefect_server_start_s": server_start_s, **result.timings}}
+    )
     _print_summary(result, args.json)
     return EXIT_OK
 

@@ -58,6 +58,13 @@ class BatchResult(BaseModel):
     tokens_per_s: float = Field(description="output_tokens / wall_s.")
     generation_tokens_per_s: float = Field(description="output_tokens / generation_s.")
     output: str = Field(description="Where the part files are.")
+    timings: dict[str, float] = Field(
+        default_factory=dict,
+        description="Seconds per fixed cost of this run: `plan_s` (reading and planning the "
+        "input, the manifest, the lock), `ray_start_s`, `engine_start_s` (until every engine "
+        "is ready), `finalise_s` (after the last shard: pool shutdown, summary, export), and "
+        "from the CLI `prefect_server_start_s`.",
+    )
     request_counts: dict[str, int] | None = Field(
         default=None,
         description="With export='openai': OpenAI's request_counts (total, completed, failed) "

@@ -21,7 +21,14 @@ from typing import Any, NoReturn
 import psutil
 
 from prefect_vllm._columns import CHOICES, COMPLETION_TOKENS, ERROR, FINISH_REASON, PROMPT_TOKENS, TEXT
-from prefect_vllm._engine.requests import engine_prompt, failed_row, lora_request, output_row, sampling_params
+from prefect_vllm._engine.requests import (
+    engine_prompt,
+    failed_row,
+    lora_request,
+    output_row,
+    sampling_params,
+    tokenize_prompts,
+)
 
 logger = logging.getLogger("prefect_vllm.engine")
 
@@ -63,6 +70,7 @@ class VllmEngineActor:
     ) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from prefect_vllm.config import EngineConfig
@@ -74,7 +82,11 @@ class VllmEngineActor:
         kwargs = EngineConfig.model_validate(engine_config).engine_kwargs(model, on_cpu=on_cpu)
         started = time.monotonic()
         try:
-            self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+            # Offline batch defaults (vLLM's `LLM` class): on CPU twice the running
+            # sequences and tokens per step of the server defaults AsyncLLM gets otherwise.
+            self._engine = AsyncLLM.from_engine_args(
+                AsyncEngineArgs(**kwargs), usage_context=UsageContext.LLM_CLASS
+            )
         except Exception as exc:
             # Ray never retries a constructor that raises: one clear line is all the user gets.
             raise EngineStartFailure(_engine_log_cause() or _start_failure(exc)) from None
@@ -163,10 +175,12 @@ class VllmEngineActor:
         async with self._gate.enter(exclusive=bool(request.get("exclusive"))):
             yield {"started": self._pid}
             started = time.monotonic()
+            token_ids = tokenize_prompts(rows, self._engine.get_tokenizer(), self._max_model_len)
+            shared: dict[str, Any] = {}  # one SamplingParams for the rows that only use the job's
             work = asyncio.gather(
                 *(
-                    self._generate_one(f"{batch}-{i}", row, seed, request)
-                    for i, (row, seed) in enumerate(zip(rows, seeds, strict=False))
+                    self._generate_one(f"{batch}-{i}", row, seed, request, ids, shared)
+                    for i, (row, seed, ids) in enumerate(zip(rows, seeds, token_ids, strict=False))
                 )
             )
             try:
@@ -182,7 +196,13 @@ class VllmEngineActor:
         yield columns
 
     async def _generate_one(
-        self, request_id: str, row: dict[str, Any], seed: int | None, request: dict[str, Any]
+        self,
+        request_id: str,
+        row: dict[str, Any],
+        seed: int | None,
+        request: dict[str, Any],
+        token_ids: list[int] | None,
+        shared: dict[str, Any],
     ) -> dict[str, Any]:
         from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
@@ -190,8 +210,17 @@ class VllmEngineActor:
         if "error" in row:
             return failed_row(row["error"])
         try:
-            prompt = engine_prompt(row, self._engine.get_tokenizer(), request.get("template") or {})
-            params = sampling_params(row, seed, request["sampling"], request.get("response_format"))
+            prompt = engine_prompt(
+                row, self._engine.get_tokenizer(), request.get("template") or {}, token_ids
+            )
+            if seed is None and not row.get("sampling") and not row.get("response_format"):
+                if "params" not in shared:
+                    shared["params"] = sampling_params(
+                        row, None, request["sampling"], request.get("response_format")
+                    )
+                params = shared["params"]
+            else:
+                params = sampling_params(row, seed, request["sampling"], request.get("response_format"))
             lora = lora_request(row, request.get("adapters") or {})
         except (ValueError, TypeError) as exc:
             return failed_row(_row_error(exc))

@@ -12,18 +12,50 @@ from typing import Any
 from prefect_vllm._columns import CHOICES, COMPLETION_TOKENS, ERROR, FINISH_REASON, PROMPT_TOKENS, TEXT
 
 
-def engine_prompt(row: dict[str, Any], tokenizer: Any, template: dict[str, Any]) -> Any:
-    """The engine's prompt for a row: its text, or its messages rendered to token ids.
+def tokenize_prompts(
+    rows: list[dict[str, Any]], tokenizer: Any, max_model_len: int
+) -> list[list[int] | None]:
+    """Token ids of every plain-text row, in one batched tokenizer call; None for the others.
+
+    vLLM tokenizes each prompt on its own (a Python call per row); a fast tokenizer
+    encodes a whole batch in one call into Rust. Same arguments as vLLM's: special
+    tokens added, and cut at one token over the context so that an over-long prompt
+    still fails vLLM's own length check as a row error.
+    """
+    texts = {
+        i: row["prompt"] for i, row in enumerate(rows) if "error" not in row and row.get("messages") is None
+    }
+    ids: list[list[int] | None] = [None] * len(rows)
+    if not texts:
+        return ids
+    try:
+        encoded = tokenizer(
+            list(texts.values()), add_special_tokens=True, truncation=True, max_length=max_model_len + 1
+        )["input_ids"]
+    except Exception:
+        return ids  # each row then goes through vLLM's own tokenization, and its own error
+    for i, row_ids in zip(texts, encoded, strict=True):
+        ids[i] = list(row_ids)
+    return ids
+
+
+def engine_prompt(
+    row: dict[str, Any], tokenizer: Any, template: dict[str, Any], token_ids: list[int] | None = None
+) -> Any:
+    """The engine's prompt for a row: its token ids, its text, or its messages rendered to token ids.
 
     Args:
         row: `RowRequest.payload()`.
         tokenizer: The engine's tokenizer.
         template: `chat_template` (a Jinja string or None for the model's own) and
             `chat_template_kwargs` (extra variables, e.g. `enable_thinking`).
+        token_ids: The row's prompt already tokenized (`tokenize_prompts`), if it was.
 
     Raises:
         ValueError: The model has no chat template, or rendering failed.
     """
+    if token_ids is not None:
+        return {"prompt_token_ids": token_ids}
     messages = row.get("messages")
     if messages is None:
         return {"prompt": row["prompt"]}

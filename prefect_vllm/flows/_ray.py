@@ -43,8 +43,12 @@ def run_on_ray(
     ray_address: str | None,
     runtime_env: dict[str, Any] | None = None,
     on_commit: OnCommit | None = None,
+    timings: dict[str, float] | None = None,
 ) -> tuple[dict[str, ShardResult], int, float]:
     """Start the engine pool, stream the pending shards through it, stop it.
+
+    Args:
+        timings: Filled with `ray_start_s` and `engine_start_s`, if given.
 
     Returns:
         The shards committed, the engine restarts, and the seconds spent generating.
@@ -54,9 +58,13 @@ def run_on_ray(
     logger = get_run_logger()
     pool_config = pool.config
     init_kwargs = _ray_init_kwargs(ray_address, runtime_env)
+    timings = {} if timings is None else timings
+    t0 = time.monotonic()
     with RayTaskRunner(address=ray_address, init_kwargs=init_kwargs) as runner:
+        t1 = time.monotonic()
         _warm_shard_workers(pool_config.num_actors * pool_config.shards_per_actor)
         infos = pool.start()
+        timings.update(ray_start_s=round(t1 - t0, 3), engine_start_s=round(time.monotonic() - t1, 3))
         logger.info(
             "%d vLLM engine(s) started in %s s (Hugging Face token %s)",
             len(infos), ", ".join(f"{i['start_s']:.1f}" for i in infos),
@@ -70,6 +78,7 @@ def run_on_ray(
             generation_s = time.monotonic() - started
             restarts = pool.engine_restarts()
             pool.shutdown()
+    timings["shutdown_s"] = round(time.monotonic() - started - generation_s, 3)
     return results, restarts, generation_s
 
 

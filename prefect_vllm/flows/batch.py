@@ -219,15 +219,20 @@ def batch_inference(
             sampling=sampling, requests=requests, recovery=recovery, pool=None, adapters=adapters,
             storage=storage_block,
         )  # fmt: skip
+        timings = {"plan_s": round(time.monotonic() - started, 3)}
         summary, results = _run_job(
-            manifest, store, job, VllmActorPool(model, engine, pool, hf_token), address, runtime_env, started
-        )
+            manifest, store, job, VllmActorPool(model, engine, pool, hf_token), address, runtime_env, started,
+            timings,
+        )  # fmt: skip
+        finalising = time.monotonic()
         if export == "openai" and not summary.shards_incomplete:
             shards = [results[s.shard_id] for s in manifest.plan.shards]
             counts = export_openai(store, shards, job_id=resolved_id, model=model)
             summary = summary.model_copy(update={"request_counts": counts})
             logger.info("exported %d requests (%d completed, %d failed) to %s/%s", counts["total"],
                         counts["completed"], counts["failed"], store.uri, EXPORTS)  # fmt: skip
+        finalise_s = timings.pop("shutdown_s", 0.0) + time.monotonic() - finalising
+        summary = summary.model_copy(update={"timings": {**timings, "finalise_s": round(finalise_s, 3)}})
         store.write_summary(summary)
     publish_results(summary, results, _RERUN)
     if summary.shards_incomplete:
@@ -269,6 +274,7 @@ def _run_job(
     ray_address: str | None,
     runtime_env: dict[str, Any],
     started: float,
+    timings: dict[str, float],
 ) -> tuple[BatchResult, dict[str, ShardResult]]:
     """Run the job's uncommitted shards; the job's summary and every committed shard."""
     logger = get_run_logger()
@@ -286,7 +292,7 @@ def _run_job(
         progress = Progress(job.job_id, len(shards), len(committed))
         try:
             new, restarts, generation_s = run_on_ray(
-                pending, job, pool, ray_address, runtime_env, on_commit=progress.commit
+                pending, job, pool, ray_address, runtime_env, on_commit=progress.commit, timings=timings
             )
         finally:
             progress.close()

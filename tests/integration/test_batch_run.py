@@ -31,6 +31,13 @@ def test_cli_run_generates_every_row_against_one_local_prefect_server(
     assert summary["shards_total"] == 3 and summary["shards_run"] == 3 and summary["shards_skipped"] == 0
     assert summary["rows_ok"] == 150 and summary["rows_failed"] == 0
     assert summary["output_tokens"] == 150 * 8 or summary["output_tokens"] > 0
+    timings = summary["timings"]  # the fixed costs the throughput benchmark reports
+    assert set(timings) == {"prefect_server_start_s", "plan_s", "ray_start_s", "engine_start_s", "finalise_s"}
+    assert all(v >= 0 for v in timings.values()) and timings["engine_start_s"] > 1
+    assert (
+        sum(timings.values()) + summary["generation_s"]
+        <= summary["wall_s"] + timings["prefect_server_start_s"] + 1
+    )
     table = read_output(out)
     assert tuple(table.column_names) == OUTPUT_COLUMNS
     assert Counter(table.column("custom_id").to_pylist()) == Counter(input_ids(prompts))

@@ -1,0 +1,36 @@
+"""Batched prompt tokenization in the engine actor gives exactly vLLM's per-row token ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect_vllm._engine.requests import engine_prompt, tokenize_prompts
+
+
+def test_batched_tokenization_matches_one_call_per_row_and_skips_other_rows(tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows: list[dict[str, Any]] = [
+        {"prompt": "Tell me about the model."},
+        {"messages": [{"role": "user", "content": "hi"}]},
+        {"prompt": "word " * 200},
+        {"error": "sampling_params: bad"},
+        {"prompt": ""},
+    ]
+    ids = tokenize_prompts(rows, tok, max_model_len=64)
+    assert ids[0] == tok("Tell me about the model.")["input_ids"]
+    assert ids[1] is None and ids[3] is None, "chat rows render their template; error rows never run"
+    # Cut one token past the context, as vLLM cuts, so the engine still rejects it as too long.
+    assert len(tok("word " * 200)["input_ids"]) > 65 and len(ids[2] or []) == 65
+    assert ids[4] == tok("")["input_ids"]
+    assert engine_prompt(rows[0], tok, {}, ids[0]) == {"prompt_token_ids": ids[0]}
+    assert engine_prompt(rows[0], tok, {}, None) == {"prompt": "Tell me about the model."}
+
+
+def test_a_tokenizer_that_fails_on_the_batch_leaves_every_row_to_vllm() -> None:
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise TypeError("no batch")
+
+    assert tokenize_prompts([{"prompt": "a"}, {"prompt": "b"}], broken, 64) == [None, None]
