@@ -13,6 +13,7 @@ from pydantic import SecretStr
 
 from prefect_vllm.config import ActorPoolConfig, EngineConfig
 from prefect_vllm.exceptions import (
+    ConfigurationError,
     EngineCrashedError,
     EngineError,
     EngineStartError,
@@ -99,25 +100,33 @@ class VllmActorPool:
         self.hf_token = hf_token
         self.handles: list[Any] = []
 
-    def start(self) -> list[dict[str, Any]]:
+    def start(self, *, fixed_cluster: bool = False) -> list[dict[str, Any]]:
         """Create the actors and wait until every engine has started.
+
+        Args:
+            fixed_cluster: The cluster never grows (a local one this run started):
+                actors that do not fit its resources fail at once instead of
+                waiting `start_timeout_s` for nodes that never come.
 
         Returns:
             Each actor's `info()`: pid, engine start seconds, context length.
 
         Raises:
             EngineStartError: An engine failed to start, or not within the timeout.
+            ConfigurationError: With `fixed_cluster`, the actors cannot all fit.
         """
         import ray
 
         from prefect_vllm._engine.actor import VllmEngineActor
 
         cfg = self.config
+        resources = ray.cluster_resources()  # type: ignore[no-untyped-call]
         num_gpus = cfg.num_gpus
         if num_gpus is None:
-            resources = ray.cluster_resources()  # type: ignore[no-untyped-call]
             has_gpus = resources.get("GPU", 0) > 0
             num_gpus = float(self.engine.tensor_parallel_size) if has_gpus else 0.0
+        if fixed_cluster:
+            _check_fits(cfg, num_gpus, resources)
         actor_cls = ray.remote(VllmEngineActor).options(
             num_cpus=cfg.num_cpus,
             num_gpus=num_gpus,
@@ -327,3 +336,23 @@ def _root_cause(exc: BaseException | None) -> str:
         if _EXCEPTION_LINE.match(line):
             return line[:600]
     return lines[-1][:600] if lines else type(exc).__name__
+
+
+def _check_fits(cfg: ActorPoolConfig, num_gpus: float, resources: dict[str, float]) -> None:
+    """Raise when the actors' reservations add up to more than the whole cluster has."""
+    per_actor = {"CPU": cfg.num_cpus, "GPU": num_gpus, **cfg.resources}
+    short = {
+        name: (amount * cfg.num_actors, resources.get(name, 0.0))
+        for name, amount in per_actor.items()
+        if amount * cfg.num_actors > resources.get(name, 0.0) + 1e-9
+    }
+    if not short:
+        return
+    name, (need, have) = next(iter(short.items()))
+    hint = ""
+    if name == "CPU" and have > 0:
+        hint = f", or --cpus-per-actor {have / cfg.num_actors:g} (CPU engines share the cores anyway)"
+    raise ConfigurationError(
+        f"{cfg.num_actors} engine actors reserve {need:g} {name} in all, but this Ray cluster has "
+        f"{have:g}: ask for fewer actors (--actors){hint}"
+    )

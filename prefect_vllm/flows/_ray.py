@@ -63,7 +63,7 @@ def run_on_ray(
     with RayTaskRunner(address=ray_address, init_kwargs=init_kwargs) as runner:
         t1 = time.monotonic()
         _warm_shard_workers(pool_config.num_actors * pool_config.shards_per_actor)
-        infos = pool.start()
+        infos = pool.start(fixed_cluster=ray_address is None)
         timings.update(ray_start_s=round(t1 - t0, 3), engine_start_s=round(time.monotonic() - t1, 3))
         logger.info(
             "%d vLLM engine(s) started in %s s (Hugging Face token %s)",

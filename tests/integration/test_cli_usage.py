@@ -89,3 +89,16 @@ def test_request_options_are_checked_before_engines_start(
     batch.write_text(json.dumps(line) + "\n" + json.dumps({**line, "custom_id": ""}) + "\n")
     err = usage_error(tmp_path, str(batch), "--model", str(tiny_model))
     assert "batch.jsonl, line 2, column 'custom_id': must be a non-empty string" in err
+
+
+def test_actors_that_cannot_fit_a_local_cluster_fail_at_once(
+    tmp_path: Path, prompts: Path, tiny_model: Path
+) -> None:
+    """Not a 15-minute wait for nodes that a cluster this run started will never get."""
+    out = tmp_path / "out"
+    args = ["run", str(prompts), "--output", str(out), "--model", str(tiny_model)]
+    proc = run_cli([*args, "--actors", "2", "--cpus-per-actor", "100000"], tmp_path / "home", timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "2 engine actors reserve 200000 CPU in all, but this Ray cluster has" in proc.stderr
+    assert "--cpus-per-actor" in proc.stderr.splitlines()[-1]
+    assert "engine(s) started" not in proc.stderr and not list(out.glob("part-*"))
