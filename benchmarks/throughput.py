@@ -219,12 +219,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     systems = result["systems"]
-    names = list(systems)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, title in (
         (axes[0], "generation_tokens_per_s", "during generation"),
         (axes[1], "end_to_end_tokens_per_s", "end to end"),
     ):
+        names = [n for n in systems if systems[n].get(key)]  # a figure left out is not drawn
         med = [systems[n][key]["median"] for n in names]
         err = [
             [m - systems[n][key]["min"] for n, m in zip(names, med, strict=True)],
@@ -243,6 +243,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+#: The summary's `timings` keys, as the docs table names them.
+_PHASES = {
+    "prefect_server_start_s": "Prefect server start (local, started by the command)",
+    "plan_s": "planning: read input, plan shards, manifest, job lock",
+    "ray_start_s": "Ray start (local cluster)",
+    "engine_start_s": "engine start (actor scheduled, worker process, imports, engine ready)",
+    "finalise_s": "finalisation: pool and Ray shutdown, summary, artifacts",
+}
 
 
 def docs_section(result: dict[str, Any], command: str, plot_path: str | None) -> str:
@@ -277,7 +287,7 @@ def docs_section(result: dict[str, Any], command: str, plot_path: str | None) ->
     if result.get("overhead"):
         lines += ["", "Where prefect-vllm's fixed time goes (1 actor, median seconds):", ""]
         lines += ["| phase | s |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.2f} |" for k, v in result["overhead"].items()]
+        lines += [f"| {_PHASES.get(k, k)} | {v:.2f} |" for k, v in result["overhead"].items()]
     if plot_path:
         lines += ["", f"![throughput by system and actors]({plot_path})"]
     return "\n".join(lines)

@@ -63,7 +63,8 @@ def run_on_ray(
     with RayTaskRunner(address=ray_address, init_kwargs=init_kwargs) as runner:
         t1 = time.monotonic()
         _warm_shard_workers(pool_config.num_actors * pool_config.shards_per_actor)
-        infos = pool.start(fixed_cluster=ray_address is None)
+        # A cluster this run started never grows: actors that cannot fit fail at once.
+        infos = pool.start(fixed_cluster=ray_address is None and not os.environ.get("RAY_ADDRESS"))
         timings.update(ray_start_s=round(t1 - t0, 3), engine_start_s=round(time.monotonic() - t1, 3))
         logger.info(
             "%d vLLM engine(s) started in %s s (Hugging Face token %s)",
