@@ -137,23 +137,16 @@ def main() -> None:
         def fmt(s: dict[str, float]) -> str:
             return f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})"
 
-        command = "python benchmarks/recovery.py " + " ".join(a for a in sys.argv[1:] if a != "--write-docs")
         write_docs(
-            "\n".join(
-                [
-                    "```bash",
-                    command,
-                    "```",
-                    "",
-                    "| measure (median, min-max over repetitions) | s |",
-                    "| --- | --- |",
-                    f"| engine SIGKILL to the next committed shard | **{fmt(result['recovery_s'])}** |",
-                    f"| clean engine start in the same runs | {fmt(result['clean_engine_start_s'])} |",
-                    f"| time between commits before the kill | {fmt(result['shard_interval_s'])} |",
-                    f"| target: clean start + 5 s | {result['target_s']:.1f} ({'met' if result['target_met'] else 'missed'}) |",
-                ]
-            ),
-            marker="recovery",
+            "recovery",
+            [
+                "| measure (median, min-max over repetitions) | s |",
+                "| --- | --- |",
+                f"| engine SIGKILL to the next committed shard | **{fmt(result['recovery_s'])}** |",
+                f"| clean engine start in the same runs | {fmt(result['clean_engine_start_s'])} |",
+                f"| time between commits before the kill | {fmt(result['shard_interval_s'])} |",
+                f"| target: clean start + 5 s | {result['target_s']:.1f} ({'met' if result['target_met'] else 'missed'}) |",
+            ],
         )
 
 

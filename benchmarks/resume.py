@@ -148,28 +148,21 @@ def main() -> None:
         from throughput import write_docs
 
         noop, plan = result["noop_resume"], result["planning"]
-        command = "python benchmarks/resume.py " + " ".join(a for a in sys.argv[1:] if a != "--write-docs")
         started = "Ray or an engine started" if noop["ray_or_engine_started"] else "no Ray, no engine started"
         write_docs(
-            "\n".join(
-                [
-                    "```bash",
-                    command,
-                    "```",
-                    "",
-                    "| measure | figure | target (issue 6) |",
-                    "| --- | --- | --- |",
-                    f"| no-op re-run of a {noop['shards']:,}-shard job, all committed: the flow's own time "
-                    f"(plan, read the markers, decide) | **{noop['flow_wall_s']:.2f} s**; {started} | < 2 s |",
-                    f"| the same, whole command (process start, imports, local Prefect server start) "
-                    f"| {noop['process_s']:.1f} s | - |",
-                    f"| planning {plan['rows']:,} JSONL rows ({plan['input_mb']} MB) into {plan['shards']:,} shards "
-                    f"| {plan['seconds']:.1f} s | - |",
-                    f"| flow-process peak RSS while planning them (before planning: {plan['rss_before_mb']:.0f} MB) "
-                    f"| **{plan['peak_rss_mb']:.0f} MB** | < 300 MB |",
-                ]
-            ),
-            marker="resume",
+            "resume",
+            [
+                "| measure | figure | target (issue 6) |",
+                "| --- | --- | --- |",
+                f"| no-op re-run of a {noop['shards']:,}-shard job, all committed: the flow's own time "
+                f"(plan, read the markers, decide) | **{noop['flow_wall_s']:.2f} s**; {started} | < 2 s |",
+                f"| the same, whole command (process start, imports, local Prefect server start) "
+                f"| {noop['process_s']:.1f} s | - |",
+                f"| planning {plan['rows']:,} JSONL rows ({plan['input_mb']} MB) into {plan['shards']:,} shards "
+                f"| {plan['seconds']:.1f} s | - |",
+                f"| flow-process peak RSS while planning them (before planning: {plan['rss_before_mb']:.0f} MB) "
+                f"| **{plan['peak_rss_mb']:.0f} MB** | < 300 MB |",
+            ],
         )
 
 

@@ -255,17 +255,13 @@ _PHASES = {
 }
 
 
-def docs_section(result: dict[str, Any], command: str, plot_path: str | None) -> str:
+def docs_section(result: dict[str, Any], plot_path: str | None) -> list[str]:
     """The markdown that --write-docs puts between the throughput markers."""
 
     def fmt(s: dict[str, float], digits: int = 0) -> str:
         return f"{s['median']:,.{digits}f} ({s['min']:,.{digits}f}-{s['max']:,.{digits}f})"
 
     lines = [
-        "```bash",
-        command,
-        "```",
-        "",
         f"{result['prompts']} prompts x {result['max_tokens']} tokens, {result['reps']} repetitions "
         f"(systems alternating), {result['machine']}, vLLM {result['vllm']}, Ray {result['ray']}.",
         "",
@@ -290,10 +286,13 @@ def docs_section(result: dict[str, Any], command: str, plot_path: str | None) ->
         lines += [f"| {_PHASES.get(k, k)} | {v:.2f} |" for k, v in result["overhead"].items()]
     if plot_path:
         lines += ["", f"![throughput by system and actors]({plot_path})"]
-    return "\n".join(lines)
+    return lines
 
 
-def write_docs(section: str, marker: str = "throughput") -> None:
+def write_docs(marker: str, lines: list[str]) -> None:
+    """Replace the `marker` section of docs/benchmarks.md: the command that ran, then `lines`."""
+    args = " ".join(a for a in sys.argv[1:] if a != "--write-docs")
+    section = "\n".join(["```bash", f"python benchmarks/{Path(sys.argv[0]).name} {args}", "```", "", *lines])
     text = DOCS.read_text()
     begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     head, rest = text.split(begin, 1)
@@ -382,9 +381,8 @@ def main() -> None:
         plot(result, Path(args.plot))
     print(json.dumps(result))
     if args.write_docs:
-        command = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
         plot_rel = os.path.relpath(Path(args.plot).resolve(), DOCS.parent) if args.plot else None
-        write_docs(docs_section(result, command.replace(" --write-docs", ""), plot_rel))
+        write_docs("throughput", docs_section(result, plot_rel))
 
 
 if __name__ == "__main__":
