@@ -58,7 +58,9 @@ class EngineConfig(_Config):
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra keyword arguments for vLLM's AsyncEngineArgs, applied last "
-        "(e.g. max_num_seqs, kv_cache_memory_bytes, enforce_eager). Default: none.",
+        "(e.g. max_num_seqs, kv_cache_memory_bytes, enforce_eager). Default: none. On CPU, "
+        "keep enable_chunked_prefill off (our default there) whenever temperature > 0: "
+        "vLLM-CPU kills the engine when it rewinds a seeded row after a partial prefill.",
     )
 
     def engine_kwargs(self, model: str, *, on_cpu: bool) -> dict[str, Any]:
@@ -66,6 +68,12 @@ class EngineConfig(_Config):
 
         On CPU, CUDA graphs and torch.compile only cost start-up time, and vLLM
         cannot size the KV cache by itself, so both get a default unless given.
+        CPU engines also schedule every prompt whole (no chunked prefill): vLLM
+        discards the token sampled after a partial prefill and rewinds the row's
+        seeded generator with `set_offset`, which CPU generators do not have
+        ("CPU Generator does not use offset" kills the engine). Whole prefills
+        never discard a token, so a seeded row also draws the same random numbers
+        whatever else shares its batch.
         """
         kwargs: dict[str, Any] = {
             "model": model,
@@ -80,6 +88,7 @@ class EngineConfig(_Config):
         if on_cpu:
             kwargs["enforce_eager"] = True
             kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+            kwargs["enable_chunked_prefill"] = False
         kwargs.update(self.engine_args)
         return kwargs
 
@@ -259,6 +268,15 @@ class RecoveryConfig(_Config):
         description="Seconds added to a call's deadline per token it may generate (rows x "
         "max_tokens). Default 0.02, i.e. a hang is declared only below 50 tokens/s for the "
         "call; raise it for slow CPU engines running large models.",
+    )
+
+    probe_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds a live engine actor may take to answer a liveness probe, and "
+        "the margin past a call's deadline before the caller itself kills an actor whose "
+        "process is stuck (its own deadline cannot fire then). Default 60; lower it to "
+        "replace a frozen actor sooner.",
     )
 
     def deadline_s(self, rows: int, max_tokens: int) -> float:

