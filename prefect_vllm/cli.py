@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--hang-timeout-per-token", type=float, default=0.02, help="deadline seconds per token (default 0.02)"
     )
+    run.add_argument(
+        "--probe-timeout",
+        type=float,
+        default=60.0,
+        help="seconds before a frozen actor is killed (default 60)",
+    )
     run.add_argument("--actor-resources", default=None, help="JSON object of custom Ray resources per actor")
     run.add_argument("--max-tokens", type=int, default=256)
     run.add_argument("--temperature", type=float, default=1.0)
@@ -173,6 +179,7 @@ def _run(args: argparse.Namespace) -> int:
         recovery = RecoveryConfig(
             max_job_restarts=args.max_job_restarts, poison_after=args.poison_after,
             hang_timeout_s=args.hang_timeout, hang_timeout_per_token_s=args.hang_timeout_per_token,
+            probe_timeout_s=args.probe_timeout,
         )  # fmt: skip
         _precheck(args)
     except ValidationError as exc:

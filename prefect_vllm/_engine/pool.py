@@ -28,9 +28,6 @@ _UNAVAILABLE_WAIT_S = 600.0
 #: A traceback's last line: `package.SomeError: message`.
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Failure): ")
 
-#: How long an actor may take to answer `info`, which never waits for its engine.
-_INFO_TIMEOUT_S = 60.0
-
 #: Engine processes crashing while they start, over the pool, that end the start.
 _START_CRASHES = 2
 
@@ -52,6 +49,8 @@ class GenerateRequest:
         adapters: LoRA adapters by name -> path, for rows that name one.
         exclusive: Run alone on the engine, so a crash is these rows' doing.
         deadline_s: Past this, the engine is declared hung and its actor restarted.
+        probe_timeout_s: How long the caller waits for a live actor's liveness probe,
+            and past the deadline (twice over) for an actor whose process is stuck.
     """
 
     rows: list[dict[str, Any]]
@@ -62,6 +61,7 @@ class GenerateRequest:
     adapters: dict[str, str] = field(default_factory=dict)
     exclusive: bool = False
     deadline_s: float | None = None
+    probe_timeout_s: float = 60.0
 
     @classmethod
     def of_prompts(cls, prompts: list[str], **kwargs: Any) -> GenerateRequest:
@@ -198,7 +198,7 @@ class VllmActorPool:
         order = self._by_readiness(preferred)
         for index in order:
             for _attempt in range(_UNSTARTED_RETRIES):
-                if not self._wait_alive(index):
+                if not self._wait_alive(index, request.probe_timeout_s):
                     logger.warning("engine actor %d is dead for good; trying the next one", index)
                     break
                 result = self._call(index, request)
@@ -228,7 +228,7 @@ class VllmActorPool:
 
         handle = self.handles[index]
         stream = handle.generate.options(num_returns="streaming").remote(request.to_payload())
-        timeout = _backstop_s(request.deadline_s)
+        timeout = _backstop_s(request.deadline_s, request.probe_timeout_s)
         started = False
         try:
             started = "started" in _next_item(stream, timeout)
@@ -253,7 +253,7 @@ class VllmActorPool:
         except ray.exceptions.RayTaskError as exc:
             raise EngineError(f"the engine actor failed: {_root_cause(exc)}") from exc
 
-    def _wait_alive(self, index: int) -> bool:
+    def _wait_alive(self, index: int, probe_timeout_s: float) -> bool:
         """Wait until actor `index` answers (it may be restarting); False if dead for good."""
         import ray
 
@@ -261,7 +261,7 @@ class VllmActorPool:
         deadline = time.monotonic() + _UNAVAILABLE_WAIT_S
         while time.monotonic() < deadline:
             try:
-                ray.get(handle.info.remote(), timeout=_INFO_TIMEOUT_S)
+                ray.get(handle.info.remote(), timeout=probe_timeout_s)
                 return True
             except ray.exceptions.GetTimeoutError:
                 # `info` never waits for the engine: an actor that Ray reports alive but
@@ -317,10 +317,10 @@ def _next_item(stream: Any, timeout: float | None) -> dict[str, Any]:
     return dict(ray.get(next(stream)))
 
 
-def _backstop_s(deadline_s: float | None) -> float | None:
+def _backstop_s(deadline_s: float | None, margin_s: float) -> float | None:
     """How long a caller waits for an answer: the actor's own deadline fires first,
     and a call may first wait for an exclusive one to finish."""
-    return None if deadline_s is None else 2 * deadline_s + 60.0
+    return None if deadline_s is None else 2 * deadline_s + margin_s
 
 
 def _root_cause(exc: BaseException | None) -> str:

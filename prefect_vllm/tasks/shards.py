@@ -78,6 +78,7 @@ def _engine_call(job: ShardJob, rows: list[RowRequest], actor_index: int) -> Eng
             adapters=job.adapters or {},
             exclusive=exclusive,
             deadline_s=job.recovery.deadline_s(1, sum(budgets[start:stop])),
+            probe_timeout_s=job.recovery.probe_timeout_s,
         )
         return dict(job.pool.generate(request, actor_index))
 

@@ -27,10 +27,12 @@ from tests.helpers import (
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 HANG_TIMEOUT_S = 15
+#: How long the caller waits past the deadline before killing a frozen actor itself.
+PROBE_TIMEOUT_S = 10
 
 
 def start_committing_job(
-    tmp_path: Path, tiny_model: Path, rows: int
+    tmp_path: Path, tiny_model: Path, rows: int, api_url: str
 ) -> tuple[Path, Path, Path, subprocess.Popen[str]]:
     """Start a job with a 15 s call deadline; return once its first shard is committed."""
     prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=rows)
@@ -39,9 +41,11 @@ def start_committing_job(
     proc = start_cli(
         ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--shard-size", "20",
          "--max-tokens", "32", "--ignore-eos", "--temperature", "0",
-         "--hang-timeout", str(HANG_TIMEOUT_S), "--hang-timeout-per-token", "0", "--json"],
+         "--hang-timeout", str(HANG_TIMEOUT_S), "--hang-timeout-per-token", "0",
+         "--probe-timeout", str(PROBE_TIMEOUT_S), "--json"],
         tmp_path / "home",
         log,
+        api_url=api_url,
     )  # fmt: skip
     wait_for(lambda: markers(out) or proc.poll() is not None, 900, "the first committed shard")
     assert proc.poll() is None, log.read_text()[-3000:]
@@ -49,10 +53,10 @@ def start_committing_job(
 
 
 def test_a_hung_engine_is_killed_at_its_deadline_and_the_job_completes_exactly(
-    tmp_path: Path, tiny_model: Path
+    tmp_path: Path, tiny_model: Path, prefect_server: str
 ) -> None:
     launched = time.monotonic()
-    prompts, out, log, proc = start_committing_job(tmp_path, tiny_model, rows=400)
+    prompts, out, log, proc = start_committing_job(tmp_path, tiny_model, rows=400, api_url=prefect_server)
     first_commit_s = time.monotonic() - launched  # server, Ray and one engine start
     (core,) = engine_processes(("VLLM::EngineCore",))
     os.kill(core, signal.SIGSTOP)
@@ -76,10 +80,10 @@ def test_a_hung_engine_is_killed_at_its_deadline_and_the_job_completes_exactly(
 
 
 def test_a_stuck_actor_process_is_killed_by_the_caller_and_restarted(
-    tmp_path: Path, tiny_model: Path
+    tmp_path: Path, tiny_model: Path, prefect_server: str
 ) -> None:
     """SIGSTOP the actor itself: its own deadline cannot fire, the caller's backstop must."""
-    prompts, out, log, proc = start_committing_job(tmp_path, tiny_model, rows=200)
+    prompts, out, log, proc = start_committing_job(tmp_path, tiny_model, rows=200, api_url=prefect_server)
     (core,) = engine_processes(("VLLM::EngineCore",))
     actor = psutil.Process(core).ppid()
     os.kill(actor, signal.SIGSTOP)
