@@ -17,9 +17,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def prefect_server() -> Iterator[None]:
-    """One real Prefect server (SQLite) for the in-process flow tests of the session."""
+def prefect_server() -> Iterator[str]:
+    """One real Prefect server (SQLite) for the session: its API URL.
+
+    In-process flows reach it through the harness's settings; `prefect-vllm`
+    subprocesses get it as `PREFECT_API_URL` (`run_cli(..., api_url=prefect_server)`),
+    so only the tests that prove a command starts its own server pay for one.
+    """
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):
-        yield
+        yield str(PREFECT_API_URL.value())

@@ -14,13 +14,16 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
-def cli_env(prefect_home: Path) -> dict[str, str]:
-    """The environment of a `prefect-vllm` subprocess: its own Prefect home, no API URL.
+def cli_env(prefect_home: Path, api_url: str | None = None) -> dict[str, str]:
+    """The environment of a `prefect-vllm` subprocess: its own Prefect home.
 
-    With no `PREFECT_API_URL`, the command starts its one local server itself.
+    Given `api_url` (the session's server), the command uses it; with none, the
+    command starts its one local server itself, as it does for a new user.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(prefect_home), PYTHONUNBUFFERED="1")
+    if api_url is not None:
+        env["PREFECT_API_URL"] = api_url
     return env
 
 
@@ -29,10 +32,17 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "prefect_vllm.cli", *args]
 
 
-def run_cli(args: list[str], prefect_home: Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: list[str], prefect_home: Path, timeout: float = 900, api_url: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run `prefect-vllm` to completion, capturing its output."""
     return subprocess.run(
-        cli(*args), env=cli_env(prefect_home), capture_output=True, text=True, timeout=timeout, cwd=REPO
+        cli(*args),
+        env=cli_env(prefect_home, api_url),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
     )
 
 
@@ -81,11 +91,13 @@ def no_engine_left(timeout: float = 60) -> None:
     wait_for(lambda: not engine_processes(), timeout, "every vLLM engine process to exit")
 
 
-def start_cli(args: list[str], prefect_home: Path, log: Path) -> subprocess.Popen[str]:
+def start_cli(
+    args: list[str], prefect_home: Path, log: Path, api_url: str | None = None
+) -> subprocess.Popen[str]:
     """Start `prefect-vllm` in the background; stdout is piped, stderr goes to `log`."""
     return subprocess.Popen(
         cli(*args),
-        env=cli_env(prefect_home),
+        env=cli_env(prefect_home, api_url),
         stdout=subprocess.PIPE,
         stderr=log.open("w"),
         text=True,

@@ -26,7 +26,9 @@ from tests.helpers import (
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 
-def test_killed_engine_is_restarted_and_every_row_is_generated_once(tmp_path: Path, tiny_model: Path) -> None:
+def test_killed_engine_is_restarted_and_every_row_is_generated_once(
+    tmp_path: Path, tiny_model: Path, prefect_server: str
+) -> None:
     prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=600)
     out = tmp_path / "out"
     log = tmp_path / "run.log"
@@ -35,6 +37,7 @@ def test_killed_engine_is_restarted_and_every_row_is_generated_once(tmp_path: Pa
          "--shard-size", "20", "--max-tokens", "64", "--ignore-eos", "--temperature", "0", "--json"],
         tmp_path / "home",
         log,
+        api_url=prefect_server,
     )  # fmt: skip
     wait_for(lambda: markers(out) or proc.poll() is not None, 900, "the first committed shard")
     assert proc.poll() is None, log.read_text()[-3000:]

@@ -57,7 +57,7 @@ def engines_on(node: Any) -> list[int]:
 
 
 def test_losing_a_worker_node_mid_job_moves_its_engine_and_completes_exactly(
-    tmp_path: Path, tiny_model: Path, cluster: Any
+    tmp_path: Path, tiny_model: Path, cluster: Any, prefect_server: str
 ) -> None:
     prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=800)
     out = tmp_path / "out"
@@ -68,6 +68,7 @@ def test_losing_a_worker_node_mid_job_moves_its_engine_and_completes_exactly(
          "--ray-address", cluster.address, "--json"],
         tmp_path / "home",
         log,
+        api_url=prefect_server,
     )  # fmt: skip
     wait_for(lambda: markers(out) or proc.poll() is not None, 900, "the first committed shard")
     assert proc.poll() is None, log.read_text()[-3000:]
@@ -91,7 +92,7 @@ def test_losing_a_worker_node_mid_job_moves_its_engine_and_completes_exactly(
 
 
 def test_losing_the_whole_cluster_ends_the_run_with_exit_1_and_a_new_cluster_resumes(
-    tmp_path: Path, tiny_model: Path
+    tmp_path: Path, tiny_model: Path, prefect_server: str
 ) -> None:
     from ray.cluster_utils import Cluster
 
@@ -102,7 +103,9 @@ def test_losing_the_whole_cluster_ends_the_run_with_exit_1_and_a_new_cluster_res
             "--max-tokens", "64", "--ignore-eos", "--temperature", "0", "--json"]  # fmt: skip
     first = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     try:
-        proc = start_cli([*args, "--ray-address", first.address], tmp_path / "home", log)
+        proc = start_cli(
+            [*args, "--ray-address", first.address], tmp_path / "home", log, api_url=prefect_server
+        )
         wait_for(lambda: markers(out) or proc.poll() is not None, 900, "the first committed shard")
         assert proc.poll() is None, log.read_text()[-3000:]
     finally:
@@ -115,7 +118,7 @@ def test_losing_the_whole_cluster_ends_the_run_with_exit_1_and_a_new_cluster_res
 
     second = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     try:
-        resumed = run_cli([*args, "--ray-address", second.address], tmp_path / "home")
+        resumed = run_cli([*args, "--ray-address", second.address], tmp_path / "home", api_url=prefect_server)
     finally:
         second.shutdown()
     assert resumed.returncode == 0, resumed.stderr[-4000:]

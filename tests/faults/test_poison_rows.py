@@ -28,7 +28,7 @@ def poisoned_prompts(path: Path, n: int) -> set[str]:
 
 
 def test_poison_rows_become_row_errors_and_every_other_row_is_generated(
-    tmp_path: Path, tiny_model: Path
+    tmp_path: Path, tiny_model: Path, prefect_server: str
 ) -> None:
     prompts = tmp_path / "prompts.jsonl"
     poison = poisoned_prompts(prompts, 192)
@@ -38,6 +38,7 @@ def test_poison_rows_become_row_errors_and_every_other_row_is_generated(
          "--shard-size", "32", "--max-tokens", "8", "--temperature", "0", "--poison-after", "1",
          "--engine-args", json.dumps(POISON_ENGINE_ARGS), "--json"],
         tmp_path / "home",
+        api_url=prefect_server,
         timeout=1500,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
@@ -60,7 +61,9 @@ def test_poison_rows_become_row_errors_and_every_other_row_is_generated(
     no_engine_left()
 
 
-def test_a_run_restart_budget_stops_a_crash_loop_with_exit_1(tmp_path: Path, tiny_model: Path) -> None:
+def test_a_run_restart_budget_stops_a_crash_loop_with_exit_1(
+    tmp_path: Path, tiny_model: Path, prefect_server: str
+) -> None:
     """With a job budget of one restart, isolation cannot finish: the run stops, it never loops."""
     prompts = tmp_path / "prompts.jsonl"
     poisoned_prompts(prompts, 64)
@@ -70,6 +73,7 @@ def test_a_run_restart_budget_stops_a_crash_loop_with_exit_1(tmp_path: Path, tin
          "--shard-size", "32", "--max-tokens", "8", "--temperature", "0", "--max-job-restarts", "1",
          "--engine-args", json.dumps(POISON_ENGINE_ARGS), "--json"],
         tmp_path / "home",
+        api_url=prefect_server,
         timeout=900,
     )  # fmt: skip
     assert done.returncode == 1, done.stderr[-4000:]

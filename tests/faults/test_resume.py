@@ -83,7 +83,7 @@ def test_killed_flow_process_resumes_skipping_committed_shards(tmp_path: Path, t
 
 
 def test_run_ends_with_exit_1_when_ray_gives_up_and_the_next_run_completes(
-    tmp_path: Path, tiny_model: Path
+    tmp_path: Path, tiny_model: Path, prefect_server: str
 ) -> None:
     """With no restart budget, a killed engine leaves shards incomplete; a re-run finishes them."""
     prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=400)
@@ -91,7 +91,7 @@ def test_run_ends_with_exit_1_when_ray_gives_up_and_the_next_run_completes(
     args = ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--shard-size", "20",
             "--max-tokens", "64", "--ignore-eos", "--temperature", "0", "--json"]  # fmt: skip
     log = tmp_path / "run-1.log"
-    proc = start_cli([*args, "--max-restarts", "0"], tmp_path / "home", log)
+    proc = start_cli([*args, "--max-restarts", "0"], tmp_path / "home", log, api_url=prefect_server)
     wait_for(lambda: markers(out) or proc.poll() is not None, 900, "the first committed shard")
     cores = engine_processes(("VLLM::EngineCore",))
     assert cores, log.read_text()[-3000:]
@@ -105,7 +105,7 @@ def test_run_ends_with_exit_1_when_ray_gives_up_and_the_next_run_completes(
     n_before = len(markers(out))
     assert n_before + len(summary["shards_incomplete"]) == 20
 
-    resumed = run_cli(args, tmp_path / "home")
+    resumed = run_cli(args, tmp_path / "home", api_url=prefect_server)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert summary_of(resumed)["shards_skipped"] == n_before
     table = read_output(out)

@@ -26,13 +26,17 @@ def broken_model(tiny_model: Path, tmp_path: Path, **overrides: object) -> Path:
 
 
 def test_a_model_config_that_is_not_json_is_refused_with_exit_2_before_any_engine(
-    tmp_path: Path, tiny_model: Path
+    tmp_path: Path, tiny_model: Path, prefect_server: str
 ) -> None:
     model = tmp_path / "broken-model"
     shutil.copytree(tiny_model, model)
     (model / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],\n  "hidden_size": 128,,\n}')
     prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=4)
-    done = run_cli(["run", str(prompts), "--output", str(tmp_path / "out"), "--model", str(model)], tmp_path)
+    done = run_cli(
+        ["run", str(prompts), "--output", str(tmp_path / "out"), "--model", str(model)],
+        tmp_path,
+        api_url=prefect_server,
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     assert f"{model / 'config.json'}, line 2: not valid JSON" in done.stderr
     assert not (tmp_path / "out").exists()
@@ -46,7 +50,7 @@ def test_a_model_config_that_is_not_json_is_refused_with_exit_2_before_any_engin
     ],
 )
 def test_an_engine_that_cannot_start_ends_the_run_with_exit_1_in_bounded_time(
-    tmp_path: Path, tiny_model: Path, case: str, expected: str
+    tmp_path: Path, tiny_model: Path, case: str, expected: str, prefect_server: str
 ) -> None:
     model, engine_args = tiny_model, "{}"
     if case == "unknown-architecture":
@@ -60,6 +64,7 @@ def test_an_engine_that_cannot_start_ends_the_run_with_exit_1_in_bounded_time(
          "--engine-args", engine_args],
         tmp_path / "home",
         timeout=600,
+        api_url=prefect_server,
     )  # fmt: skip
     elapsed = time.monotonic() - started
     assert done.returncode == 1, done.stderr[-3000:]

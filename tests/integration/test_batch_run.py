@@ -64,7 +64,7 @@ def test_cli_run_generates_every_row_against_one_local_prefect_server(
 
 
 def test_python_api_turns_an_overlong_prompt_into_a_row_error(
-    tmp_path: Path, tiny_model: Path, prefect_server: None
+    tmp_path: Path, tiny_model: Path, prefect_server: str
 ) -> None:
     """One prompt longer than the context is a row error; the engine is not restarted."""
     from prefect_vllm.config import SamplingConfig

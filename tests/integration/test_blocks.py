@@ -31,7 +31,7 @@ class TestBlockStandards(BlockStandardTestSuite):
         pytest.skip("fetches the logo from the internet, which CI machines cannot reach")
 
 
-def test_model_block_saves_loads_and_yields_engine_settings(prefect_server: None) -> None:
+def test_model_block_saves_loads_and_yields_engine_settings(prefect_server: str) -> None:
     block = VllmModel(
         model="/models/tiny", dtype="float32", engine_args={"max_num_seqs": 8}, hf_token="hf_secret"
     )
@@ -43,7 +43,7 @@ def test_model_block_saves_loads_and_yields_engine_settings(prefect_server: None
     assert loaded.engine_config() == EngineConfig(dtype="float32", engine_args={"max_num_seqs": 8})
 
 
-def test_cluster_and_storage_blocks_round_trip_with_secret_credentials(prefect_server: None) -> None:
+def test_cluster_and_storage_blocks_round_trip_with_secret_credentials(prefect_server: str) -> None:
     RayCluster(address="auto", num_actors=3, gpus_per_actor=1, runtime_env={"env_vars": {"A": "1"}}).save(
         "gpus", overwrite=True
     )
@@ -58,7 +58,7 @@ def test_cluster_and_storage_blocks_round_trip_with_secret_credentials(prefect_s
     assert "s3cr3t" not in repr(storage) and "s3cr3t" not in storage.model_dump_json()
 
 
-def test_prefect_block_register_registers_every_block_type(prefect_server: None) -> None:
+def test_prefect_block_register_registers_every_block_type(prefect_server: str) -> None:
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 

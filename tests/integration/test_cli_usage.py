@@ -19,9 +19,9 @@ def prompts(tmp_path: Path) -> Path:
     return path
 
 
-def usage_error(tmp_path: Path, *args: str) -> str:
+def usage_error(tmp_path: Path, *args: str, api_url: str | None = None) -> str:
     out = tmp_path / "out"
-    proc = run_cli(["run", *args, "--output", str(out)], tmp_path / "home", timeout=300)
+    proc = run_cli(["run", *args, "--output", str(out)], tmp_path / "home", timeout=300, api_url=api_url)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Creating a local Ray instance" not in proc.stderr, "checked too late: Ray was started"
     assert not list(out.glob("part-*")), "bad usage must write nothing"
@@ -54,22 +54,28 @@ def test_invalid_numbers_name_the_field(tmp_path: Path, prompts: Path, tiny_mode
 
 
 def test_malformed_line_duplicate_ids_and_empty_input_are_found_in_the_flow(
-    tmp_path: Path, tiny_model: Path
+    tmp_path: Path, tiny_model: Path, prefect_server: str
 ) -> None:
     """Full-input validation runs in the flow (also for deployments), still before engines."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"custom_id": "a", "prompt": "x"}\n{"custom_id": "b", "prompt": }\n')
-    assert "bad.jsonl, line 2: malformed JSON" in usage_error(tmp_path, str(bad), "--model", str(tiny_model))
+    assert "bad.jsonl, line 2: malformed JSON" in usage_error(
+        tmp_path, str(bad), "--model", str(tiny_model), api_url=prefect_server
+    )
     dup = tmp_path / "dup.jsonl"
     dup.write_text('{"custom_id": "a", "prompt": "x"}\n{"custom_id": "a", "prompt": "y"}\n')
-    assert "duplicate ids, e.g. 'a'" in usage_error(tmp_path, str(dup), "--model", str(tiny_model))
+    assert "duplicate ids, e.g. 'a'" in usage_error(
+        tmp_path, str(dup), "--model", str(tiny_model), api_url=prefect_server
+    )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    assert "the input has no rows" in usage_error(tmp_path, str(empty), "--model", str(tiny_model))
+    assert "the input has no rows" in usage_error(
+        tmp_path, str(empty), "--model", str(tiny_model), api_url=prefect_server
+    )
 
 
 def test_request_options_are_checked_before_engines_start(
-    tmp_path: Path, prompts: Path, tiny_model: Path
+    tmp_path: Path, prompts: Path, tiny_model: Path, prefect_server: str
 ) -> None:
     """A malformed or invalid --json-schema, a missing --lora-dir, an OpenAI Batch line
     without a custom_id: exit 2 naming the file, line and field."""
@@ -87,17 +93,20 @@ def test_request_options_are_checked_before_engines_start(
     batch = tmp_path / "batch.jsonl"
     line = {"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi"}}
     batch.write_text(json.dumps(line) + "\n" + json.dumps({**line, "custom_id": ""}) + "\n")
-    err = usage_error(tmp_path, str(batch), "--model", str(tiny_model))
+    err = usage_error(tmp_path, str(batch), "--model", str(tiny_model), api_url=prefect_server)
     assert "batch.jsonl, line 2, column 'custom_id': must be a non-empty string" in err
 
 
 def test_actors_that_cannot_fit_a_local_cluster_fail_at_once(
-    tmp_path: Path, prompts: Path, tiny_model: Path
+    tmp_path: Path, prompts: Path, tiny_model: Path, prefect_server: str
 ) -> None:
     """Not a 15-minute wait for nodes that a cluster this run started will never get."""
     out = tmp_path / "out"
     args = ["run", str(prompts), "--output", str(out), "--model", str(tiny_model)]
-    proc = run_cli([*args, "--actors", "2", "--cpus-per-actor", "100000"], tmp_path / "home", timeout=300)
+    proc = run_cli(
+        [*args, "--actors", "2", "--cpus-per-actor", "100000"], tmp_path / "home", timeout=300,
+        api_url=prefect_server,
+    )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "2 engine actors reserve 200000 CPU in all, but this Ray cluster has" in proc.stderr
     assert "--cpus-per-actor" in proc.stderr.splitlines()[-1]

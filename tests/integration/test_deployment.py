@@ -69,7 +69,7 @@ def final_states(run_ids: list[UUID], timeout: float) -> list[Any]:
 
 
 @pytest.fixture
-def served(tmp_path: Path, prefect_server: None) -> Any:
+def served(tmp_path: Path, prefect_server: str) -> Any:
     """`examples/serve.py` in its own process, serving the deployment to the test's server."""
     from prefect.settings import PREFECT_API_URL
 
@@ -165,7 +165,7 @@ def test_bad_parameters_fail_the_run_at_once_naming_the_parameter(
     assert not list((tmp_path / "out").glob("part-*"))
 
 
-def test_prefect_yaml_registers_the_nightly_schedule_and_dated_parameters(prefect_server: None) -> None:
+def test_prefect_yaml_registers_the_nightly_schedule_and_dated_parameters(prefect_server: str) -> None:
     """`prefect deploy` from the project's prefect.yaml, checked through the API; no clock waits."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate

@@ -38,7 +38,11 @@ def s3_endpoint() -> Iterator[str]:
 
 
 def test_full_run_and_resume_with_output_on_s3(
-    tmp_path: Path, tiny_model: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    tiny_model: Path,
+    s3_endpoint: str,
+    monkeypatch: pytest.MonkeyPatch,
+    prefect_server: str,
 ) -> None:
     import boto3
     import pyarrow.dataset as ds
@@ -53,7 +57,7 @@ def test_full_run_and_resume_with_output_on_s3(
     args = ["run", str(prompts), "--output", output, "--model", str(tiny_model), "--shard-size", "30",
             "--max-tokens", "8", "--temperature", "0", "--json"]  # fmt: skip
 
-    first = run_cli(args, tmp_path / "home")
+    first = run_cli(args, tmp_path / "home", api_url=prefect_server)
     assert first.returncode == 0, first.stderr[-4000:]
     assert summary_of(first)["shards_run"] == 3
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="jobs", Prefix="nightly/run-1/")["Contents"]}
@@ -62,7 +66,7 @@ def test_full_run_and_resume_with_output_on_s3(
 
     # Lose one shard's commit: the re-run redoes exactly that shard, from the object store alone.
     s3.delete_object(Bucket="jobs", Key="nightly/run-1/_commits/000001.json")
-    second = run_cli(args, tmp_path / "home-2")
+    second = run_cli(args, tmp_path / "home-2", api_url=prefect_server)
     assert second.returncode == 0, second.stderr[-4000:]
     assert (summary_of(second)["shards_skipped"], summary_of(second)["shards_run"]) == (2, 1)
 

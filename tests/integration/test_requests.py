@@ -92,7 +92,7 @@ def chat_template_tokens(
 
 
 def test_openai_batch_file_exports_responses_the_openai_models_parse(
-    tmp_path: Path, tiny_model: Path
+    tmp_path: Path, tiny_model: Path, prefect_server: str
 ) -> None:
     """Chat and completion requests with their own parameters, structured output, n > 1,
     logprobs; an unsupported endpoint and an over-long prompt land in errors.jsonl alone."""
@@ -107,6 +107,7 @@ def test_openai_batch_file_exports_responses_the_openai_models_parse(
          "--shard-size", "8", "--max-tokens", "16", "--export", "openai", "--json",
          "--engine-args", STRUCTURED_ENGINE_ARGS],
         tmp_path / "home",
+        api_url=prefect_server,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = summary_of(proc)
@@ -159,7 +160,7 @@ def test_openai_batch_file_exports_responses_the_openai_models_parse(
 
 
 def test_messages_and_sampling_params_columns_with_a_job_template_and_schema(
-    tmp_path: Path, tiny_model: Path, prefect_server: None
+    tmp_path: Path, tiny_model: Path, prefect_server: str
 ) -> None:
     """A Parquet dataset with chat messages and per-row sampling structs; the job's own chat
     template and JSON schema; a row with an unknown sampling key is a row error."""
@@ -214,7 +215,7 @@ def test_messages_and_sampling_params_columns_with_a_job_template_and_schema(
 
 
 def test_rows_naming_a_lora_adapter_are_generated_with_it(
-    tmp_path: Path, tiny_model: Path, prefect_server: None
+    tmp_path: Path, tiny_model: Path, prefect_server: str
 ) -> None:
     """A `model` column or an OpenAI body's model picks an adapter from the job's LoRA folder;
     an unknown name in a `model` column is a row error, in an OpenAI body the base model."""

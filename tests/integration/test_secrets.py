@@ -44,7 +44,7 @@ def flow_run_traces(flow_run_id: Any) -> str:
 
 
 def test_secret_token_and_prompts_appear_nowhere(
-    tmp_path: Path, tiny_model: Path, prefect_server: None, capfd: pytest.CaptureFixture[str]
+    tmp_path: Path, tiny_model: Path, prefect_server: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
     from prefect_vllm.blocks import VllmModel
     from prefect_vllm.config import SamplingConfig
