@@ -36,9 +36,9 @@ def write_prompts(path: Path, rows: int) -> Path:
 def committed_job(work: Path, shards: int) -> tuple[Path, Path, str]:
     """A job of `shards` one-row shards, every one committed, as the CLI would plan it."""
     from prefect_vllm._checkpoint import CheckpointStore, JobManifest, fingerprint_id
+    from prefect_vllm._job import job_fingerprint
     from prefect_vllm._planning import InputColumns, plan_job
     from prefect_vllm.config import EngineConfig, RequestConfig, SamplingConfig
-    from prefect_vllm.flows.batch import job_fingerprint
     from prefect_vllm.results import ShardResult
     from prefect_vllm.testing import make_tiny_model
 
@@ -46,7 +46,9 @@ def committed_job(work: Path, shards: int) -> tuple[Path, Path, str]:
     prompts = write_prompts(work / "prompts.jsonl", shards)
     columns = InputColumns()
     plan = plan_job(str(prompts), columns, 1)
-    fingerprint = job_fingerprint(model, plan, columns, 1, SamplingConfig(), EngineConfig(), RequestConfig())
+    fingerprint = job_fingerprint(
+        model, plan.files, columns, 1, SamplingConfig(), EngineConfig(), RequestConfig()
+    )
     store = CheckpointStore(str(work / "out"))
     store.prepare(
         JobManifest(

@@ -1,7 +1,10 @@
 """prefect-vllm: resumable offline LLM batch inference with Prefect, Ray and vLLM.
 
 Importing this package is light: it imports neither vLLM, torch nor Ray (Prefect
-imports every collection at start-up through its entry point).
+imports every collection at start-up through its entry point). The blocks, which
+need Prefect itself, load on first use, or at once when Prefect is already loaded
+(Prefect's collection loader then registers them): so `prefect-vllm` can answer a
+no-op resume or a refusal without paying for Prefect's import.
 
 Examples:
     ```python
@@ -11,8 +14,10 @@ Examples:
     ```
 """
 
+import sys
+from typing import TYPE_CHECKING, Any
+
 from prefect_vllm._version import __version__
-from prefect_vllm.blocks import CheckpointStorage, RayCluster, VllmModel
 from prefect_vllm.exceptions import (
     ConfigurationError,
     EngineError,
@@ -24,6 +29,11 @@ from prefect_vllm.exceptions import (
     JobRunningError,
     PrefectVllmError,
 )
+
+if TYPE_CHECKING:
+    from prefect_vllm.blocks import CheckpointStorage, RayCluster, VllmModel
+
+_BLOCKS = ("CheckpointStorage", "RayCluster", "VllmModel")
 
 __all__ = [
     "CheckpointStorage",
@@ -40,3 +50,19 @@ __all__ = [
     "VllmModel",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BLOCKS:
+        from prefect_vllm import blocks
+
+        return getattr(blocks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if "prefect" in sys.modules:
+    from prefect_vllm.blocks import CheckpointStorage, RayCluster, VllmModel

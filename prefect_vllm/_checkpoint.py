@@ -188,10 +188,19 @@ class CheckpointStore:
             self.fs.create_dir(self.path(COMMITS), recursive=True)
             self.write_manifest(manifest)
             return manifest
-        changed = describe_changes(existing.fingerprint, manifest.fingerprint)
-        if changed or existing.job_id != manifest.job_id:
+        self.check_same_job(existing, manifest.job_id, manifest.fingerprint)
+        return existing
+
+    def check_same_job(self, existing: JobManifest, job_id: str, fingerprint: dict[str, Any]) -> None:
+        """Refuse to resume `existing` as a job with another id or fingerprint.
+
+        Raises:
+            FingerprintMismatchError: Naming every setting that differs.
+        """
+        changed = describe_changes(existing.fingerprint, fingerprint)
+        if changed or existing.job_id != job_id:
             details = ", ".join(
-                f"{k} ({_short(existing.fingerprint.get(k))} -> {_short(manifest.fingerprint.get(k))})"
+                f"{k} ({_short(existing.fingerprint.get(k))} -> {_short(fingerprint.get(k))})"
                 for k in changed
             )
             raise FingerprintMismatchError(
@@ -201,7 +210,6 @@ class CheckpointStore:
                 "it, or choose another output location.",
                 changed=changed or ["job_id"],
             )
-        return existing
 
     def committed(self) -> dict[str, ShardResult]:
         """Every commit marker present, by shard id."""

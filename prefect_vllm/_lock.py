@@ -23,7 +23,7 @@ import psutil
 from prefect_vllm._checkpoint import CheckpointStore
 from prefect_vllm.exceptions import JobRunningError
 
-__all__ = ["LOCK", "JobLock"]
+__all__ = ["LOCK", "JobLock", "check_not_running"]
 
 LOCK = "_lock.json"
 
@@ -111,6 +111,17 @@ class JobLock:
         except json.JSONDecodeError:
             return None  # a torn write by a dead holder: nobody holds it
         return record if isinstance(record, dict) else None
+
+
+def check_not_running(store: CheckpointStore) -> None:
+    """Raise if a live run holds the job's lock in `store` (a look, not a take).
+
+    Raises:
+        JobRunningError: Naming the run that holds it.
+    """
+    held = JobLock(store, "", owner="")._read()
+    if held is not None and not _is_stale(held):
+        raise JobRunningError(_held_message(held))
 
 
 def _is_stale(held: dict[str, Any]) -> bool:

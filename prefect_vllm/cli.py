@@ -152,8 +152,14 @@ def _run(args: argparse.Namespace) -> int:
         RequestConfig,
         SamplingConfig,
     )
-    from prefect_vllm.exceptions import ConfigurationError, IncompleteJobError, PrefectVllmError
+    from prefect_vllm.exceptions import (
+        ConfigurationError,
+        IncompleteJobError,
+        JobRunningError,
+        PrefectVllmError,
+    )
 
+    started = time.monotonic()
     try:
         sampling: SamplingConfig | None = SamplingConfig(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -182,10 +188,16 @@ def _run(args: argparse.Namespace) -> int:
             probe_timeout_s=args.probe_timeout,
         )  # fmt: skip
         _precheck(args)
+        done = _answer_from_checkpoints(args, sampling, engine, requests, started)
     except ValidationError as exc:
         return _fail(_validation_message(exc), EXIT_USAGE)
     except ConfigurationError as exc:
         return _fail(str(exc), EXIT_USAGE)
+    except JobRunningError as exc:
+        return _fail(str(exc), EXIT_INCOMPLETE)
+    if done is not None:
+        _print_summary(done, args.json)
+        return EXIT_OK
 
     from prefect_vllm._server import prefect_api
     from prefect_vllm.flows import batch_inference
@@ -218,13 +230,63 @@ def _run(args: argparse.Namespace) -> int:
 
 def _precheck(args: argparse.Namespace) -> None:
     """The checks that need no server and no engine: input files and the model folder."""
+    from prefect_vllm._job import check_model
     from prefect_vllm._planning import InputColumns, check_columns
-    from prefect_vllm.flows.batch import check_model
 
     check_columns(
         args.input, InputColumns(prompt=args.prompt_column, messages=args.messages_column, id=args.id_column)
     )
     check_model(args.model)
+
+
+def _answer_from_checkpoints(
+    args: argparse.Namespace, sampling: Any, engine: Any, requests: Any, started: float
+) -> Any:
+    """Decide a refusal or a no-op resume from the checkpoints alone: no server, Ray or engine.
+
+    A run whose output holds this job with every shard committed has nothing to do:
+    its summary (a `BatchResult`) is returned. A run that the flow would refuse
+    raises here, sooner. Anything else (a fresh job, shards to run, settings that
+    live in Prefect blocks, an export to write, dated paths) returns None: the flow
+    decides it.
+
+    Raises:
+        FingerprintMismatchError: The output holds another job, or this one with
+            other settings.
+        JobRunningError: A live run holds the job's lock.
+    """
+    from prefect_vllm._checkpoint import CheckpointStore
+    from prefect_vllm._job import job_identity, job_summary
+    from prefect_vllm._lock import check_not_running
+    from prefect_vllm._planning import InputColumns, discover_inputs
+    from prefect_vllm.config import SamplingConfig
+
+    uses_blocks = args.model.startswith("vllm-model/") or args.cluster or args.storage
+    dated = "{" in args.input or "{" in args.output
+    if args.restart or args.export or uses_blocks or dated:
+        return None
+    store = CheckpointStore(args.output)
+    manifest = store.read_manifest()
+    if manifest is None:
+        return None
+    columns = InputColumns(prompt=args.prompt_column, messages=args.messages_column, id=args.id_column)
+    identity = job_identity(
+        args.model, discover_inputs(args.input), columns, args.shard_size, sampling or SamplingConfig(),
+        engine, requests, args.job_id,
+    )  # fmt: skip
+    store.check_same_job(manifest, identity.job_id, identity.fingerprint)
+    check_not_running(store)
+    committed = store.committed()
+    if any(s.shard_id not in committed for s in manifest.plan.shards):
+        return None
+    print(
+        f"prefect-vllm: job {manifest.job_id}: every shard is already committed in {store.uri}; "
+        "nothing to run",
+        file=sys.stderr,
+    )
+    return job_summary(
+        manifest.job_id, manifest.plan, committed, {}, store.uri, wall_s=time.monotonic() - started
+    )
 
 
 def _validation_message(exc: Any) -> str:

@@ -4,24 +4,22 @@
 # process by value, with only the globals its body uses, so the parameters' types must
 # be objects in the signature, not names to look up (pydantic builds the form from them).
 
-import json
-import os
 import time
 from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
 from pydantic import Field
 
-from prefect_vllm._checkpoint import EXPORTS, CheckpointStore, JobManifest, check_safe_id, fingerprint_id
+from prefect_vllm._checkpoint import EXPORTS, CheckpointStore, JobManifest
 from prefect_vllm._engine.pool import VllmActorPool
 from prefect_vllm._export import export_openai
+from prefect_vllm._job import check_model, job_identity, job_summary
 from prefect_vllm._lock import JobLock
-from prefect_vllm._lora import find_adapters, lora_engine_args
-from prefect_vllm._planning import InputColumns, JobPlan, plan_job
+from prefect_vllm._planning import InputColumns, plan_job
 from prefect_vllm.blocks import CheckpointStorage, RayCluster, VllmModel
 from prefect_vllm.blocks.storage import open_store
 from prefect_vllm.config import ActorPoolConfig, EngineConfig, RecoveryConfig, RequestConfig, SamplingConfig
-from prefect_vllm.exceptions import ConfigurationError, IncompleteJobError, InputError
+from prefect_vllm.exceptions import ConfigurationError, IncompleteJobError
 from prefect_vllm.flows._params import cluster_settings, load_block, model_block, render_dated, scheduled_time
 from prefect_vllm.flows._ray import run_on_ray
 from prefect_vllm.flows._report import Progress, publish_results
@@ -29,62 +27,6 @@ from prefect_vllm.results import BatchResult, ShardResult
 from prefect_vllm.tasks import ShardJob
 
 __all__ = ["batch_inference", "check_model"]
-
-
-def check_model(model: str) -> None:
-    """Refuse a model that names a local folder which does not exist.
-
-    Hugging Face ids (`org/name`) are left to the engine; anything that reads as a
-    path (absolute, `./`, `~`) or exists on disk must be a folder with a readable
-    `config.json` holding a JSON object. Deeper problems (an unknown architecture,
-    sizes that do not fit) are the engine's to find: they end the run with an
-    `EngineStartError` after one attempt.
-    """
-    path = os.path.expanduser(model)
-    looks_local = model.startswith(("/", ".", "~")) or os.path.exists(path)
-    if not looks_local:
-        return
-    if not os.path.isdir(path):
-        raise ConfigurationError(f"model folder {model!r} does not exist")
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        raise ConfigurationError(f"model folder {model!r} has no config.json")
-    try:
-        with open(config, encoding="utf-8") as f:
-            parsed = json.load(f)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigurationError(f"{config}: cannot be read ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"not valid JSON ({exc.msg})", path=config, line=exc.lineno) from None
-    if not isinstance(parsed, dict):
-        raise InputError(f"must hold a JSON object, not {type(parsed).__name__}", path=config)
-
-
-def job_fingerprint(
-    model: str,
-    plan: JobPlan,
-    columns: InputColumns,
-    shard_size: int,
-    sampling: SamplingConfig,
-    engine: EngineConfig,
-    requests: RequestConfig,
-) -> dict[str, Any]:
-    """Everything that changes the job's results, flat; its hash is the default job id.
-
-    Flat keys (`sampling.max_tokens`) let a refused resume name the exact change.
-    """
-    fingerprint: dict[str, Any] = {
-        "model": model,
-        "prompt_column": columns.prompt,
-        "messages_column": columns.messages,
-        "id_column": columns.id,
-        "shard_size": shard_size,
-        "inputs": [[f.path, f.size, f.mtime_ns] for f in plan.files],
-    }
-    fingerprint.update({f"engine.{k}": v for k, v in engine.model_dump(mode="json").items()})
-    fingerprint.update({f"sampling.{k}": v for k, v in sampling.model_dump(mode="json").items()})
-    fingerprint.update({f"requests.{k}": v for k, v in requests.model_dump(mode="json").items()})
-    return fingerprint
 
 
 @flow(name="batch-inference", validate_parameters=True)
@@ -200,14 +142,13 @@ def batch_inference(
     columns = InputColumns(prompt=prompt_column, messages=messages_column, id=id_column)
     plan = plan_job(input, columns, shard_size)
     store = open_store(output, storage_block)
-    fingerprint = job_fingerprint(model, plan, columns, shard_size, sampling, engine, requests)
-    adapters = None
-    if requests.lora_dir is not None:
-        found = find_adapters(requests.lora_dir)
-        adapters = {name: path for name, (path, _rank) in found.items()}
-        fingerprint["lora_adapters"] = sorted(adapters)
-        engine = engine.model_copy(update={"engine_args": lora_engine_args(found, engine.engine_args)})
-    resolved_id = check_safe_id(job_id or fingerprint_id(fingerprint), "job id")
+    identity = job_identity(model, plan.files, columns, shard_size, sampling, engine, requests, job_id)
+    resolved_id, fingerprint, engine, adapters = (
+        identity.job_id,
+        identity.fingerprint,
+        identity.engine,
+        identity.adapters,
+    )
     store.fs.create_dir(store.root, recursive=True)
     with JobLock(store, resolved_id, owner=_run_name()):
         manifest = store.prepare(
@@ -296,26 +237,8 @@ def _run_job(
             )
         finally:
             progress.close()
-    results = {**committed, **new}
-    wall = time.monotonic() - started
-    tokens = sum(r.output_tokens for r in new.values())
-    summary = BatchResult(
-        job_id=job.job_id,
-        shards_total=len(shards),
-        shards_skipped=len(committed),
-        shards_run=len(new),
-        shards_incomplete=[s.shard_id for s in shards if s.shard_id not in results],
-        rows_total=manifest.plan.rows_total,
-        rows_ok=sum(r.rows_ok for r in results.values()),
-        rows_failed=sum(r.rows_failed for r in results.values()),
-        engine_restarts=restarts,
-        engine_deaths_by_shard={k: r.engine_deaths for k, r in sorted(new.items()) if r.engine_deaths},
-        poisoned_rows=[cid for k in sorted(results) for cid in results[k].poisoned_rows],
-        wall_s=round(wall, 3),
-        generation_s=round(generation_s, 3),
-        output_tokens=tokens,
-        tokens_per_s=round(tokens / wall, 1) if wall else 0.0,
-        generation_tokens_per_s=round(tokens / generation_s, 1) if generation_s else 0.0,
-        output=store.uri,
-    )
-    return summary, results
+    summary = job_summary(
+        job.job_id, manifest.plan, committed, new, store.uri,
+        wall_s=time.monotonic() - started, generation_s=generation_s, engine_restarts=restarts,
+    )  # fmt: skip
+    return summary, {**committed, **new}

@@ -75,6 +75,7 @@ def test_killed_flow_process_resumes_skipping_committed_shards(tmp_path: Path, t
     changed = run_cli([*args[:-1], "--max-tokens", "32", "--job-id", summary["job_id"]], tmp_path / "home-2")
     assert changed.returncode == 2
     assert "sampling.max_tokens (64 -> 32)" in changed.stderr and "--restart" in changed.stderr
+    assert "Starting temporary server" not in changed.stderr, "a refusal starts nothing"
     fresh = run_cli([*args, "--max-tokens", "8", "--restart"], tmp_path / "home-2")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert (summary_of(fresh)["shards_skipped"], summary_of(fresh)["shards_run"]) == (0, 40)

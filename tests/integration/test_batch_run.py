@@ -61,6 +61,7 @@ def test_cli_run_generates_every_row_against_one_local_prefect_server(
     rerun = summary_of(again)
     assert (rerun["shards_skipped"], rerun["shards_run"], rerun["job_id"]) == (3, 0, summary["job_id"])
     assert "Creating a local Ray instance" not in again.stderr, "a finished job must start nothing"
+    assert "Starting temporary server" not in again.stderr, "nor a Prefect server"
 
 
 def test_python_api_turns_an_overlong_prompt_into_a_row_error(

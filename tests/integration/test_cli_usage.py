@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -111,3 +114,65 @@ def test_actors_that_cannot_fit_a_local_cluster_fail_at_once(
     assert "2 engine actors reserve 200000 CPU in all, but this Ray cluster has" in proc.stderr
     assert "--cpus-per-actor" in proc.stderr.splitlines()[-1]
     assert "engine(s) started" not in proc.stderr and not list(out.glob("part-*"))
+
+
+def committed_job(tmp_path: Path, prompts: Path, model: Path, max_tokens: int) -> Path:
+    """An output folder holding the job of `run PROMPTS --model MODEL --max-tokens N --shard-size 1`
+    with every shard committed, as a finished run leaves it (no engine needed)."""
+    from prefect_vllm._checkpoint import CheckpointStore, JobManifest
+    from prefect_vllm._job import job_identity
+    from prefect_vllm._planning import InputColumns, plan_job
+    from prefect_vllm.config import EngineConfig, RequestConfig, SamplingConfig
+    from prefect_vllm.results import ShardResult
+
+    plan = plan_job(str(prompts), InputColumns(), 1)
+    identity = job_identity(
+        str(model), plan.files, InputColumns(), 1, SamplingConfig(max_tokens=max_tokens), EngineConfig(),
+        RequestConfig(), None,
+    )  # fmt: skip
+    out = tmp_path / "done"
+    store = CheckpointStore(str(out))
+    manifest = JobManifest(
+        job_id=identity.job_id, fingerprint=identity.fingerprint, plan=plan, created_at=time.time()
+    )
+    store.prepare(manifest, restart=False)
+    for spec in plan.shards:
+        store.commit(
+            ShardResult(
+                shard_id=spec.shard_id, rows=1, rows_ok=1, rows_failed=0, prompt_tokens=3, output_tokens=5,
+                checksum="0" * 64, attempt=1, actor_pid=0, generate_s=0.1, write_s=0.01, total_s=0.11,
+                committed_at=time.time(),
+            )
+        )  # fmt: skip
+    return out
+
+
+def test_a_finished_job_and_a_refused_one_are_answered_without_a_server_ray_or_engine(
+    tmp_path: Path, prompts: Path, tiny_model: Path
+) -> None:
+    """No PREFECT_API_URL: a command that started anything would log its temporary server."""
+    import psutil
+
+    out = committed_job(tmp_path, prompts, tiny_model, max_tokens=7)
+    args = ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--shard-size", "1"]
+    done = run_cli([*args, "--max-tokens", "7", "--json"], tmp_path / "home", timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert (summary["shards_skipped"], summary["shards_run"], summary["rows_ok"]) == (3, 0, 3)
+    assert "every shard is already committed" in done.stderr
+    refused = run_cli([*args, "--max-tokens", "8"], tmp_path / "home", timeout=120)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "sampling.max_tokens (7 -> 8)" in refused.stderr and "--restart" in refused.stderr
+    # A live run holds the job: refused as the flow would, still before anything starts.
+    me = psutil.Process()
+    (out / "_lock.json").write_text(
+        json.dumps({"job_id": summary["job_id"], "token": "t", "owner": "flow run 'other'",
+                       "host": socket.gethostname(), "pid": os.getpid(), "pid_started_at": me.create_time(),
+                       "started_at": time.time(), "heartbeat_at": time.time()})
+    )  # fmt: skip
+    running = run_cli([*args, "--max-tokens", "7"], tmp_path / "home", timeout=120)
+    assert running.returncode == 1 and "is already running (flow run 'other'" in running.stderr
+    for proc in (done, refused, running):
+        assert "Starting temporary server" not in proc.stderr, "a Prefect server was started"
+        assert "Creating a local Ray instance" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "home").exists() or not list((tmp_path / "home").glob("*.db")), "no database made"

@@ -1,0 +1,154 @@
+"""Who a job is and what a run of it did: prefect-free, so the command can answer
+a refusal or a no-op resume from the checkpoints before it starts anything."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from prefect_vllm._checkpoint import check_safe_id, fingerprint_id
+from prefect_vllm._lora import find_adapters, lora_engine_args
+from prefect_vllm._planning import InputColumns, InputFile, JobPlan
+from prefect_vllm.config import EngineConfig, RequestConfig, SamplingConfig
+from prefect_vllm.exceptions import ConfigurationError, InputError
+from prefect_vllm.results import BatchResult, ShardResult
+
+__all__ = ["JobIdentity", "check_model", "job_fingerprint", "job_identity", "job_summary"]
+
+
+def check_model(model: str) -> None:
+    """Refuse a model that names a local folder which does not exist.
+
+    Hugging Face ids (`org/name`) are left to the engine; anything that reads as a
+    path (absolute, `./`, `~`) or exists on disk must be a folder with a readable
+    `config.json` holding a JSON object. Deeper problems (an unknown architecture,
+    sizes that do not fit) are the engine's to find: they end the run with an
+    `EngineStartError` after one attempt.
+    """
+    path = os.path.expanduser(model)
+    looks_local = model.startswith(("/", ".", "~")) or os.path.exists(path)
+    if not looks_local:
+        return
+    if not os.path.isdir(path):
+        raise ConfigurationError(f"model folder {model!r} does not exist")
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise ConfigurationError(f"model folder {model!r} has no config.json")
+    try:
+        with open(config, encoding="utf-8") as f:
+            parsed = json.load(f)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"{config}: cannot be read ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not valid JSON ({exc.msg})", path=config, line=exc.lineno) from None
+    if not isinstance(parsed, dict):
+        raise InputError(f"must hold a JSON object, not {type(parsed).__name__}", path=config)
+
+
+def job_fingerprint(
+    model: str,
+    files: list[InputFile],
+    columns: InputColumns,
+    shard_size: int,
+    sampling: SamplingConfig,
+    engine: EngineConfig,
+    requests: RequestConfig,
+) -> dict[str, Any]:
+    """Everything that changes the job's results, flat; its hash is the default job id.
+
+    Flat keys (`sampling.max_tokens`) let a refused resume name the exact change.
+    The inputs count by identity (path, size, mtime), so the fingerprint needs no
+    read of their rows.
+    """
+    fingerprint: dict[str, Any] = {
+        "model": model,
+        "prompt_column": columns.prompt,
+        "messages_column": columns.messages,
+        "id_column": columns.id,
+        "shard_size": shard_size,
+        "inputs": [[f.path, f.size, f.mtime_ns] for f in files],
+    }
+    fingerprint.update({f"engine.{k}": v for k, v in engine.model_dump(mode="json").items()})
+    fingerprint.update({f"sampling.{k}": v for k, v in sampling.model_dump(mode="json").items()})
+    fingerprint.update({f"requests.{k}": v for k, v in requests.model_dump(mode="json").items()})
+    return fingerprint
+
+
+@dataclass(frozen=True)
+class JobIdentity:
+    """Who a job is, known before its input is read: what the resume check compares.
+
+    Attributes:
+        job_id: The explicit job id, else the fingerprint's hash.
+        fingerprint: Everything that changes the job's results.
+        engine: The engine settings in force (LoRA slots added when the job has adapters).
+        adapters: LoRA adapters by name -> path, when the job has a LoRA folder.
+    """
+
+    job_id: str
+    fingerprint: dict[str, Any]
+    engine: EngineConfig
+    adapters: dict[str, str] | None
+
+
+def job_identity(
+    model: str,
+    files: list[InputFile],
+    columns: InputColumns,
+    shard_size: int,
+    sampling: SamplingConfig,
+    engine: EngineConfig,
+    requests: RequestConfig,
+    job_id: str | None,
+) -> JobIdentity:
+    """The job's id and fingerprint from its settings and its input files' identity.
+
+    Raises:
+        ConfigurationError: A bad job id or LoRA folder.
+    """
+    fingerprint = job_fingerprint(model, files, columns, shard_size, sampling, engine, requests)
+    adapters = None
+    if requests.lora_dir is not None:
+        found = find_adapters(requests.lora_dir)
+        adapters = {name: path for name, (path, _rank) in found.items()}
+        fingerprint["lora_adapters"] = sorted(adapters)
+        engine = engine.model_copy(update={"engine_args": lora_engine_args(found, engine.engine_args)})
+    resolved_id = check_safe_id(job_id or fingerprint_id(fingerprint), "job id")
+    return JobIdentity(job_id=resolved_id, fingerprint=fingerprint, engine=engine, adapters=adapters)
+
+
+def job_summary(
+    job_id: str,
+    plan: JobPlan,
+    committed: dict[str, ShardResult],
+    new: dict[str, ShardResult],
+    output: str,
+    *,
+    wall_s: float,
+    generation_s: float = 0.0,
+    engine_restarts: int = 0,
+) -> BatchResult:
+    """A run's summary: the shards committed before it (`committed`) and by it (`new`)."""
+    results = {**committed, **new}
+    tokens = sum(r.output_tokens for r in new.values())
+    return BatchResult(
+        job_id=job_id,
+        shards_total=len(plan.shards),
+        shards_skipped=len(committed),
+        shards_run=len(new),
+        shards_incomplete=[s.shard_id for s in plan.shards if s.shard_id not in results],
+        rows_total=plan.rows_total,
+        rows_ok=sum(r.rows_ok for r in results.values()),
+        rows_failed=sum(r.rows_failed for r in results.values()),
+        engine_restarts=engine_restarts,
+        engine_deaths_by_shard={k: r.engine_deaths for k, r in sorted(new.items()) if r.engine_deaths},
+        poisoned_rows=[cid for k in sorted(results) for cid in results[k].poisoned_rows],
+        wall_s=round(wall_s, 3),
+        generation_s=round(generation_s, 3),
+        output_tokens=tokens,
+        tokens_per_s=round(tokens / wall_s, 1) if wall_s else 0.0,
+        generation_tokens_per_s=round(tokens / generation_s, 1) if generation_s else 0.0,
+        output=output,
+    )
