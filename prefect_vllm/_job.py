@@ -15,7 +15,14 @@ from prefect_vllm.config import EngineConfig, RequestConfig, SamplingConfig
 from prefect_vllm.exceptions import ConfigurationError, InputError
 from prefect_vllm.results import BatchResult, ShardResult
 
-__all__ = ["JobIdentity", "check_model", "job_fingerprint", "job_identity", "job_summary"]
+__all__ = [
+    "JobIdentity",
+    "adopt_pool_settings",
+    "check_model",
+    "job_fingerprint",
+    "job_identity",
+    "job_summary",
+]
 
 
 def check_model(model: str) -> None:
@@ -152,3 +159,41 @@ def job_summary(
         generation_tokens_per_s=round(tokens / generation_s, 1) if generation_s else 0.0,
         output=output,
     )
+
+
+def adopt_pool_settings(
+    name: str, pool_model: str, pool_engine: EngineConfig, model: str, engine: EngineConfig
+) -> tuple[str, EngineConfig]:
+    """The model and engine settings of a job that runs on the warm pool `name`.
+
+    The pool's engines are what generate, so its settings are the job's (and join its
+    fingerprint). Engine settings left at their defaults take the pool's; the model,
+    and engine settings given, must be the pool's.
+
+    Raises:
+        ConfigurationError: Naming each setting that differs from the pool's.
+    """
+    differences = []
+    if not _same_model(model, pool_model):
+        differences.append(f"model (pool: {pool_model!r}, job: {model!r})")
+    if engine != EngineConfig() and engine != pool_engine:
+        ours, theirs = engine.model_dump(mode="json"), pool_engine.model_dump(mode="json")
+        differences += [
+            f"engine.{key} (pool: {json.dumps(theirs[key])}, job: {json.dumps(ours[key])})"
+            for key in sorted(ours)
+            if ours[key] != theirs[key]
+        ]
+    if differences:
+        raise ConfigurationError(
+            f"pool: warm pool {name!r} runs other settings than this job: {'; '.join(differences)}. "
+            "Leave the engine settings out to use the pool's, or start a pool with these."
+        )
+    return pool_model, pool_engine
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model names are one model: equal ids, or one local folder."""
+    if a == b:
+        return True
+    paths = [os.path.realpath(os.path.expanduser(m)) for m in (a, b)]
+    return os.path.isdir(paths[0]) and paths[0] == paths[1]

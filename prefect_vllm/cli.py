@@ -13,7 +13,18 @@ import sys
 import time
 from typing import Any
 
-EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
+from prefect_vllm._cli_common import (
+    EXIT_INCOMPLETE,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_actor_flags,
+    add_engine_flags,
+    engine_config,
+    pool_config,
+)
+from prefect_vllm._cli_common import fail as _fail
+from prefect_vllm._cli_common import json_object as _json_object
+from prefect_vllm._cli_pool import add_pool_parser, run_pool_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,11 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--messages-column", default="messages", help="chat messages column (default messages)")
     run.add_argument("--id-column", default="custom_id")
     run.add_argument("--shard-size", type=int, default=512, help="rows per shard (default 512)")
-    run.add_argument("--actors", type=int, default=1, help="engine actors (default 1)")
-    run.add_argument("--cpus-per-actor", type=float, default=1.0)
-    run.add_argument("--gpus-per-actor", type=float, default=None)
-    run.add_argument("--tensor-parallel-size", type=int, default=1)
-    run.add_argument("--max-restarts", type=int, default=32, help="engine restarts per actor (default 32)")
+    add_actor_flags(run)
+    add_engine_flags(run)
     run.add_argument("--max-job-restarts", type=int, default=64, help="engine restarts per run (default 64)")
     run.add_argument(
         "--poison-after", type=int, default=2, help="deaths alone that condemn a row (default 2)"
@@ -51,15 +59,11 @@ def _parser() -> argparse.ArgumentParser:
         default=60.0,
         help="seconds before a frozen actor is killed (default 60)",
     )
-    run.add_argument("--actor-resources", default=None, help="JSON object of custom Ray resources per actor")
     run.add_argument("--max-tokens", type=int, default=256)
     run.add_argument("--temperature", type=float, default=1.0)
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-tokens")
-    run.add_argument("--dtype", default=None, help="default: float32 on CPU, auto on GPU")
-    run.add_argument("--max-model-len", type=int, default=None)
-    run.add_argument("--engine-args", default=None, help="JSON object of vLLM engine arguments")
     run.add_argument(
         "--chat-template", default=None, help="Jinja chat template: a file, or the template itself"
     )
@@ -72,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
         "--export", choices=["openai"], default=None, help="also write OpenAI Batch output files"
     )
     run.add_argument("--ray-address", default=None, help="existing Ray cluster (default: local)")
+    run.add_argument(
+        "--pool", default=None, metavar="NAME", help="generate on this warm pool (prefect-vllm pool start)"
+    )
     run.add_argument("--cluster", default=None, help="name of a saved RayCluster block")
     run.add_argument("--storage", default=None, help="name of a saved CheckpointStorage block")
     run.add_argument("--job-id", default=None, help="default: a hash of the job's parameters")
@@ -82,29 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("output", help="the job's output folder or URI")
     status.add_argument("--json", action="store_true")
 
+    add_pool_parser(sub)
+
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random Llama, offline")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
     return parser
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"prefect-vllm: error: {message}", file=sys.stderr)
-    return code
-
-
-def _json_object(raw: str | None, flag: str) -> dict[str, Any]:
-    from prefect_vllm.exceptions import ConfigurationError
-
-    if raw is None:
-        return {}
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ConfigurationError(f"{flag} is not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(value, dict):
-        raise ConfigurationError(f"{flag} must be a JSON object, got {type(value).__name__}")
-    return value
 
 
 def _template(raw: str | None) -> str | None:
@@ -146,8 +136,6 @@ def _run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from prefect_vllm.config import (
-        ActorPoolConfig,
-        EngineConfig,
         RecoveryConfig,
         RequestConfig,
         SamplingConfig,
@@ -167,15 +155,8 @@ def _run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         if args.model.startswith("vllm-model/") and sampling == SamplingConfig():
             sampling = None  # no sampling flags: the model block's defaults apply
-        engine = EngineConfig(
-            dtype=args.dtype, max_model_len=args.max_model_len,
-            tensor_parallel_size=args.tensor_parallel_size, engine_args=_json_object(args.engine_args, "--engine-args"),
-        )  # fmt: skip
-        pool = ActorPoolConfig(
-            num_actors=args.actors, num_cpus=args.cpus_per_actor, num_gpus=args.gpus_per_actor,
-            max_restarts=args.max_restarts,
-            resources=_json_object(args.actor_resources, "--actor-resources"),
-        )  # fmt: skip
+        engine = engine_config(args)
+        pool = pool_config(args)
         requests = RequestConfig(
             chat_template=_template(args.chat_template),
             chat_template_kwargs=_json_object(args.chat_template_kwargs, "--chat-template-kwargs"),
@@ -211,7 +192,7 @@ def _run(args: argparse.Namespace) -> int:
                 prompt_column=args.prompt_column, messages_column=args.messages_column, id_column=args.id_column,
                 shard_size=args.shard_size, sampling=sampling, requests=requests, engine=engine, pool=pool,
                 recovery=recovery, ray_address=args.ray_address, job_id=args.job_id, restart=args.restart,
-                export=args.export, cluster=args.cluster, storage=args.storage,
+                export=args.export, cluster=args.cluster, storage=args.storage, warm_pool=args.pool,
             )  # fmt: skip
     except ConfigurationError as exc:
         return _fail(str(exc), EXIT_USAGE)
@@ -261,7 +242,7 @@ def _answer_from_checkpoints(
     from prefect_vllm._planning import InputColumns, discover_inputs
     from prefect_vllm.config import SamplingConfig
 
-    uses_blocks = args.model.startswith("vllm-model/") or args.cluster or args.storage
+    uses_blocks = args.model.startswith("vllm-model/") or args.cluster or args.storage or args.pool
     dated = "{" in args.input or "{" in args.output
     if args.restart or args.export or uses_blocks or dated:
         return None
@@ -352,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     if args.command == "status":
         return _status(args)
+    if args.command == "pool":
+        return run_pool_command(args)
     from prefect_vllm.testing import make_tiny_model
 
     print(make_tiny_model(args.dir, seed=args.seed))

@@ -63,10 +63,17 @@ class VllmEngineActor:
             CPU defaults are filled in by `EngineConfig.engine_kwargs`.
         max_in_flight: Most requests handed to the engine at once.
         hf_token: A `SecretStr` Hugging Face token, or None.
+        pool_config: The `ActorPoolConfig` it was created with, reported by `info`
+            (a warm pool's runs read their settings from it).
     """
 
     def __init__(
-        self, model: str, engine_config: dict[str, Any], max_in_flight: int, hf_token: Any = None
+        self,
+        model: str,
+        engine_config: dict[str, Any],
+        max_in_flight: int,
+        hf_token: Any = None,
+        pool_config: dict[str, Any] | None = None,
     ) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
@@ -93,6 +100,7 @@ class VllmEngineActor:
         self._start_s = time.monotonic() - started
         self._in_flight = asyncio.Semaphore(max_in_flight)
         self._pid = os.getpid()
+        self._identity = {"model": model, "engine": engine_config, "pool": pool_config or {}}
         self._max_model_len = self._engine.model_config.max_model_len
         self._watchdog: asyncio.Task[None] | None = None
         self._gate = _ExclusiveGate()
@@ -126,13 +134,15 @@ class VllmEngineActor:
         return True
 
     async def info(self) -> dict[str, Any]:
-        """Who this actor is: pid, engine start time, context length."""
+        """Who this actor is: pid, engine start time, context length, and the model,
+        engine and pool settings it was made with."""
         self._ensure_watchdog()
         return {
             "pid": self._pid,
             "start_s": self._start_s,
             "max_model_len": self._max_model_len,
             "hf_token_set": bool(os.environ.get("HF_TOKEN")),
+            **self._identity,
         }
 
     async def check_health(self) -> None:

@@ -28,6 +28,9 @@ _UNAVAILABLE_WAIT_S = 600.0
 #: A traceback's last line: `package.SomeError: message`.
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Failure): ")
 
+#: The Ray namespace of warm pools' named actors (`<pool>/<index>`).
+WARM_NAMESPACE = "prefect-vllm"
+
 #: Engine processes crashing while they start, over the pool, that end the start.
 _START_CRASHES = 2
 
@@ -79,12 +82,17 @@ class VllmActorPool:
     The pool object is picklable: shard tasks on Ray workers receive it and call
     `generate`, which fails over to the next live actor when one is gone for good.
 
+    A *warm* pool has a name: its actors are named, detached Ray actors that
+    outlive the process that started them, so many runs use the same engines
+    (`attach`) and only `shutdown` ends them.
+
     Args:
         model: Hugging Face id or local folder.
         engine: How each engine is built.
         config: Actor count, resources and restart budget.
         hf_token: Hugging Face token for gated models; it reaches the actors as a
             constructor argument (never a logged environment or runtime_env).
+        name: The warm pool's name; None for a pool that lives as long as its run.
     """
 
     def __init__(
@@ -93,12 +101,51 @@ class VllmActorPool:
         engine: EngineConfig,
         config: ActorPoolConfig,
         hf_token: SecretStr | None = None,
+        name: str | None = None,
     ) -> None:
         self.model = model
         self.engine = engine
         self.config = config
         self.hf_token = hf_token
+        self.name = name
         self.handles: list[Any] = []
+        self._restarts_before = 0
+
+    @property
+    def warm(self) -> bool:
+        """Whether this is a warm pool: its engines outlive the run that uses them."""
+        return self.name is not None
+
+    @classmethod
+    def attach(cls, name: str, config: ActorPoolConfig | None = None) -> VllmActorPool:
+        """The warm pool `name` on the connected Ray cluster, ready for a run.
+
+        Args:
+            name: The pool's name, as given to `prefect-vllm pool start`.
+            config: The run's pool settings; only `shards_per_actor` (a run-side
+                window) is taken from it, the rest are the pool's own.
+
+        Raises:
+            ConfigurationError: No pool of that name runs on this cluster.
+            EngineStartError: Its engines do not answer.
+        """
+        handles = warm_pool_handles(name)
+        if not handles:
+            raise ConfigurationError(
+                f"pool: no warm pool named {name!r} runs on this Ray cluster; start it with "
+                f"`prefect-vllm pool start {name} --model MODEL` (see `prefect-vllm pool list`)"
+            )
+        pool = cls("", EngineConfig(), config or ActorPoolConfig(), name=name)
+        pool.handles = handles
+        pool._restarts_before = pool._total_restarts()  # restarts before this run are not its own
+        infos = pool._wait_started((config or ActorPoolConfig()).start_timeout_s)
+        first = infos[0]
+        pool.model = first["model"]
+        pool.engine = EngineConfig.model_validate(first["engine"])
+        pool.config = ActorPoolConfig.model_validate(
+            {**first["pool"], "num_actors": len(handles), "shards_per_actor": pool.config.shards_per_actor}
+        )
+        return pool
 
     def start(self, *, fixed_cluster: bool = False) -> list[dict[str, Any]]:
         """Create the actors and wait until every engine has started.
@@ -127,7 +174,7 @@ class VllmActorPool:
             num_gpus = float(self.engine.tensor_parallel_size) if has_gpus else 0.0
         if fixed_cluster:
             _check_fits(cfg, num_gpus, resources)
-        actor_cls = ray.remote(VllmEngineActor).options(
+        options: dict[str, Any] = dict(
             num_cpus=cfg.num_cpus,
             num_gpus=num_gpus,
             resources=cfg.resources or None,
@@ -140,15 +187,29 @@ class VllmActorPool:
             max_concurrency=max(64, cfg.shards_per_actor * 8),
         )
         engine_config = self.engine.model_dump()
-        self.handles = [
-            actor_cls.remote(self.model, engine_config, cfg.max_in_flight, self.hf_token)
-            for _ in range(cfg.num_actors)
-        ]
+        actor_cls = ray.remote(VllmEngineActor)
+        self.handles = []
+        for index in range(cfg.num_actors):
+            if self.name is not None:  # warm: named, and outliving the process that starts it
+                options.update(name=f"{self.name}/{index}", namespace=WARM_NAMESPACE, lifetime="detached")
+            self.handles.append(
+                actor_cls.options(**options).remote(
+                    self.model, engine_config, cfg.max_in_flight, self.hf_token, cfg.model_dump()
+                )
+            )
         try:
             return self._wait_started(cfg.start_timeout_s)
         except EngineStartError:
             self.shutdown()
             raise
+
+    def wait_ready(self) -> list[dict[str, Any]]:
+        """Every actor's `info()` once all engines answer (a warm pool's, before a run).
+
+        Raises:
+            EngineStartError: An engine failed to start, or not within `start_timeout_s`.
+        """
+        return self._wait_started(self.config.start_timeout_s)
 
     def _wait_started(self, timeout_s: float) -> list[dict[str, Any]]:
         """Every actor's `info()` once all engines run; EngineStartError otherwise.
@@ -287,7 +348,11 @@ class VllmActorPool:
         return str(info.get("State", "UNKNOWN")) if info else "UNKNOWN"
 
     def engine_restarts(self) -> int:
-        """How often Ray restarted this pool's actors (each restart is a new engine)."""
+        """How often Ray restarted this pool's actors since this run took the pool
+        (each restart is a new engine)."""
+        return self._total_restarts() - self._restarts_before
+
+    def _total_restarts(self) -> int:
         from ray._private import state
 
         total = 0
@@ -305,6 +370,28 @@ class VllmActorPool:
                 ray.kill(handle, no_restart=True)
             except Exception as exc:  # a dead actor or a lost cluster: nothing left to kill
                 logger.debug("could not kill actor: %r", exc)
+
+
+def warm_pool_handles(name: str) -> list[Any]:
+    """The actor handles of the warm pool `name` on the connected cluster, in order."""
+    import ray
+
+    handles: list[Any] = []
+    while True:
+        try:
+            handles.append(ray.get_actor(f"{name}/{len(handles)}", namespace=WARM_NAMESPACE))
+        except ValueError:
+            return handles
+
+
+def warm_pool_names() -> list[str]:
+    """The names of the warm pools on the connected cluster."""
+    import ray
+
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    return sorted(
+        {a["name"].rsplit("/", 1)[0] for a in actors if a["namespace"] == WARM_NAMESPACE and "/" in a["name"]}
+    )
 
 
 def _next_item(stream: Any, timeout: float | None) -> dict[str, Any]:

@@ -51,6 +51,11 @@ class RayCluster(Block):
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources each actor reserves, e.g. a node label."
     )
+    warm_pool: str | None = Field(
+        default=None,
+        description="A warm engine pool on this cluster (`prefect-vllm pool start NAME`) that jobs "
+        "generate on instead of starting engines; empty starts engines per run.",
+    )
 
     def pool_config(self) -> ActorPoolConfig:
         """The actor pool settings this block describes."""

@@ -36,6 +36,14 @@ def _ray_init_kwargs(ray_address: str | None, runtime_env: dict[str, Any] | None
 OnCommit = Callable[[ShardResult], None]
 
 
+def ray_connection(address: str | None, runtime_env: dict[str, Any] | None = None) -> Any:
+    """A connection to the long-lived cluster of a warm pool, for one run: its shard
+    tasks get the run's runtime environment, as with a cluster the run starts."""
+    from prefect_vllm.pools import connected
+
+    return connected(address, **_ray_init_kwargs(address, runtime_env))
+
+
 def run_on_ray(
     pending: list[ShardSpec],
     job: ShardJob,
@@ -46,6 +54,9 @@ def run_on_ray(
     timings: dict[str, float] | None = None,
 ) -> tuple[dict[str, ShardResult], int, float]:
     """Start the engine pool, stream the pending shards through it, stop it.
+
+    A warm pool is neither started nor stopped: its engines are up already and
+    stay up for the next run.
 
     Args:
         timings: Filled with `ray_start_s` and `engine_start_s`, if given.
@@ -63,14 +74,18 @@ def run_on_ray(
     with RayTaskRunner(address=ray_address, init_kwargs=init_kwargs) as runner:
         t1 = time.monotonic()
         _warm_shard_workers(pool_config.num_actors * pool_config.shards_per_actor)
-        # A cluster this run started never grows: actors that cannot fit fail at once.
-        infos = pool.start(fixed_cluster=ray_address is None and not os.environ.get("RAY_ADDRESS"))
+        if pool.warm:
+            infos = pool.wait_ready()
+            logger.info("using warm pool %r: %d vLLM engine(s) of %s", pool.name, len(infos), pool.model)
+        else:
+            # A cluster this run started never grows: actors that cannot fit fail at once.
+            infos = pool.start(fixed_cluster=ray_address is None and not os.environ.get("RAY_ADDRESS"))
+            logger.info(
+                "%d vLLM engine(s) started in %s s (Hugging Face token %s)",
+                len(infos), ", ".join(f"{i['start_s']:.1f}" for i in infos),
+                "set" if all(i["hf_token_set"] for i in infos) else "not set",
+            )  # fmt: skip
         timings.update(ray_start_s=round(t1 - t0, 3), engine_start_s=round(time.monotonic() - t1, 3))
-        logger.info(
-            "%d vLLM engine(s) started in %s s (Hugging Face token %s)",
-            len(infos), ", ".join(f"{i['start_s']:.1f}" for i in infos),
-            "set" if all(i["hf_token_set"] for i in infos) else "not set",
-        )  # fmt: skip
         job = dataclasses.replace(job, pool=pool)
         started = time.monotonic()
         try:
@@ -78,7 +93,8 @@ def run_on_ray(
         finally:
             generation_s = time.monotonic() - started
             restarts = pool.engine_restarts()
-            pool.shutdown()
+            if not pool.warm:
+                pool.shutdown()
     timings["shutdown_s"] = round(time.monotonic() - started - generation_s, 3)
     return results, restarts, generation_s
 

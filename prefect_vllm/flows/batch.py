@@ -4,6 +4,7 @@
 # process by value, with only the globals its body uses, so the parameters' types must
 # be objects in the signature, not names to look up (pydantic builds the form from them).
 
+import contextlib
 import time
 from typing import Annotated, Any, Literal
 
@@ -13,7 +14,7 @@ from pydantic import Field
 from prefect_vllm._checkpoint import EXPORTS, CheckpointStore, JobManifest
 from prefect_vllm._engine.pool import VllmActorPool
 from prefect_vllm._export import export_openai
-from prefect_vllm._job import check_model, job_identity, job_summary
+from prefect_vllm._job import adopt_pool_settings, check_model, job_identity, job_summary
 from prefect_vllm._lock import JobLock
 from prefect_vllm._planning import InputColumns, plan_job
 from prefect_vllm.blocks import CheckpointStorage, RayCluster, VllmModel
@@ -21,7 +22,7 @@ from prefect_vllm.blocks.storage import open_store
 from prefect_vllm.config import ActorPoolConfig, EngineConfig, RecoveryConfig, RequestConfig, SamplingConfig
 from prefect_vllm.exceptions import ConfigurationError, IncompleteJobError
 from prefect_vllm.flows._params import cluster_settings, load_block, model_block, render_dated, scheduled_time
-from prefect_vllm.flows._ray import run_on_ray
+from prefect_vllm.flows._ray import ray_connection, run_on_ray
 from prefect_vllm.flows._report import Progress, publish_results
 from prefect_vllm.results import BatchResult, ShardResult
 from prefect_vllm.tasks import ShardJob
@@ -49,6 +50,7 @@ def batch_inference(
     job_id: str | None = None,
     restart: bool = False,
     export: Literal["openai"] | None = None,
+    warm_pool: str | None = None,
 ) -> BatchResult:
     """Generate a completion for every row of a prompt dataset, resumably.
 
@@ -88,6 +90,11 @@ def batch_inference(
         restart: Discard the job's checkpoints in `output` and start over.
         export: `openai` also writes `_openai/output.jsonl` and `_openai/errors.jsonl`
             in the OpenAI Batch output shapes once every shard is committed.
+        warm_pool: The name of a warm engine pool (`prefect-vllm pool start NAME`) on
+            the Ray cluster at `ray_address` (or `RAY_ADDRESS`): the run generates on
+            its engines, which stay up afterwards, instead of starting its own. The
+            job's model must be the pool's; engine settings left at their defaults
+            take the pool's, and any other difference is refused.
 
     Returns:
         The run's summary.
@@ -136,45 +143,54 @@ def batch_inference(
                 "pool: give actor settings in the RayCluster block or in `pool`, not both"
             )
         pool = ray_cluster.pool_config()
+        warm_pool = warm_pool or ray_cluster.warm_pool
     address, runtime_env = cluster_settings(ray_cluster, ray_address)
     storage_block = load_block(CheckpointStorage, storage, "storage")
-    check_model(model)
-    columns = InputColumns(prompt=prompt_column, messages=messages_column, id=id_column)
-    plan = plan_job(input, columns, shard_size)
-    store = open_store(output, storage_block)
-    identity = job_identity(model, plan.files, columns, shard_size, sampling, engine, requests, job_id)
-    resolved_id, fingerprint, engine, adapters = (
-        identity.job_id,
-        identity.fingerprint,
-        identity.engine,
-        identity.adapters,
-    )
-    store.fs.create_dir(store.root, recursive=True)
-    with JobLock(store, resolved_id, owner=_run_name()):
-        manifest = store.prepare(
-            JobManifest(job_id=resolved_id, fingerprint=fingerprint, plan=plan, created_at=time.time()),
-            restart=restart,
+    with contextlib.ExitStack() as connection:
+        if warm_pool is None:
+            actor_pool = VllmActorPool(model, engine, pool, hf_token)
+        else:
+            connection.enter_context(ray_connection(address, runtime_env))  # until the run ends
+            actor_pool = VllmActorPool.attach(warm_pool, pool)
+            model, engine = adopt_pool_settings(actor_pool.name or warm_pool, actor_pool.model,
+                                                actor_pool.engine, model, engine)  # fmt: skip
+        check_model(model)
+        columns = InputColumns(prompt=prompt_column, messages=messages_column, id=id_column)
+        plan = plan_job(input, columns, shard_size)
+        store = open_store(output, storage_block)
+        identity = job_identity(model, plan.files, columns, shard_size, sampling, engine, requests, job_id)
+        resolved_id, fingerprint, engine, adapters = (
+            identity.job_id,
+            identity.fingerprint,
+            identity.engine,
+            identity.adapters,
         )
-        job = ShardJob(
-            job_id=resolved_id, output=output, columns=columns, has_id_column=manifest.plan.has_id_column,
-            sampling=sampling, requests=requests, recovery=recovery, pool=None, adapters=adapters,
-            storage=storage_block,
-        )  # fmt: skip
-        timings = {"plan_s": round(time.monotonic() - started, 3)}
-        summary, results = _run_job(
-            manifest, store, job, VllmActorPool(model, engine, pool, hf_token), address, runtime_env, started,
-            timings,
-        )  # fmt: skip
-        finalising = time.monotonic()
-        if export == "openai" and not summary.shards_incomplete:
-            shards = [results[s.shard_id] for s in manifest.plan.shards]
-            counts = export_openai(store, shards, job_id=resolved_id, model=model)
-            summary = summary.model_copy(update={"request_counts": counts})
-            logger.info("exported %d requests (%d completed, %d failed) to %s/%s", counts["total"],
-                        counts["completed"], counts["failed"], store.uri, EXPORTS)  # fmt: skip
-        finalise_s = timings.pop("shutdown_s", 0.0) + time.monotonic() - finalising
-        summary = summary.model_copy(update={"timings": {**timings, "finalise_s": round(finalise_s, 3)}})
-        store.write_summary(summary)
+        store.fs.create_dir(store.root, recursive=True)
+        with JobLock(store, resolved_id, owner=_run_name()):
+            manifest = store.prepare(
+                JobManifest(job_id=resolved_id, fingerprint=fingerprint, plan=plan, created_at=time.time()),
+                restart=restart,
+            )
+            job = ShardJob(
+                job_id=resolved_id, output=output, columns=columns, has_id_column=manifest.plan.has_id_column,
+                sampling=sampling, requests=requests, recovery=recovery, pool=None, adapters=adapters,
+                storage=storage_block,
+            )  # fmt: skip
+            timings = {"plan_s": round(time.monotonic() - started, 3)}
+            summary, results = _run_job(
+                manifest, store, job, actor_pool, address, runtime_env, started,
+                timings,
+            )  # fmt: skip
+            finalising = time.monotonic()
+            if export == "openai" and not summary.shards_incomplete:
+                shards = [results[s.shard_id] for s in manifest.plan.shards]
+                counts = export_openai(store, shards, job_id=resolved_id, model=model)
+                summary = summary.model_copy(update={"request_counts": counts})
+                logger.info("exported %d requests (%d completed, %d failed) to %s/%s", counts["total"],
+                            counts["completed"], counts["failed"], store.uri, EXPORTS)  # fmt: skip
+            finalise_s = timings.pop("shutdown_s", 0.0) + time.monotonic() - finalising
+            summary = summary.model_copy(update={"timings": {**timings, "finalise_s": round(finalise_s, 3)}})
+            store.write_summary(summary)
     publish_results(summary, results, _RERUN)
     if summary.shards_incomplete:
         incomplete = summary.shards_incomplete

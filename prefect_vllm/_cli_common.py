@@ -1,0 +1,68 @@
+"""What the `prefect-vllm` subcommands share: exit codes, error lines, engine and actor flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
+
+
+def add_actor_flags(parser: argparse.ArgumentParser) -> None:
+    """The engine actors' flags, shared by `run` and `pool start`."""
+    parser.add_argument("--actors", type=int, default=1, help="engine actors (default 1)")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--gpus-per-actor", type=float, default=None)
+    parser.add_argument("--max-restarts", type=int, default=32, help="engine restarts per actor (default 32)")
+    parser.add_argument(
+        "--actor-resources", default=None, help="JSON object of custom Ray resources per actor"
+    )
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """The vLLM engine's flags, shared by `run` and `pool start`."""
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, auto on GPU")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--engine-args", default=None, help="JSON object of vLLM engine arguments")
+
+
+def engine_config(args: argparse.Namespace) -> Any:
+    """The `EngineConfig` the engine flags describe."""
+    from prefect_vllm.config import EngineConfig
+
+    return EngineConfig(
+        dtype=args.dtype, max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
+        engine_args=json_object(args.engine_args, "--engine-args"),
+    )  # fmt: skip
+
+
+def pool_config(args: argparse.Namespace) -> Any:
+    """The `ActorPoolConfig` the actor flags describe."""
+    from prefect_vllm.config import ActorPoolConfig
+
+    return ActorPoolConfig(
+        num_actors=args.actors, num_cpus=args.cpus_per_actor, num_gpus=args.gpus_per_actor,
+        max_restarts=args.max_restarts, resources=json_object(args.actor_resources, "--actor-resources"),
+    )  # fmt: skip
+
+
+def fail(message: str, code: int) -> int:
+    print(f"prefect-vllm: error: {message}", file=sys.stderr)
+    return code
+
+
+def json_object(raw: str | None, flag: str) -> dict[str, Any]:
+    from prefect_vllm.exceptions import ConfigurationError
+
+    if raw is None:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigurationError(f"{flag} is not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(value, dict):
+        raise ConfigurationError(f"{flag} must be a JSON object, got {type(value).__name__}")
+    return value
