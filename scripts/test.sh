@@ -3,6 +3,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# The UI test drives Debian's chromium: install it here, not inside a test's time.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt_install="apt-get install -y -q --no-install-recommends chromium"
+  $apt_install >/dev/null 2>&1 || { apt-get update -q >/dev/null && $apt_install >/dev/null; } \
+    || echo "could not install chromium with apt-get; the UI test will fail" >&2
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

@@ -26,16 +26,11 @@ SCREENSHOTS = REPO / "test-artifacts"
 
 
 def chromium() -> str:
-    """Debian's chromium, installed with apt when missing (the test installs what it needs)."""
+    """Debian's chromium, which the test command installs (scripts/test.sh) before pytest starts."""
     found = shutil.which("chromium")
-    if found is None:
-        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=True)
-            subprocess.run(install, env=env, capture_output=True, check=True)
-        found = shutil.which("chromium")
-    assert found, "chromium could not be installed with apt-get"
+    assert found, (
+        "no chromium: run scripts/test.sh, which installs it with apt-get, or `apt-get install chromium`"
+    )
     return found
 
 
