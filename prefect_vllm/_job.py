@@ -38,6 +38,8 @@ def check_model(model: str) -> None:
     looks_local = model.startswith(("/", ".", "~")) or os.path.exists(path)
     if not looks_local:
         return
+    if os.path.isfile(path):
+        raise ConfigurationError(f"model {model!r} is a file: give the model's folder (with config.json)")
     if not os.path.isdir(path):
         raise ConfigurationError(f"model folder {model!r} does not exist")
     config = os.path.join(path, "config.json")

@@ -28,7 +28,10 @@ from prefect_vllm._cli_pool import add_pool_parser, run_pool_command
 
 
 def _parser() -> argparse.ArgumentParser:
+    from prefect_vllm._version import __version__
+
     parser = argparse.ArgumentParser(prog="prefect-vllm", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"prefect-vllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run (or resume) a batch job")
@@ -213,7 +216,10 @@ def _precheck(args: argparse.Namespace) -> None:
     """The checks that need no server and no engine: input files and the model folder."""
     from prefect_vllm._job import check_model
     from prefect_vllm._planning import InputColumns, check_columns
+    from prefect_vllm.exceptions import ConfigurationError
 
+    if args.shard_size < 1:
+        raise ConfigurationError(f"--shard-size must be at least 1, got {args.shard_size}")
     check_columns(
         args.input, InputColumns(prompt=args.prompt_column, messages=args.messages_column, id=args.id_column)
     )

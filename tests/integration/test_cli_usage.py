@@ -176,3 +176,21 @@ def test_a_finished_job_and_a_refused_one_are_answered_without_a_server_ray_or_e
         assert "Starting temporary server" not in proc.stderr, "a Prefect server was started"
         assert "Creating a local Ray instance" not in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "home").exists() or not list((tmp_path / "home").glob("*.db")), "no database made"
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--shard-size", "0"], "--shard-size must be at least 1, got 0"),
+        (["--max-tokens", "-1"], "max_tokens: Input should be greater than or equal to 1"),
+        (["--model-is-a-file"], "is a file: give the model's folder"),
+    ],
+)
+def test_bad_settings_are_one_line_and_exit_2(
+    tmp_path: Path, prompts: Path, tiny_model: Path, flags: list[str], expected: str
+) -> None:
+    model = tiny_model / "config.json" if flags == ["--model-is-a-file"] else tiny_model
+    extra = [] if flags == ["--model-is-a-file"] else flags
+    err = usage_error(tmp_path, str(prompts), "--model", str(model), *extra)
+    assert err.strip().splitlines() == [f"prefect-vllm: error: {err.strip().split('error: ', 1)[1]}"]
+    assert expected in err
