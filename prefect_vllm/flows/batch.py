@@ -150,6 +150,10 @@ def batch_inference(
         if warm_pool is None:
             actor_pool = VllmActorPool(model, engine, pool, hf_token)
         else:
+            if requests.lora_dir is not None:
+                raise ConfigurationError(
+                    "pool: LoRA adapters (lora_dir) need engines started for them; run without a warm pool"
+                )
             connection.enter_context(ray_connection(address, runtime_env))  # until the run ends
             actor_pool = VllmActorPool.attach(warm_pool, pool)
             model, engine = adopt_pool_settings(actor_pool.name or warm_pool, actor_pool.model,
