@@ -28,7 +28,9 @@ from tests.helpers import (
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 
-def test_killed_flow_process_resumes_skipping_committed_shards(tmp_path: Path, tiny_model: Path) -> None:
+def test_killed_flow_process_resumes_skipping_committed_shards(
+    tmp_path: Path, tiny_model: Path, prefect_server: str
+) -> None:
     """SIGKILL the flow after 2+ commits; the re-run, on a new Prefect database, skips them.
 
     The input is an OpenAI Batch file exported with `--export openai`: the resumed
@@ -76,7 +78,7 @@ def test_killed_flow_process_resumes_skipping_committed_shards(tmp_path: Path, t
     assert changed.returncode == 2
     assert "sampling.max_tokens (64 -> 32)" in changed.stderr and "--restart" in changed.stderr
     assert "Starting temporary server" not in changed.stderr, "a refusal starts nothing"
-    fresh = run_cli([*args, "--max-tokens", "8", "--restart"], tmp_path / "home-2")
+    fresh = run_cli([*args, "--max-tokens", "8", "--restart"], tmp_path / "home-2", api_url=prefect_server)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert (summary_of(fresh)["shards_skipped"], summary_of(fresh)["shards_run"]) == (0, 40)
     assert set(read_output(out).column("completion_tokens").to_pylist()) == {8}
