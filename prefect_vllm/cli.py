@@ -233,9 +233,9 @@ def _answer_from_checkpoints(
 
     A run whose output holds this job with every shard committed has nothing to do:
     its summary (a `BatchResult`) is returned. A run that the flow would refuse
-    raises here, sooner. Anything else (a fresh job, shards to run, settings that
-    live in Prefect blocks, an export to write, dated paths) returns None: the flow
-    decides it.
+    raises here, sooner. Anything else (a fresh job, shards to run, an export to
+    write, settings that live in Prefect blocks or a warm pool, dated paths) returns
+    None: the flow decides it.
 
     Raises:
         FingerprintMismatchError: The output holds another job, or this one with
@@ -250,7 +250,7 @@ def _answer_from_checkpoints(
 
     uses_blocks = args.model.startswith("vllm-model/") or args.cluster or args.storage or args.pool
     dated = "{" in args.input or "{" in args.output
-    if args.restart or args.export or uses_blocks or dated:
+    if args.restart or uses_blocks or dated:
         return None
     store = CheckpointStore(args.output)
     manifest = store.read_manifest()
@@ -264,8 +264,8 @@ def _answer_from_checkpoints(
     store.check_same_job(manifest, identity.job_id, identity.fingerprint)
     check_not_running(store)
     committed = store.committed()
-    if any(s.shard_id not in committed for s in manifest.plan.shards):
-        return None
+    if args.export or any(s.shard_id not in committed for s in manifest.plan.shards):
+        return None  # shards to run, or an export to write: the flow's work
     print(
         f"prefect-vllm: job {manifest.job_id}: every shard is already committed in {store.uri}; "
         "nothing to run",
