@@ -20,9 +20,9 @@ Examples:
     from prefect_vllm.pools import list_pools, start_pool, stop_pool
 
     if __name__ == "__main__":
-        address = "127.0.0.1:6379"  # what `ray start --head` printed
+        address = "auto"  # the cluster `ray start --head` started on this machine
         start_pool("tiny", "/tmp/tiny-llama", engine=EngineConfig(), ray_address=address)
-        print(list_pools(ray_address=address))  # [{'name': 'tiny', 'model': ..., 'actors': 1, ...}]
+        print(list_pools(ray_address=address))  # [{'name': 'tiny', 'model': ..., 'actors': [...]}]
         stop_pool("tiny", ray_address=address)
     ```
 """
