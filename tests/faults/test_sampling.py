@@ -48,6 +48,7 @@ def test_a_sampled_job_keeps_its_engine_and_a_shard_retried_after_an_engine_deat
     assert "CPU Generator does not use offset" not in first.stderr
     texts = {r["custom_id"]: r["text"] for r in read_output(out).to_pylist()}
     assert len(set(texts.values())) > 1900, "sampling should give (nearly) every row its own text"
+    no_engine_left()
 
     # Forget four shards and run them again; kill the engine once the first of them is
     # committed: the others are retried on a fresh engine, alone, in other batches.
