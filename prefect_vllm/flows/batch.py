@@ -147,17 +147,15 @@ def batch_inference(
     address, runtime_env = cluster_settings(ray_cluster, ray_address)
     storage_block = load_block(CheckpointStorage, storage, "storage")
     with contextlib.ExitStack() as connection:
-        if warm_pool is None:
-            actor_pool = VllmActorPool(model, engine, pool, hf_token)
-        else:
+        warm = None
+        if warm_pool is not None:
             if requests.lora_dir is not None:
                 raise ConfigurationError(
                     "pool: LoRA adapters (lora_dir) need engines started for them; run without a warm pool"
                 )
             connection.enter_context(ray_connection(address, runtime_env))  # until the run ends
-            actor_pool = VllmActorPool.attach(warm_pool, pool)
-            model, engine = adopt_pool_settings(actor_pool.name or warm_pool, actor_pool.model,
-                                                actor_pool.engine, model, engine)  # fmt: skip
+            warm = VllmActorPool.attach(warm_pool, pool)
+            model, engine = adopt_pool_settings(warm_pool, warm.model, warm.engine, model, engine)
         check_model(model)
         columns = InputColumns(prompt=prompt_column, messages=messages_column, id=id_column)
         plan = plan_job(input, columns, shard_size)
@@ -169,6 +167,8 @@ def batch_inference(
             identity.engine,
             identity.adapters,
         )
+        # The run's own engines are built with the job's engine settings (LoRA slots included).
+        actor_pool = warm or VllmActorPool(model, engine, pool, hf_token)
         store.fs.create_dir(store.root, recursive=True)
         with JobLock(store, resolved_id, owner=_run_name()):
             manifest = store.prepare(
