@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +85,54 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def no_engine_left(timeout: float = 60) -> None:
-    """Assert that no vLLM engine process outlives its actor (waits for cleanup)."""
+def no_engine_left(timeout: float = 60, besides: tuple[int, ...] = ()) -> None:
+    """Assert that no vLLM engine process outlives its actor (waits for cleanup).
+
+    Args:
+        besides: The engine processes of a warm pool, which outlive runs on purpose.
+    """
     from prefect_vllm.testing import engine_processes
 
-    wait_for(lambda: not engine_processes(), timeout, "every vLLM engine process to exit")
+    wait_for(lambda: not set(engine_processes()) - set(besides), timeout, "every vLLM engine process to exit")
+
+
+@dataclass(frozen=True)
+class SharedPool:
+    """The session's warm pool, for tests that kill no engine.
+
+    Attributes:
+        name: The pool's name.
+        address: Its Ray cluster's address.
+        engines: Its engine processes (they outlive every run on it).
+    """
+
+    name: str
+    address: str
+    engines: tuple[int, ...]
+
+    def cli_args(self) -> list[str]:
+        """The `prefect-vllm run` flags that generate on this pool."""
+        return ["--pool", self.name, "--ray-address", self.address]
+
+    def kwargs(self) -> dict[str, str]:
+        """The `batch_inference` arguments that generate on this pool."""
+        return {"warm_pool": self.name, "ray_address": self.address}
+
+
+#: The shared pool's engine arguments: a random model loves whitespace; inside JSON
+#: (structured output) it would fill max_tokens with it.
+STRUCTURED_ENGINE_ARGS = json.dumps(
+    {"structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}
+)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def start_cli(

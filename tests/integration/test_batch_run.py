@@ -10,7 +10,7 @@ import pytest
 
 from prefect_vllm._columns import OUTPUT_COLUMNS
 from prefect_vllm.testing import write_sample_prompts
-from tests.helpers import input_ids, no_engine_left, read_output, run_cli, summary_of
+from tests.helpers import SharedPool, input_ids, no_engine_left, read_output, run_cli, summary_of
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +65,7 @@ def test_cli_run_generates_every_row_against_one_local_prefect_server(
 
 
 def test_python_api_turns_an_overlong_prompt_into_a_row_error(
-    tmp_path: Path, tiny_model: Path, prefect_server: str
+    tmp_path: Path, tiny_model: Path, prefect_server: str, shared_pool: SharedPool
 ) -> None:
     """One prompt longer than the context is a row error; the engine is not restarted."""
     from prefect_vllm.config import SamplingConfig
@@ -82,6 +82,7 @@ def test_python_api_turns_an_overlong_prompt_into_a_row_error(
         model=str(tiny_model),
         shard_size=16,
         sampling=SamplingConfig(max_tokens=8, temperature=0.7, seed=3),
+        **shared_pool.kwargs(),
     )
     assert (result.rows_ok, result.rows_failed, result.engine_restarts) == (40, 2, 0)
     table = read_output(tmp_path / "out").to_pylist()
@@ -90,4 +91,4 @@ def test_python_api_turns_an_overlong_prompt_into_a_row_error(
     assert "maximum context length is 1024" in errors["too-long"] and "cat dog" not in errors["too-long"]
     assert errors["empty"] == "prompt is empty"
     assert all(r["text"] is not None and r["finish_reason"] for r in table if not r["error"])
-    no_engine_left()
+    no_engine_left(besides=shared_pool.engines)

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import no_engine_left, read_output, run_cli, summary_of
+from tests.helpers import STRUCTURED_ENGINE_ARGS, SharedPool, no_engine_left, read_output, run_cli, summary_of
 
 pytestmark = pytest.mark.integration
 
@@ -29,11 +29,6 @@ SCHEMA = {
     "required": ["answer", "score", "sure"],
     "additionalProperties": False,
 }
-
-#: A random model loves whitespace; inside JSON it would fill max_tokens with it.
-STRUCTURED_ENGINE_ARGS = json.dumps(
-    {"structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}
-)
 
 
 def request(custom_id: str, url: str, **body: Any) -> dict[str, Any]:
@@ -92,7 +87,7 @@ def chat_template_tokens(
 
 
 def test_openai_batch_file_exports_responses_the_openai_models_parse(
-    tmp_path: Path, tiny_model: Path, prefect_server: str
+    tmp_path: Path, tiny_model: Path, prefect_server: str, shared_pool: SharedPool
 ) -> None:
     """Chat and completion requests with their own parameters, structured output, n > 1,
     logprobs; an unsupported endpoint and an over-long prompt land in errors.jsonl alone."""
@@ -105,7 +100,7 @@ def test_openai_batch_file_exports_responses_the_openai_models_parse(
     proc = run_cli(
         ["run", str(tmp_path / "batch.jsonl"), "--output", str(out), "--model", str(tiny_model),
          "--shard-size", "8", "--max-tokens", "16", "--export", "openai", "--json",
-         "--engine-args", STRUCTURED_ENGINE_ARGS],
+         "--engine-args", STRUCTURED_ENGINE_ARGS, *shared_pool.cli_args()],
         tmp_path / "home",
         api_url=prefect_server,
     )  # fmt: skip
@@ -156,11 +151,11 @@ def test_openai_batch_file_exports_responses_the_openai_models_parse(
         assert bodies[f"text-{i}"].object == "text_completion" and bodies[f"text-{i}"].choices[0].text
     text_logprobs = bodies["text-logprobs"].choices[0].logprobs
     assert text_logprobs is not None and len(text_logprobs.tokens or []) == 3
-    no_engine_left()
+    no_engine_left(besides=shared_pool.engines)
 
 
 def test_messages_and_sampling_params_columns_with_a_job_template_and_schema(
-    tmp_path: Path, tiny_model: Path, prefect_server: str
+    tmp_path: Path, tiny_model: Path, prefect_server: str, shared_pool: SharedPool
 ) -> None:
     """A Parquet dataset with chat messages and per-row sampling structs; the job's own chat
     template and JSON schema; a row with an unknown sampling key is a row error."""
@@ -196,6 +191,7 @@ def test_messages_and_sampling_params_columns_with_a_job_template_and_schema(
             chat_template=template, chat_template_kwargs={"greeting": "Sure:"}, json_schema=SCHEMA
         ),
         engine=EngineConfig(engine_args=json.loads(STRUCTURED_ENGINE_ARGS)),
+        **shared_pool.kwargs(),
     )
     assert (result.rows_ok, result.rows_failed) == (7, 1)
     out = {r["custom_id"]: r for r in read_output(tmp_path / "out").to_pylist()}
@@ -211,11 +207,11 @@ def test_messages_and_sampling_params_columns_with_a_job_template_and_schema(
     ]
     for text in generated:
         jsonschema.validate(json.loads(text), SCHEMA)
-    no_engine_left()
+    no_engine_left(besides=shared_pool.engines)
 
 
 def test_rows_naming_a_lora_adapter_are_generated_with_it(
-    tmp_path: Path, tiny_model: Path, prefect_server: str
+    tmp_path: Path, tiny_model: Path, prefect_server: str, shared_pool: SharedPool
 ) -> None:
     """A `model` column or an OpenAI body's model picks an adapter from the job's LoRA folder;
     an unknown name in a `model` column is a row error, in an OpenAI body the base model."""
@@ -240,18 +236,19 @@ def test_rows_naming_a_lora_adapter_are_generated_with_it(
     ]
     (tmp_path / "in" / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in batch))
 
-    def run(output: str, requests: RequestConfig) -> dict[str, Any]:
+    def run(output: str, requests: RequestConfig, **pool: str) -> dict[str, Any]:
         batch_inference(
             input=str(tmp_path / "in"),
             output=str(tmp_path / output),
             model=str(tiny_model),
             sampling=SamplingConfig(max_tokens=12, temperature=0.0),
             requests=requests,
+            **pool,
         )
         return {r["custom_id"]: r for r in read_output(tmp_path / output).to_pylist()}
 
     out = run("out", RequestConfig(lora_dir=str(tmp_path / "adapters")))
-    without = run("out-no-lora", RequestConfig())
+    without = run("out-no-lora", RequestConfig(), **shared_pool.kwargs())  # no adapters: any engine
     assert sum(1 for r in out.values() if r["error"]) == 1
     assert "model 'parrot' is not a LoRA adapter (adapters: pirate, sailor)" in out["unknown"]["error"]
     # Greedy on a random model: near-ties may flip a late token between batches, so
@@ -261,4 +258,4 @@ def test_rows_naming_a_lora_adapter_are_generated_with_it(
     assert start["base"] == start["batch-base"] == without["base"]["text"][:4], "base rows must stay base"
     assert len({start["base"], start["pirate"], start["sailor"]}) == 3, f"an adapter changed nothing: {start}"
     assert without["pirate"]["text"][:4] == start["base"], "without a LoRA folder, model is not read"
-    no_engine_left()
+    no_engine_left(besides=shared_pool.engines)

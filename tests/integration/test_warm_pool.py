@@ -1,7 +1,7 @@
 """Warm engine pools on a long-lived Ray cluster: started once, used by many runs, stopped.
 
-One cluster and one pool for the module; the tests run in order (the last one stops
-the pool). The engine-death test kills a real engine inside the warm pool.
+One pool for the module, on the session's cluster; the tests run in order (the last
+one stops the pool). The engine-death test kills a real engine inside the warm pool.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import shutil
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import pytest
 
 from prefect_vllm.testing import engine_processes, write_sample_prompts
 from tests.helpers import (
+    SharedPool,
     finish,
     input_ids,
     markers,
@@ -37,19 +37,17 @@ POOL = "tests"
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Any]:
-    """A long-lived Ray cluster, as `ray start --head` gives: it outlives every run."""
-    from ray.cluster_utils import Cluster
+def cluster(shared_pool: SharedPool) -> SharedPool:
+    """The session's long-lived Ray cluster (`ray start --head`): it outlives every run.
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    try:
-        yield cluster
-    finally:
-        cluster.shutdown()
+    Its own warm pool (`shared`) runs beside this module's; the tests tell their
+    engines apart.
+    """
+    return shared_pool
 
 
 @pytest.fixture(scope="module")
-def pool(cluster: Any, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def pool(cluster: SharedPool, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The warm pool `tests` of one engine, started by the command line; what it printed."""
     home = tmp_path_factory.mktemp("pool-home")
     started = run_cli(
@@ -61,11 +59,11 @@ def pool(cluster: Any, tiny_model: Path, tmp_path_factory: pytest.TempPathFactor
     return dict(json.loads(started.stdout))
 
 
-def pool_cli(cluster: Any, tmp_path: Path, *args: str) -> Any:
+def pool_cli(cluster: SharedPool, tmp_path: Path, *args: str) -> Any:
     return run_cli(["pool", *args, "--ray-address", cluster.address], tmp_path / "home", timeout=300)
 
 
-def run_args(prompts: Path, out: Path, model: Path, cluster: Any, *extra: str) -> list[str]:
+def run_args(prompts: Path, out: Path, model: Path, cluster: SharedPool, *extra: str) -> list[str]:
     return [
         "run", str(prompts), "--output", str(out), "--model", str(model), "--pool", POOL,
         "--ray-address", cluster.address, "--shard-size", "20", "--max-tokens", "16", "--temperature", "0",
@@ -74,12 +72,14 @@ def run_args(prompts: Path, out: Path, model: Path, cluster: Any, *extra: str) -
 
 
 def test_pool_list_and_status_show_the_pool_and_its_engine(
-    tmp_path: Path, cluster: Any, pool: dict[str, Any], tiny_model: Path
+    tmp_path: Path, cluster: SharedPool, pool: dict[str, Any], tiny_model: Path
 ) -> None:
     listed = pool_cli(cluster, tmp_path, "list", "--json")
     assert listed.returncode == 0, listed.stderr[-3000:]
-    (only,) = json.loads(listed.stdout)
-    assert only["name"] == POOL and only["model"] == str(tiny_model)
+    pools = {p["name"]: p for p in json.loads(listed.stdout)}
+    assert set(pools) == {POOL, cluster.name}
+    only = pools[POOL]
+    assert only["model"] == str(tiny_model)
     (actor,) = only["actors"]
     assert actor["state"] == "ALIVE" and actor["pid"] == pool["actors"][0]["pid"]
     status = pool_cli(cluster, tmp_path, "status", POOL)
@@ -89,7 +89,7 @@ def test_pool_list_and_status_show_the_pool_and_its_engine(
 
 
 def test_a_warm_pool_serves_two_runs_in_a_row_without_starting_an_engine(
-    tmp_path: Path, cluster: Any, pool: dict[str, Any], tiny_model: Path, prefect_server: str
+    tmp_path: Path, cluster: SharedPool, pool: dict[str, Any], tiny_model: Path, prefect_server: str
 ) -> None:
     """The command line, then the Python API: both generate on the pool's one engine."""
     from prefect_vllm.config import SamplingConfig
@@ -126,7 +126,7 @@ def test_a_warm_pool_serves_two_runs_in_a_row_without_starting_an_engine(
 
 
 def test_two_concurrent_runs_on_one_pool_each_get_exactly_their_own_rows(
-    tmp_path: Path, cluster: Any, pool: dict[str, Any], tiny_model: Path, prefect_server: str
+    tmp_path: Path, cluster: SharedPool, pool: dict[str, Any], tiny_model: Path, prefect_server: str
 ) -> None:
     procs = {}
     for name in ("a", "b"):
@@ -143,7 +143,7 @@ def test_two_concurrent_runs_on_one_pool_each_get_exactly_their_own_rows(
 
 
 def test_a_job_whose_model_or_engine_settings_differ_from_the_pool_is_refused(
-    tmp_path: Path, cluster: Any, pool: dict[str, Any], tiny_model: Path, prefect_server: str
+    tmp_path: Path, cluster: SharedPool, pool: dict[str, Any], tiny_model: Path, prefect_server: str
 ) -> None:
     prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=8)
     args = run_args(prompts, tmp_path / "out", tiny_model, cluster, "--max-model-len", "512")
@@ -164,7 +164,7 @@ def test_a_job_whose_model_or_engine_settings_differ_from_the_pool_is_refused(
 
 
 def test_an_engine_killed_inside_a_warm_pool_is_restarted_and_the_pool_stays_healthy(
-    tmp_path: Path, cluster: Any, pool: dict[str, Any], tiny_model: Path, prefect_server: str
+    tmp_path: Path, cluster: SharedPool, pool: dict[str, Any], tiny_model: Path, prefect_server: str
 ) -> None:
     prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=400)
     out = tmp_path / "out"
@@ -173,7 +173,7 @@ def test_an_engine_killed_inside_a_warm_pool_is_restarted_and_the_pool_stays_hea
     proc = start_cli(args, tmp_path / "home", log, api_url=prefect_server)
     wait_for(lambda: markers(out) or proc.poll() is not None, 600, "the first committed shard")
     assert proc.poll() is None, log.read_text()[-3000:]
-    (core,) = engine_processes(("VLLM::EngineCore",))
+    (core,) = set(engine_processes(("VLLM::EngineCore",))) - set(cluster.engines)
     os.kill(core, signal.SIGKILL)
 
     done = finish(proc, log)
@@ -187,17 +187,19 @@ def test_an_engine_killed_inside_a_warm_pool_is_restarted_and_the_pool_stays_hea
     status = pool_cli(cluster, tmp_path, "status", POOL, "--json")
     (actor,) = json.loads(status.stdout)["actors"]
     assert actor["state"] == "ALIVE" and actor["restarts"] >= 1 and actor["pid"] != pool["actors"][0]["pid"]
-    (new_core,) = engine_processes(("VLLM::EngineCore",))
+    (new_core,) = set(engine_processes(("VLLM::EngineCore",))) - set(cluster.engines)
     assert new_core != core
     healthy = run_cli(run_args(prompts, tmp_path / "after", tiny_model, cluster), tmp_path / "home",
                       api_url=prefect_server)  # fmt: skip
     assert healthy.returncode == 0 and summary_of(healthy)["engine_restarts"] == 0, healthy.stderr[-3000:]
 
 
-def test_pool_stop_ends_every_engine_process(tmp_path: Path, cluster: Any, pool: dict[str, Any]) -> None:
-    assert engine_processes()
+def test_pool_stop_ends_every_engine_process(
+    tmp_path: Path, cluster: SharedPool, pool: dict[str, Any]
+) -> None:
+    assert set(engine_processes()) - set(cluster.engines)
     stopped = pool_cli(cluster, tmp_path, "stop", POOL)
     assert stopped.returncode == 0 and f"warm pool '{POOL}' stopped (1 engine actor(s))" in stopped.stdout
-    no_engine_left()
+    no_engine_left(besides=cluster.engines)
     listed = pool_cli(cluster, tmp_path, "list", "--json")
-    assert listed.returncode == 0 and json.loads(listed.stdout) == []
+    assert listed.returncode == 0 and [p["name"] for p in json.loads(listed.stdout)] == [cluster.name]
