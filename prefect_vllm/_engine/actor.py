@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import psutil
 
 from prefect_vllm._columns import CHOICES, COMPLETION_TOKENS, ERROR, FINISH_REASON, PROMPT_TOKENS, TEXT
+from prefect_vllm._engine.cpu import one_process_engine
 from prefect_vllm._engine.requests import (
     engine_prompt,
     failed_row,
@@ -87,6 +88,8 @@ class VllmEngineActor:
             os.environ["HF_TOKEN"] = hf_token.get_secret_value()
         on_cpu = current_platform.is_cpu()
         kwargs = EngineConfig.model_validate(engine_config).engine_kwargs(model, on_cpu=on_cpu)
+        if on_cpu:
+            kwargs = one_process_engine(kwargs)
         started = time.monotonic()
         try:
             # Offline batch defaults (vLLM's `LLM` class): on CPU twice the running
