@@ -13,4 +13,7 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-.venv/bin/python -m pytest "$@"
+# Two test processes side by side: most of a test is one process importing vLLM or
+# waiting on a deadline, so a second keeps the other core busy (tests/conftest.py
+# keeps their Ray clusters and engines apart).
+.venv/bin/python -m pytest -n "${PREFECT_VLLM_TEST_WORKERS:-2}" --dist loadgroup "$@"

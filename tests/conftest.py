@@ -13,20 +13,53 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import STRUCTURED_ENGINE_ARGS, SharedPool, free_port, run_cli
+from tests.helpers import (
+    SESSION_MARK,
+    STRUCTURED_ENGINE_ARGS,
+    SharedPool,
+    engine_processes,
+    free_port,
+    run_cli,
+)
+
+# Each test process (pytest-xdist runs two) marks the processes it starts and keeps Ray's
+# files in a folder of its own: a local `ray.init()` joins the cluster whose address file
+# it finds in Ray's temporary folder, which must be this test process's cluster only.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+os.environ[SESSION_MARK] = f"{_WORKER}-{os.getpid()}"
+os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=f"pv-{_WORKER}-", dir="/tmp")  # short: socket paths
+
+
+def pytest_unconfigure() -> None:
+    """Remove this test process's Ray folder (every cluster in it has stopped)."""
+    shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama with a BPE tokenizer, made offline once per session."""
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """A tiny random Llama with a BPE tokenizer, made offline once per test run (the
+    first test process to need it makes it; the other waits and reads it)."""
+    from filelock import FileLock
+
     from prefect_vllm.testing import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
+    base = tmp_path_factory.getbasetemp()
+    root = base if worker_id == "master" else base.parent  # the parent is the run's, shared
+    model, done = root / "models" / "tiny-llama", root / "models" / "tiny-llama.done"
+    with FileLock(str(root / "tiny-llama.lock")):
+        if not done.exists():
+            make_tiny_model(model, seed=0)
+            done.touch()
+    return model
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests on the session's warm pool run last: its engine outlives them, and no other
-    test (a fault test counting engines, a run starting its own) should see it."""
+    """Tests on the session's warm pool run last, in one test process: its engine outlives
+    them, and no other test of that process (a fault test counting engines, a run
+    starting its own) should see it."""
+    for item in items:
+        if "shared_pool" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("shared-pool"))
     items.sort(key=lambda item: "shared_pool" in getattr(item, "fixturenames", ()))
 
 
@@ -40,8 +73,6 @@ def shared_pool(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     clients given its address send none. Stopped at the end of the session.
     """
     import psutil
-
-    from prefect_vllm.testing import engine_processes
 
     temp_dir = tempfile.mkdtemp(prefix="pv-ray-", dir="/tmp")  # short: Ray's socket paths are bounded
     port = free_port()

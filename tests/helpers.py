@@ -14,6 +14,28 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
+#: Set by conftest to a value of this test process's own and inherited by every process
+#: it starts (commands, Ray clusters, their actors, vLLM engines): pytest-xdist runs two
+#: test processes side by side, and each counts and kills only its own engines.
+SESSION_MARK = "PV_TEST_SESSION"
+
+
+def _ours(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).environ().get(SESSION_MARK) == os.environ.get(SESSION_MARK)
+    except psutil.Error:
+        return False
+
+
+def engine_processes(kinds: tuple[str, ...] = ("VLLM::EngineCore", "VLLM::Worker")) -> list[int]:
+    """This test process's live vLLM engine processes (`prefect_vllm.testing.engine_processes`
+    narrowed to the ones it started)."""
+    from prefect_vllm import testing
+
+    return [pid for pid in testing.engine_processes(kinds) if _ours(pid)]
+
 
 def cli_env(prefect_home: Path, api_url: str | None = None) -> dict[str, str]:
     """The environment of a `prefect-vllm` subprocess: its own Prefect home.
@@ -91,8 +113,6 @@ def no_engine_left(timeout: float = 60, besides: tuple[int, ...] = ()) -> None:
     Args:
         besides: The engine processes of a warm pool, which outlive runs on purpose.
     """
-    from prefect_vllm.testing import engine_processes
-
     wait_for(lambda: not set(engine_processes()) - set(besides), timeout, "every vLLM engine process to exit")
 
 
@@ -156,7 +176,7 @@ def finish(proc: subprocess.Popen[str], log: Path, timeout: float = 900) -> subp
 
 
 def ray_processes() -> list[int]:
-    """PIDs of live Ray processes (raylet, GCS, workers, actors)."""
+    """PIDs of this test process's live Ray processes (raylet, GCS, workers, actors)."""
     import psutil
 
     found = []
@@ -164,7 +184,7 @@ def ray_processes() -> list[int]:
         if proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
         cmd = " ".join(proc.info["cmdline"] or [])
-        if cmd.startswith("ray::") or "raylet" in cmd or "gcs_server" in cmd:
+        if (cmd.startswith("ray::") or "raylet" in cmd or "gcs_server" in cmd) and _ours(proc.info["pid"]):
             found.append(proc.info["pid"])
     return found
 

@@ -11,8 +11,7 @@ import pytest
 
 from prefect_vllm._engine import GenerateRequest, VllmActorPool
 from prefect_vllm.config import ActorPoolConfig, EngineConfig
-from prefect_vllm.testing import engine_processes
-from tests.helpers import no_engine_left, wait_for
+from tests.helpers import engine_processes, no_engine_left, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 

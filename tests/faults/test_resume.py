@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from prefect_vllm.testing import engine_processes, write_sample_batch, write_sample_prompts
+from prefect_vllm.testing import write_sample_batch, write_sample_prompts
 from tests.helpers import (
+    engine_processes,
     finish,
     input_ids,
     markers,

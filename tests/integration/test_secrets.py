@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ def test_secret_token_and_prompts_appear_nowhere(
     for path in out.rglob("*"):
         if path.is_file():
             traces[str(path)] = path.read_bytes().decode("utf-8", "replace")
-    for path in Path("/tmp/ray/session_latest/logs").rglob("*"):
+    for path in Path(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "session_latest", "logs").rglob("*"):
         if path.is_file():
             traces[str(path)] = path.read_bytes().decode("utf-8", "replace")
     assert len(traces) > 10

@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
-from prefect_vllm.testing import engine_processes, write_sample_prompts
+from prefect_vllm.testing import write_sample_prompts
 from tests.helpers import (
     SharedPool,
+    engine_processes,
     finish,
     input_ids,
     markers,
