@@ -99,6 +99,11 @@ class CheckpointStore:
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
         self._local = isinstance(self.fs, pafs.LocalFileSystem)
 
+    @property
+    def is_local(self) -> bool:
+        """Whether the location is a local (or mounted network) folder, not an object store."""
+        return self._local
+
     def path(self, name: str) -> str:
         """The full path of a file under the root."""
         return f"{self.root}/{name}"
@@ -225,6 +230,42 @@ class CheckpointStore:
                 result = ShardResult.model_validate_json(data)
                 markers[result.shard_id] = result
         return markers
+
+    def damaged(self, committed: dict[str, ShardResult], *, checksums: bool = False) -> dict[str, str]:
+        """The committed shards whose part file does not match its marker: what is wrong.
+
+        Presence and size come from one listing of the location (cheap on object
+        stores); with `checksums`, every part is also read and its sha256 compared.
+        """
+        import pyarrow.fs as pafs
+
+        sizes = {
+            info.base_name: info.size
+            for info in self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+            if info.type == pafs.FileType.File
+        }
+        problems: dict[str, str] = {}
+        for shard_id, result in sorted(committed.items()):
+            name = self.part_name(shard_id)
+            size = sizes.get(name)
+            if size is None:
+                problems[shard_id] = f"{name} is missing"
+            elif result.part_bytes is not None and size != result.part_bytes:
+                problems[shard_id] = f"{name} is {size} bytes, its commit marker says {result.part_bytes}"
+            elif checksums and self._sha256(name) != result.checksum:
+                problems[shard_id] = f"{name} does not match the sha256 in its commit marker"
+        return problems
+
+    def uncommit(self, shard_id: str) -> None:
+        """Remove a shard's commit marker, so that it counts as not done until run again."""
+        self.fs.delete_file(self.path(f"{COMMITS}/{shard_id}.json"))
+
+    def _sha256(self, name: str) -> str:
+        digest = hashlib.sha256()
+        with self.fs.open_input_stream(self.path(name)) as src:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     def write_part(self, shard_id: str, table: pa.Table) -> tuple[str, int]:
         """Write a shard's part file; returns its sha256 and size."""

@@ -138,8 +138,10 @@ def job_summary(
     wall_s: float,
     generation_s: float = 0.0,
     engine_restarts: int = 0,
+    repaired: int = 0,
 ) -> BatchResult:
-    """A run's summary: the shards committed before it (`committed`) and by it (`new`)."""
+    """A run's summary: the shards committed before it (`committed`) and by it (`new`),
+    `repaired` of which replace damaged ones."""
     results = {**committed, **new}
     tokens = sum(r.output_tokens for r in new.values())
     return BatchResult(
@@ -148,6 +150,7 @@ def job_summary(
         shards_skipped=len(committed),
         shards_run=len(new),
         shards_incomplete=[s.shard_id for s in plan.shards if s.shard_id not in results],
+        shards_repaired=repaired,
         rows_total=plan.rows_total,
         rows_ok=sum(r.rows_ok for r in results.values()),
         rows_failed=sum(r.rows_failed for r in results.values()),

@@ -1,14 +1,22 @@
-"""One writer per job: a lock file beside the checkpoints, kept alive by a heartbeat.
+"""One writer per job: a lock file beside the checkpoints.
 
 Two triggers of the same job (a schedule firing while yesterday's run still goes, a
 second click in the UI) must never write the same shards at once. The lock lives in
 the output location, like the checkpoints, so it holds across machines and Prefect
-databases. A run that died leaves its lock behind: it is taken over at once when its
-process is gone from this host, else once its heartbeat is older than `STALE_S`.
+databases.
+
+On a local or network filesystem the lock is the kernel's (`flock` on `_lock.json`):
+taking it is atomic, and it is freed the moment its holder's process ends, however it
+ends. Object stores have no such lock, nor a conditional write that pyarrow can send,
+so there the lock is advisory: a record with a heartbeat, written then read back, which
+catches a second run that starts after the first has written it. A dead holder's
+record is taken over once its process is gone from this host, else once its heartbeat
+is older than `STALE_S`. The deployment's concurrency limit is the real guard there.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -27,7 +35,8 @@ __all__ = ["LOCK", "JobLock", "check_not_running"]
 
 LOCK = "_lock.json"
 
-#: How often the holder rewrites its heartbeat, and when a silent holder is presumed dead.
+#: How often the holder of an advisory lock rewrites its heartbeat, and when a silent
+#: holder is presumed dead.
 HEARTBEAT_S = 10.0
 STALE_S = 60.0
 
@@ -52,6 +61,7 @@ class JobLock:
             "pid_started_at": psutil.Process().create_time(),
             "started_at": time.time(),
         }
+        self._fd: int | None = None
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
@@ -70,25 +80,35 @@ class JobLock:
         Raises:
             JobRunningError: Another live run holds the lock.
         """
-        held = self._read()
+        if self._store.is_local:
+            self._fd = _take_kernel_lock(self._store.path(LOCK), self._record)
+            return
+        held = _read(self._store)
         if held is not None and held.get("token") != self._record["token"] and not _is_stale(held):
             raise JobRunningError(_held_message(held))
         self._write()
-        # Two runs that both found no lock both wrote one: the last write wins, the other
-        # reads it back and stands down.
+        # Two runs that both found no record both wrote one: the last write wins, the
+        # other reads it back and stands down.
         time.sleep(0.2)
-        held = self._read()
+        held = _read(self._store)
         if held is None or held.get("token") != self._record["token"]:
             raise JobRunningError(_held_message(held or self._record))
         self._beat = threading.Thread(target=self._heartbeat, name="prefect-vllm-lock", daemon=True)
         self._beat.start()
 
     def release(self) -> None:
-        """Stop the heartbeat and remove the lock, if it is still ours."""
+        """Give the lock up and remove its file, if it is still ours."""
+        if self._fd is not None:
+            path = self._store.path(LOCK)
+            if _same_file(self._fd, path):
+                os.unlink(path)  # before unlocking: a run waiting on this file sees it gone
+            os.close(self._fd)  # frees the kernel lock
+            self._fd = None
+            return
         self._stop.set()
         if self._beat is not None:
             self._beat.join(timeout=5)
-        held = self._read()
+        held = _read(self._store)
         if held is not None and held.get("token") == self._record["token"]:
             self._store.fs.delete_file(self._store.path(LOCK))
 
@@ -102,16 +122,6 @@ class JobLock:
     def _write(self) -> None:
         self._store.write_bytes(LOCK, json.dumps({**self._record, "heartbeat_at": time.time()}).encode())
 
-    def _read(self) -> dict[str, Any] | None:
-        data = self._store.read_bytes(LOCK)
-        if data is None:
-            return None
-        try:
-            record = json.loads(data)
-        except json.JSONDecodeError:
-            return None  # a torn write by a dead holder: nobody holds it
-        return record if isinstance(record, dict) else None
-
 
 def check_not_running(store: CheckpointStore) -> None:
     """Raise if a live run holds the job's lock in `store` (a look, not a take).
@@ -119,9 +129,71 @@ def check_not_running(store: CheckpointStore) -> None:
     Raises:
         JobRunningError: Naming the run that holds it.
     """
-    held = JobLock(store, "", owner="")._read()
+    if store.is_local:
+        try:
+            fd = os.open(store.path(LOCK), os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JobRunningError(_held_message(_read(store))) from None
+        finally:
+            os.close(fd)
+        return
+    held = _read(store)
     if held is not None and not _is_stale(held):
         raise JobRunningError(_held_message(held))
+
+
+def _take_kernel_lock(path: str, record: dict[str, Any]) -> int:
+    """Lock `path` for this process and write `record` into it: the open descriptor.
+
+    A holder removes the file as it lets go; a run that opened it just before then
+    locks a file nobody will look at again, so it opens the path anew.
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise JobRunningError(_held_message(_read_file(path))) from None
+        if _same_file(fd, path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+            return fd
+        os.close(fd)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _read(store: CheckpointStore) -> dict[str, Any] | None:
+    return _parse(store.read_bytes(LOCK))
+
+
+def _read_file(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as f:
+            return _parse(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def _parse(data: bytes | None) -> dict[str, Any] | None:
+    if not data:
+        return None  # a holder between create and write: its record comes next
+    try:
+        record = json.loads(data)
+    except json.JSONDecodeError:
+        return None  # a torn write by a dead holder
+    return record if isinstance(record, dict) else None
 
 
 def _is_stale(held: dict[str, Any]) -> bool:
@@ -142,10 +214,12 @@ def _alive(pid: Any, started_at: Any) -> bool:
         return False
 
 
-def _held_message(held: dict[str, Any]) -> str:
+def _held_message(held: dict[str, Any] | None) -> str:
+    if not held:
+        return "this job is already running (another process holds its lock): two runs never write one job at once"
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(held.get("started_at") or 0)))
     return (
         f"job {held.get('job_id')!r} is already running ({held.get('owner')}, pid {held.get('pid')} on "
         f"{held.get('host')}, since {since}): two runs never write one job at once. Wait for it to "
-        f"finish, or stop it; a run that died frees the job at once on its host, else after {STALE_S:.0f} s."
+        f"finish, or stop it; a run that dies frees the job at once (on object stores, after {STALE_S:.0f} s)."
     )

@@ -86,11 +86,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--storage", default=None, help="name of a saved CheckpointStorage block")
     run.add_argument("--job-id", default=None, help="default: a hash of the job's parameters")
     run.add_argument("--restart", action="store_true", help="discard the job's checkpoints")
+    run.add_argument(
+        "--verify", action="store_true",
+        help="also check every committed part file's sha256 before skipping it (its size always is)",
+    )  # fmt: skip
     run.add_argument("--json", action="store_true", help="print the summary as JSON, last line")
 
     status = sub.add_parser("status", help="progress of a job, from its checkpoints alone")
     status.add_argument("output", help="the job's output folder or URI")
     status.add_argument("--json", action="store_true")
+    status.add_argument(
+        "--verify", action="store_true", help="also read every part file and check its sha256"
+    )
 
     add_pool_parser(sub)
 
@@ -178,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigurationError as exc:
         return _fail(str(exc), EXIT_USAGE)
     except JobRunningError as exc:
-        return _fail(str(exc), EXIT_INCOMPLETE)
+        return _fail(str(exc), EXIT_USAGE)
     if done is not None:
         _print_summary(done, args.json)
         return EXIT_OK
@@ -194,10 +201,10 @@ def _run(args: argparse.Namespace) -> int:
                 input=args.input, output=args.output, model=args.model,
                 prompt_column=args.prompt_column, messages_column=args.messages_column, id_column=args.id_column,
                 shard_size=args.shard_size, sampling=sampling, requests=requests, engine=engine, pool=pool,
-                recovery=recovery, ray_address=args.ray_address, job_id=args.job_id, restart=args.restart,
+                recovery=recovery, ray_address=args.ray_address, job_id=args.job_id, restart=args.restart, verify=args.verify,
                 export=args.export, cluster=args.cluster, storage=args.storage, warm_pool=args.pool,
             )  # fmt: skip
-    except ConfigurationError as exc:
+    except (ConfigurationError, JobRunningError) as exc:
         return _fail(str(exc), EXIT_USAGE)
     except IncompleteJobError as exc:
         if exc.result is not None:
@@ -266,6 +273,8 @@ def _answer_from_checkpoints(
     committed = store.committed()
     if args.export or any(s.shard_id not in committed for s in manifest.plan.shards):
         return None  # shards to run, or an export to write: the flow's work
+    if store.damaged(committed, checksums=args.verify):
+        return None  # committed parts to repair: the flow names them and runs them again
     print(
         f"prefect-vllm: job {manifest.job_id}: every shard is already committed in {store.uri}; "
         "nothing to run",
@@ -309,6 +318,9 @@ def _status(args: argparse.Namespace) -> int:
     if manifest is None:
         return _fail(f"{args.output} holds no prefect-vllm job (no _manifest.json)", EXIT_USAGE)
     committed = store.committed()
+    damaged = store.damaged(committed, checksums=args.verify)
+    for shard_id in damaged:
+        del committed[shard_id]
     shards = [s.shard_id for s in manifest.plan.shards]
     pending = [s for s in shards if s not in committed]
     status = {
@@ -320,6 +332,7 @@ def _status(args: argparse.Namespace) -> int:
         "rows_ok": sum(r.rows_ok for r in committed.values()),
         "rows_failed": sum(r.rows_failed for r in committed.values()),
         "pending": pending[:100],
+        "damaged": damaged,
     }
     if args.json:
         print(json.dumps(status))
@@ -329,6 +342,8 @@ def _status(args: argparse.Namespace) -> int:
             f"{status['shards_pending']} pending; {status['rows_ok']} rows ok, "
             f"{status['rows_failed']} row errors of {status['rows_total']}"
         )
+        for shard_id, problem in damaged.items():
+            print(f"shard {shard_id} is damaged ({problem}): the next run generates it again")
     return EXIT_OK if not pending else EXIT_INCOMPLETE
 
 

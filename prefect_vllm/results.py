@@ -17,6 +17,10 @@ class ShardResult(BaseModel):
     prompt_tokens: int = Field(description="Prompt tokens over the shard's rows.")
     output_tokens: int = Field(description="Generated tokens over the shard's rows.")
     checksum: str = Field(description="sha256 of the part file's bytes.")
+    part_bytes: int | None = Field(
+        default=None,
+        description="Size of the part file in bytes (null in markers written before prefect-vllm 0.2).",
+    )
     attempt: int = Field(description="Prefect run count of the task that committed it.")
     actor_pid: int = Field(description="Process id of the engine actor that generated it.")
     engine_deaths: int = Field(
@@ -40,6 +44,11 @@ class BatchResult(BaseModel):
     shards_skipped: int = Field(description="Shards already committed before this run.")
     shards_run: int = Field(description="Shards this run committed.")
     shards_incomplete: list[str] = Field(description="Shards with no commit marker after this run.")
+    shards_repaired: int = Field(
+        default=0,
+        description="Committed shards whose part file was missing or damaged (its size, or its "
+        "checksum with verify) and that this run generated again.",
+    )
     rows_total: int = Field(description="Rows in the input.")
     rows_ok: int = Field(description="Committed rows with generated text, over the whole job.")
     rows_failed: int = Field(description="Committed rows with a row error, over the whole job.")

@@ -51,6 +51,7 @@ def batch_inference(
     restart: bool = False,
     export: Literal["openai"] | None = None,
     warm_pool: str | None = None,
+    verify: bool = False,
 ) -> BatchResult:
     """Generate a completion for every row of a prompt dataset, resumably.
 
@@ -95,6 +96,10 @@ def batch_inference(
             its engines, which stay up afterwards, instead of starting its own. The
             job's model must be the pool's; engine settings left at their defaults
             take the pool's, and any other difference is refused.
+        verify: Also read every committed part file and compare its sha256 with its
+            commit marker before skipping it (presence and size are always checked).
+            A part that does not match is generated again and counted in
+            `shards_repaired`.
 
     Returns:
         The run's summary.
@@ -183,7 +188,7 @@ def batch_inference(
             timings = {"plan_s": round(time.monotonic() - started, 3)}
             summary, results = _run_job(
                 manifest, store, job, actor_pool, address, runtime_env, started,
-                timings,
+                timings, verify=verify,
             )  # fmt: skip
             finalising = time.monotonic()
             if export == "openai" and not summary.shards_incomplete:
@@ -236,10 +241,21 @@ def _run_job(
     runtime_env: dict[str, Any],
     started: float,
     timings: dict[str, float],
+    *,
+    verify: bool,
 ) -> tuple[BatchResult, dict[str, ShardResult]]:
-    """Run the job's uncommitted shards; the job's summary and every committed shard."""
+    """Run the job's uncommitted shards; the job's summary and every committed shard.
+
+    A committed shard whose part file is missing or does not match its marker is
+    uncommitted and run again.
+    """
     logger = get_run_logger()
     committed = store.committed()
+    damaged = store.damaged(committed, checksums=verify)
+    for shard_id, problem in damaged.items():
+        logger.warning("shard %s was committed, but %s: generating it again", shard_id, problem)
+        store.uncommit(shard_id)
+        del committed[shard_id]
     shards = manifest.plan.shards
     pending = [s for s in shards if s.shard_id not in committed]
     logger.info(
@@ -260,5 +276,6 @@ def _run_job(
     summary = job_summary(
         job.job_id, manifest.plan, committed, new, store.uri,
         wall_s=time.monotonic() - started, generation_s=generation_s, engine_restarts=restarts,
+        repaired=sum(1 for shard_id in damaged if shard_id in new),
     )  # fmt: skip
     return summary, {**committed, **new}

@@ -133,7 +133,7 @@ def run_shard(spec: ShardSpec, job: ShardJob, actor_index: int = 0) -> ShardResu
     )
     generate_done = time.monotonic()
     store = job.store()
-    checksum, _size = store.write_part(spec.shard_id, output_table(rows, generated))
+    checksum, size = store.write_part(spec.shard_id, output_table(rows, generated))
     failed = sum(1 for e in generated[ERROR] if e is not None)
     context = TaskRunContext.get()
     finished = time.monotonic()
@@ -145,6 +145,7 @@ def run_shard(spec: ShardSpec, job: ShardJob, actor_index: int = 0) -> ShardResu
         prompt_tokens=sum(t or 0 for t in generated[PROMPT_TOKENS]),
         output_tokens=sum(t or 0 for t in generated[COMPLETION_TOKENS]),
         checksum=checksum,
+        part_bytes=size,
         attempt=context.task_run.run_count if context else 1,
         actor_pid=report.pid,
         engine_deaths=report.deaths,

@@ -10,7 +10,16 @@ import pytest
 
 from prefect_vllm._columns import OUTPUT_COLUMNS
 from prefect_vllm.testing import write_sample_prompts
-from tests.helpers import SharedPool, input_ids, no_engine_left, read_output, run_cli, summary_of
+from tests.helpers import (
+    SharedPool,
+    finish,
+    input_ids,
+    no_engine_left,
+    read_output,
+    run_cli,
+    start_cli,
+    summary_of,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +60,7 @@ def test_cli_run_generates_every_row_against_one_local_prefect_server(
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout.splitlines()[-1]) | {"pending": []} == {
         "job_id": summary["job_id"], "shards_total": 3, "shards_done": 3, "shards_pending": 0,
-        "rows_total": 150, "rows_ok": 150, "rows_failed": 0, "pending": [],
+        "rows_total": 150, "rows_ok": 150, "rows_failed": 0, "pending": [], "damaged": {},
     }  # fmt: skip
 
     again = run_cli(
@@ -92,3 +101,76 @@ def test_python_api_turns_an_overlong_prompt_into_a_row_error(
     assert errors["empty"] == "prompt is empty"
     assert all(r["text"] is not None and r["finish_reason"] for r in table if not r["error"])
     no_engine_left(besides=shared_pool.engines)
+
+
+def test_two_runs_of_one_job_started_together_write_it_once_and_the_second_is_refused(
+    tmp_path: Path, tiny_model: Path, prefect_server: str, shared_pool: SharedPool
+) -> None:
+    """Both pass the early look (nobody holds the job yet); the job lock lets one write."""
+    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=600, seed=11)
+    out = tmp_path / "out"
+    args = ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--shard-size", "50",
+            "--max-tokens", "16", "--temperature", "0", "--json", *shared_pool.cli_args()]  # fmt: skip
+    logs = [tmp_path / f"run-{i}.log" for i in range(2)]
+    procs = [
+        start_cli(args, tmp_path / f"home-{i}", log, api_url=prefect_server) for i, log in enumerate(logs)
+    ]
+    done = [finish(proc, log) for proc, log in zip(procs, logs, strict=True)]
+    assert sorted(d.returncode for d in done) == [0, 2], [d.stderr[-3000:] for d in done]
+    ran, refused = sorted(done, key=lambda d: d.returncode)
+    assert "is already running" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr[
+        -3000:
+    ]
+    summary = summary_of(ran)
+    assert (summary["shards_run"], summary["shards_skipped"], summary["rows_ok"]) == (12, 0, 600)
+    assert Counter(read_output(out).column("custom_id").to_pylist()) == Counter(input_ids(prompts))
+    assert not (out / "_lock.json").exists()
+    no_engine_left(besides=shared_pool.engines)
+
+
+def test_a_deleted_and_a_truncated_committed_part_are_reported_and_generated_again(
+    tmp_path: Path, tiny_model: Path, prefect_server: str, shared_pool: SharedPool
+) -> None:
+    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=60, seed=12)
+    out = tmp_path / "out"
+    args = ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--shard-size", "10",
+            "--max-tokens", "8", "--temperature", "0", "--json", *shared_pool.cli_args()]  # fmt: skip
+    first = run_cli(args, tmp_path / "home", api_url=prefect_server)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {p.name: read_output_part(p) for p in sorted(out.glob("part-*.parquet"))}
+    deleted, truncated = sorted(before)[1], sorted(before)[4]
+    (out / deleted).unlink()
+    (out / truncated).write_bytes((out / truncated).read_bytes()[:100])
+
+    status = run_cli(["status", str(out), "--verify", "--json"], tmp_path / "home", timeout=120)
+    assert status.returncode == 1, status.stderr
+    report = json.loads(status.stdout.splitlines()[-1])
+    assert (report["shards_done"], report["shards_pending"], report["rows_ok"]) == (4, 2, 40)
+    assert sorted(report["damaged"].values()) == sorted(
+        [
+            f"{deleted} is missing",
+            f"{truncated} is 100 bytes, its commit marker says {len(before[truncated][1])}",
+        ]
+    )
+
+    again = run_cli(args, tmp_path / "home", api_url=prefect_server)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = summary_of(again)
+    assert (summary["shards_repaired"], summary["shards_run"], summary["shards_skipped"]) == (2, 2, 4)
+    assert f"but {deleted} is missing: generating it again" in again.stderr
+    after = {p.name: read_output_part(p) for p in sorted(out.glob("part-*.parquet"))}
+    assert {name: rows for name, (rows, _) in after.items()} == {
+        name: rows for name, (rows, _) in before.items()
+    }
+    assert Counter(read_output(out).column("custom_id").to_pylist()) == Counter(input_ids(prompts))
+    healthy = run_cli(["status", str(out), "--verify", "--json"], tmp_path / "home", timeout=120)
+    assert healthy.returncode == 0 and json.loads(healthy.stdout.splitlines()[-1])["damaged"] == {}
+
+
+def read_output_part(path: Path) -> tuple[list[tuple[str, str]], bytes]:
+    """A part file's (custom_id, text) rows and its bytes."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    rows = list(zip(table.column("custom_id").to_pylist(), table.column("text").to_pylist(), strict=True))
+    return rows, path.read_bytes()

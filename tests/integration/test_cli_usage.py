@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
+from prefect_vllm._checkpoint import CheckpointStore
+from prefect_vllm._lock import JobLock
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.integration
@@ -151,7 +151,6 @@ def test_a_finished_job_and_a_refused_one_are_answered_without_a_server_ray_or_e
     tmp_path: Path, prompts: Path, tiny_model: Path
 ) -> None:
     """No PREFECT_API_URL: a command that started anything would log its temporary server."""
-    import psutil
 
     out = committed_job(tmp_path, prompts, tiny_model, max_tokens=7)
     args = ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--shard-size", "1"]
@@ -164,14 +163,9 @@ def test_a_finished_job_and_a_refused_one_are_answered_without_a_server_ray_or_e
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "sampling.max_tokens (7 -> 8)" in refused.stderr and "--restart" in refused.stderr
     # A live run holds the job: refused as the flow would, still before anything starts.
-    me = psutil.Process()
-    (out / "_lock.json").write_text(
-        json.dumps({"job_id": summary["job_id"], "token": "t", "owner": "flow run 'other'",
-                       "host": socket.gethostname(), "pid": os.getpid(), "pid_started_at": me.create_time(),
-                       "started_at": time.time(), "heartbeat_at": time.time()})
-    )  # fmt: skip
-    running = run_cli([*args, "--max-tokens", "7"], tmp_path / "home", timeout=120)
-    assert running.returncode == 1 and "is already running (flow run 'other'" in running.stderr
+    with JobLock(CheckpointStore(str(out)), summary["job_id"], owner="flow run 'other'"):
+        running = run_cli([*args, "--max-tokens", "7"], tmp_path / "home", timeout=120)
+    assert running.returncode == 2 and "is already running (flow run 'other'" in running.stderr
     for proc in (done, refused, running):
         assert "Starting temporary server" not in proc.stderr, "a Prefect server was started"
         assert "Creating a local Ray instance" not in proc.stderr and "Traceback" not in proc.stderr

@@ -71,3 +71,31 @@ def test_default_job_id_is_a_stable_hash_of_the_fingerprint() -> None:
     assert fingerprint_id({"a": 1, "b": 2}) == fingerprint_id({"b": 2, "a": 1})
     assert fingerprint_id({"a": 1}) != fingerprint_id({"a": 2})
     assert len(fingerprint_id({"a": 1})) == 16
+
+
+def test_parts_missing_or_of_another_size_are_found_and_checksums_only_when_asked(tmp_path: Path) -> None:
+    (tmp_path / "out" / "_commits").mkdir(parents=True)
+    store = CheckpointStore(str(tmp_path / "out"))
+    table = pa.table({"custom_id": [f"r{i}" for i in range(50)], "text": ["hello"] * 50})
+    for shard_id in ("a", "b", "c", "d"):
+        checksum, size = store.write_part(shard_id, table)
+        store.commit(marker(shard_id).model_copy(update={"checksum": checksum, "part_bytes": size}))
+    committed = store.committed()
+    assert store.damaged(committed, checksums=True) == {}
+    (tmp_path / "out" / "part-a.parquet").unlink()
+    part_b = tmp_path / "out" / "part-b.parquet"
+    part_b.write_bytes(part_b.read_bytes()[:100])
+    part_c = tmp_path / "out" / "part-c.parquet"
+    data = bytearray(part_c.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes
+    part_c.write_bytes(bytes(data))
+    assert store.damaged(committed) == {
+        "a": "part-a.parquet is missing",
+        "b": f"part-b.parquet is 100 bytes, its commit marker says {committed['b'].part_bytes}",
+    }
+    assert set(store.damaged(committed, checksums=True)) == {"a", "b", "c"}
+    assert "sha256" in store.damaged(committed, checksums=True)["c"]
+    old_marker = {"d": committed["d"].model_copy(update={"part_bytes": None})}  # before sizes were kept
+    assert store.damaged(old_marker) == {}
+    store.uncommit("a")
+    assert set(store.committed()) == {"b", "c", "d"}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from prefect_vllm._checkpoint import CheckpointStore
-from prefect_vllm._lock import LOCK, STALE_S, JobLock
+from prefect_vllm._lock import LOCK, STALE_S, JobLock, check_not_running
 from prefect_vllm.exceptions import ConfigurationError, JobRunningError
 from prefect_vllm.flows._params import render_dated
 from prefect_vllm.flows._report import artifact_key, summary_markdown
@@ -38,23 +38,91 @@ def test_a_second_run_of_a_job_is_refused_while_the_first_holds_it(tmp_path: Pat
         assert held["owner"] == "flow run 'third'"
 
 
-def test_a_lock_left_by_a_dead_process_or_a_silent_host_is_taken_over(tmp_path: Path) -> None:
+def test_a_lock_file_left_by_a_dead_process_is_taken_at_once_on_a_local_folder(tmp_path: Path) -> None:
+    """The kernel lock dies with its holder: a leftover record, whoever it names, holds nothing."""
+    out = tmp_path / "out"
+    out.mkdir()
+    record = {"job_id": "j", "token": "old", "owner": "x", "host": "another-host", "pid": 1,
+              "started_at": 0, "heartbeat_at": time.time()}  # fmt: skip
+    (out / LOCK).write_text(json.dumps(record))
+    check_not_running(store(tmp_path))
+    with JobLock(store(tmp_path), "j", owner="new"):
+        assert json.loads((out / LOCK).read_text())["owner"] == "new"
+    assert not (out / LOCK).exists()
+
+
+def test_a_killed_holder_frees_the_lock_and_a_live_one_is_seen_by_a_look(tmp_path: Path) -> None:
+    code = (
+        "import sys, time; from prefect_vllm._checkpoint import CheckpointStore; "
+        "from prefect_vllm._lock import JobLock; "
+        "JobLock(CheckpointStore(sys.argv[1]), 'j', owner='holder').acquire(); print('held', flush=True); "
+        "time.sleep(600)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path / "out")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(JobRunningError, match=r"job 'j' is already running \(holder, pid"):
+            check_not_running(store(tmp_path))
+        with pytest.raises(JobRunningError, match="holder"):
+            JobLock(store(tmp_path), "j", owner="second").acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    with JobLock(store(tmp_path), "j", owner="after"):
+        pass
+
+
+def test_runs_that_take_the_lock_at_the_same_instant_get_it_once(tmp_path: Path) -> None:
+    """Eight processes try at one agreed moment, while the winner holds it; exactly one holds it."""
+    (tmp_path / "out").mkdir()
+    at, hold_s = time.time() + 8, 5
+    code = (
+        "import sys, time; from prefect_vllm._checkpoint import CheckpointStore; "
+        "from prefect_vllm._lock import JobLock; from prefect_vllm.exceptions import JobRunningError; "
+        "lock = JobLock(CheckpointStore(sys.argv[1]), 'j', owner=sys.argv[3]); "
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); tried = time.time()\n"
+        "try:\n lock.acquire()\nexcept JobRunningError:\n print('refused', tried)\n"
+        f"else:\n print('held', tried); time.sleep({hold_s}); lock.release()"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out"), str(at), f"run {i}"],
+                         stdout=subprocess.PIPE, text=True)
+        for i in range(8)
+    ]  # fmt: skip
+    answers = [p.communicate(timeout=120)[0].split() for p in procs]
+    assert sorted(a[0] for a in answers) == ["held"] + ["refused"] * 7, answers
+    assert max(float(a[1]) for a in answers) < at + hold_s, "a process tried after the holder let go"
+
+
+def test_an_advisory_lock_on_an_object_store_is_taken_over_from_a_dead_or_silent_holder() -> None:
+    """Object stores have no kernel lock: the record's process and heartbeat decide."""
+    import pyarrow.fs as pafs
+
+    fs = pafs._MockFileSystem()
+    fs.create_dir("bucket/out")
+    remote = CheckpointStore("bucket/out", filesystem=fs)
+    assert not remote.is_local
+
+    def leave(record: dict[str, object]) -> None:
+        with fs.open_output_stream(f"bucket/out/{LOCK}") as f:
+            f.write(json.dumps(record).encode())
+
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    lock_file = tmp_path / "out"
-    lock_file.mkdir()
     record = {"job_id": "j", "token": "old", "owner": "x", "host": socket.gethostname(),
               "pid": int(dead.stdout), "started_at": 0, "heartbeat_at": time.time()}  # fmt: skip
-    (lock_file / LOCK).write_text(json.dumps(record))
-    with JobLock(store(tmp_path), "j", owner="new"):
-        pass
+    leave(record)
+    with JobLock(remote, "j", owner="new"), pytest.raises(JobRunningError, match="new"):
+        JobLock(remote, "j", owner="second").acquire()
     elsewhere = {**record, "host": "another-host", "pid": 1}
-    (lock_file / LOCK).write_text(json.dumps(elsewhere))
+    leave(elsewhere)
     with pytest.raises(JobRunningError, match="on another-host"):
-        JobLock(store(tmp_path), "j", owner="new").acquire()
-    (lock_file / LOCK).write_text(json.dumps({**elsewhere, "heartbeat_at": time.time() - STALE_S - 1}))
-    with JobLock(store(tmp_path), "j", owner="new"):
+        check_not_running(remote)
+    leave({**elsewhere, "heartbeat_at": time.time() - STALE_S - 1})
+    with JobLock(remote, "j", owner="new"):
         pass
 
 
