@@ -119,6 +119,8 @@ def test_actors_that_cannot_fit_a_local_cluster_fail_at_once(
 def committed_job(tmp_path: Path, prompts: Path, model: Path, max_tokens: int) -> Path:
     """An output folder holding the job of `run PROMPTS --model MODEL --max-tokens N --shard-size 1`
     with every shard committed, as a finished run leaves it (no engine needed)."""
+    import pyarrow as pa
+
     from prefect_vllm._checkpoint import CheckpointStore, JobManifest
     from prefect_vllm._job import job_identity
     from prefect_vllm._planning import InputColumns, plan_job
@@ -137,11 +139,14 @@ def committed_job(tmp_path: Path, prompts: Path, model: Path, max_tokens: int) -
     )
     store.prepare(manifest, restart=False)
     for spec in plan.shards:
+        checksum, size = store.write_part(
+            spec.shard_id, pa.table({"custom_id": [spec.shard_id], "text": ["t"]})
+        )
         store.commit(
             ShardResult(
                 shard_id=spec.shard_id, rows=1, rows_ok=1, rows_failed=0, prompt_tokens=3, output_tokens=5,
-                checksum="0" * 64, attempt=1, actor_pid=0, generate_s=0.1, write_s=0.01, total_s=0.11,
-                committed_at=time.time(),
+                checksum=checksum, part_bytes=size, attempt=1, actor_pid=0, generate_s=0.1, write_s=0.01,
+                total_s=0.11, committed_at=time.time(),
             )
         )  # fmt: skip
     return out
