@@ -4,10 +4,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Any
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
+
+
+class _RefusalWithoutTraceback(logging.Filter):
+    """Prefect logs the exception that ends a flow run with its traceback. A refusal
+    (bad settings, a changed job, a job already running) is one line, which the command
+    prints last; forty lines of traceback above it only bury it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from prefect_vllm.exceptions import ConfigurationError, JobRunningError
+
+        if record.exc_info and isinstance(record.exc_info[1], (ConfigurationError, JobRunningError)):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_refusals() -> None:
+    """Keep refusals' tracebacks out of every log handler Prefect has set up (the console
+    and the run's logs on the server): each refusal is still logged, as its message."""
+    quiet = _RefusalWithoutTraceback()
+    names = ["", *(name for name in logging.root.manager.loggerDict if name.startswith("prefect"))]
+    for name in names:
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _RefusalWithoutTraceback) for f in handler.filters):
+                handler.addFilter(quiet)
 
 
 def add_actor_flags(parser: argparse.ArgumentParser) -> None:

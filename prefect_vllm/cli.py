@@ -190,9 +190,11 @@ def _run(args: argparse.Namespace) -> int:
         _print_summary(done, args.json)
         return EXIT_OK
 
+    from prefect_vllm._cli_common import quiet_refusals
     from prefect_vllm._server import prefect_api
     from prefect_vllm.flows import batch_inference
 
+    quiet_refusals()
     try:
         server_starting = time.monotonic()
         with prefect_api():

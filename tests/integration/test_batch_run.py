@@ -120,6 +120,7 @@ def test_two_runs_of_one_job_started_together_write_it_once_and_the_second_is_re
     ran, refused = sorted(done, key=lambda d: d.returncode)
     last = refused.stderr.strip().splitlines()[-1]
     assert "is already running" in last and "two runs never write one job at once" in last, last
+    assert "Traceback" not in refused.stderr, refused.stderr[-3000:]
     summary = summary_of(ran)
     assert (summary["shards_run"], summary["shards_skipped"], summary["rows_ok"]) == (12, 0, 600)
     assert Counter(read_output(out).column("custom_id").to_pylist()) == Counter(input_ids(prompts))
