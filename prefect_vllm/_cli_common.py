@@ -38,10 +38,14 @@ def quiet_refusals() -> None:
 
 def add_actor_flags(parser: argparse.ArgumentParser) -> None:
     """The engine actors' flags, shared by `run` and `pool start`."""
-    parser.add_argument("--actors", type=int, default=1, help="engine actors (default 1)")
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
-    parser.add_argument("--gpus-per-actor", type=float, default=None)
-    parser.add_argument("--max-restarts", type=int, default=32, help="engine restarts per actor (default 32)")
+    parser.add_argument("--actors", type=int, default=None, help="engine actors (default 1)")
+    parser.add_argument("--cpus-per-actor", type=float, default=None, help="default 1")
+    parser.add_argument(
+        "--gpus-per-actor", type=float, default=None, help="default: tensor parallel size on GPUs"
+    )
+    parser.add_argument(
+        "--max-restarts", type=int, default=None, help="engine restarts per actor (default 32)"
+    )
     parser.add_argument(
         "--actor-resources", default=None, help="JSON object of custom Ray resources per actor"
     )
@@ -49,30 +53,39 @@ def add_actor_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """The vLLM engine's flags, shared by `run` and `pool start`."""
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--tensor-parallel-size", type=int, default=None, help="default 1")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, auto on GPU")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--engine-args", default=None, help="JSON object of vLLM engine arguments")
 
 
 def engine_config(args: argparse.Namespace) -> Any:
-    """The `EngineConfig` the engine flags describe."""
+    """The `EngineConfig` of the engine flags given, or None when none is (the model's
+    own defaults apply, or those of a block or warm pool that gives them)."""
     from prefect_vllm.config import EngineConfig
 
-    return EngineConfig(
+    given = _given(
         dtype=args.dtype, max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
-        engine_args=json_object(args.engine_args, "--engine-args"),
+        engine_args=None if args.engine_args is None else json_object(args.engine_args, "--engine-args"),
     )  # fmt: skip
+    return EngineConfig(**given) if given else None
 
 
 def pool_config(args: argparse.Namespace) -> Any:
-    """The `ActorPoolConfig` the actor flags describe."""
+    """The `ActorPoolConfig` of the actor flags given, or None when none is."""
     from prefect_vllm.config import ActorPoolConfig
 
-    return ActorPoolConfig(
+    given = _given(
         num_actors=args.actors, num_cpus=args.cpus_per_actor, num_gpus=args.gpus_per_actor,
-        max_restarts=args.max_restarts, resources=json_object(args.actor_resources, "--actor-resources"),
+        max_restarts=args.max_restarts,
+        resources=None if args.actor_resources is None else json_object(args.actor_resources, "--actor-resources"),
     )  # fmt: skip
+    return ActorPoolConfig(**given) if given else None
+
+
+def _given(**flags: Any) -> dict[str, Any]:
+    """The flags given on the command line: an unset flag is None, whatever its default."""
+    return {name: value for name, value in flags.items() if value is not None}
 
 
 def fail(message: str, code: int) -> int:

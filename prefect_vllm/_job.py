@@ -167,13 +167,13 @@ def job_summary(
 
 
 def adopt_pool_settings(
-    name: str, pool_model: str, pool_engine: EngineConfig, model: str, engine: EngineConfig
+    name: str, pool_model: str, pool_engine: EngineConfig, model: str, engine: EngineConfig | None
 ) -> tuple[str, EngineConfig]:
     """The model and engine settings of a job that runs on the warm pool `name`.
 
     The pool's engines are what generate, so its settings are the job's (and join its
-    fingerprint). Engine settings left at their defaults take the pool's; the model,
-    and engine settings given, must be the pool's.
+    fingerprint). A job that gives no engine settings (`engine` None) takes the pool's;
+    the model, and engine settings given (defaults included), must be the pool's.
 
     Raises:
         ConfigurationError: Naming each setting that differs from the pool's.
@@ -181,7 +181,7 @@ def adopt_pool_settings(
     differences = []
     if not _same_model(model, pool_model):
         differences.append(f"model (pool: {pool_model!r}, job: {model!r})")
-    if engine != EngineConfig() and engine != pool_engine:
+    if engine is not None and engine != pool_engine:
         ours, theirs = engine.model_dump(mode="json"), pool_engine.model_dump(mode="json")
         differences += [
             f"engine.{key} (pool: {json.dumps(theirs[key])}, job: {json.dumps(ours[key])})"

@@ -255,7 +255,7 @@ def _answer_from_checkpoints(
     from prefect_vllm._job import job_identity, job_summary
     from prefect_vllm._lock import check_not_running
     from prefect_vllm._planning import InputColumns, discover_inputs
-    from prefect_vllm.config import SamplingConfig
+    from prefect_vllm.config import EngineConfig, SamplingConfig
 
     uses_blocks = args.model.startswith("vllm-model/") or args.cluster or args.storage or args.pool
     dated = "{" in args.input or "{" in args.output
@@ -268,7 +268,7 @@ def _answer_from_checkpoints(
     columns = InputColumns(prompt=args.prompt_column, messages=args.messages_column, id=args.id_column)
     identity = job_identity(
         args.model, discover_inputs(args.input), columns, args.shard_size, sampling or SamplingConfig(),
-        engine, requests, args.job_id,
+        engine or EngineConfig(), requests, args.job_id,
     )  # fmt: skip
     store.check_same_job(manifest, identity.job_id, identity.fingerprint)
     check_not_running(store)

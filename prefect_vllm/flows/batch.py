@@ -41,8 +41,8 @@ def batch_inference(
     shard_size: Annotated[int, Field(ge=1)] = 512,
     sampling: SamplingConfig | None = None,
     requests: RequestConfig = RequestConfig(),  # noqa: B008 - frozen pydantic model
-    engine: EngineConfig = EngineConfig(),  # noqa: B008
-    pool: ActorPoolConfig = ActorPoolConfig(),  # noqa: B008
+    engine: EngineConfig | None = None,
+    pool: ActorPoolConfig | None = None,
     recovery: RecoveryConfig = RecoveryConfig(),  # noqa: B008
     cluster: RayCluster | str | None = None,
     storage: CheckpointStorage | str | None = None,
@@ -133,7 +133,7 @@ def batch_inference(
     block = model_block(model)
     hf_token = None
     if block is not None:
-        if engine != EngineConfig():
+        if engine is not None:
             raise ConfigurationError(
                 "engine: give engine settings in the VllmModel block or in `engine`, not both"
             )
@@ -143,12 +143,13 @@ def batch_inference(
     sampling = sampling or SamplingConfig()
     ray_cluster = load_block(RayCluster, cluster, "cluster")
     if ray_cluster is not None:
-        if pool != ActorPoolConfig():
+        if pool is not None:
             raise ConfigurationError(
                 "pool: give actor settings in the RayCluster block or in `pool`, not both"
             )
         pool = ray_cluster.pool_config()
         warm_pool = warm_pool or ray_cluster.warm_pool
+    pool = pool or ActorPoolConfig()
     address, runtime_env = cluster_settings(ray_cluster, ray_address)
     storage_block = load_block(CheckpointStorage, storage, "storage")
     with contextlib.ExitStack() as connection:
@@ -161,6 +162,7 @@ def batch_inference(
             connection.enter_context(ray_connection(address, runtime_env))  # until the run ends
             warm = VllmActorPool.attach(warm_pool, pool)
             model, engine = adopt_pool_settings(warm_pool, warm.model, warm.engine, model, engine)
+        engine = engine or EngineConfig()
         check_model(model)
         columns = InputColumns(prompt=prompt_column, messages=messages_column, id=id_column)
         plan = plan_job(input, columns, shard_size)

@@ -13,16 +13,39 @@ from prefect_vllm.exceptions import ConfigurationError
 
 def test_a_job_without_engine_settings_takes_the_pools(tmp_path: Path) -> None:
     pool_engine = EngineConfig(max_model_len=512, engine_args={"max_num_seqs": 8})
-    model, engine = adopt_pool_settings("p", str(tmp_path), pool_engine, str(tmp_path), EngineConfig())
+    model, engine = adopt_pool_settings("p", str(tmp_path), pool_engine, str(tmp_path), None)
     assert (model, engine) == (str(tmp_path), pool_engine)
+
+
+def test_engine_settings_given_as_the_defaults_are_honoured_not_replaced_by_the_pools(tmp_path: Path) -> None:
+    pool_engine = EngineConfig(max_model_len=512)
+    with pytest.raises(ConfigurationError, match=r"engine\.max_model_len \(pool: 512, job: null\)"):
+        adopt_pool_settings("p", str(tmp_path), pool_engine, str(tmp_path), EngineConfig())
+    assert (
+        adopt_pool_settings("p", str(tmp_path), EngineConfig(), str(tmp_path), EngineConfig())[1]
+        == EngineConfig()
+    )
+
+
+def test_command_line_engine_and_actor_flags_are_given_only_when_typed() -> None:
+    from prefect_vllm._cli_common import engine_config, pool_config
+    from prefect_vllm.cli import _parser
+    from prefect_vllm.config import ActorPoolConfig
+
+    bare = _parser().parse_args(["run", "in.jsonl", "--output", "out", "--model", "m"])
+    assert (engine_config(bare), pool_config(bare)) == (None, None)
+    typed = _parser().parse_args(
+        ["run", "in.jsonl", "--output", "out", "--model", "m", "--tensor-parallel-size", "1", "--actors", "1"]
+    )
+    assert engine_config(typed) == EngineConfig(tensor_parallel_size=1)
+    assert pool_config(typed) == ActorPoolConfig(num_actors=1)
+    assert "num_actors" in pool_config(typed).model_fields_set
 
 
 def test_the_same_folder_by_another_path_is_the_same_model(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "m")
-    model, _ = adopt_pool_settings(
-        "p", str(tmp_path / "m"), EngineConfig(), str(tmp_path / "link"), EngineConfig()
-    )
+    model, _ = adopt_pool_settings("p", str(tmp_path / "m"), EngineConfig(), str(tmp_path / "link"), None)
     assert model == str(tmp_path / "m"), "the pool's name for the model goes into the fingerprint"
 
 
