@@ -109,8 +109,7 @@ def test_two_runs_of_one_job_started_together_write_it_once_and_the_second_is_re
     """Both pass the early look (nobody holds the job yet); the job lock lets one write."""
     prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=600, seed=11)
     out = tmp_path / "out"
-    args = ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--shard-size", "50",
-            "--max-tokens", "16", "--temperature", "0", "--json", *shared_pool.cli_args()]  # fmt: skip
+    args = greedy_run(prompts, out, tiny_model, shared_pool, shard_size=50, max_tokens=16)
     logs = [tmp_path / f"run-{i}.log" for i in range(2)]
     procs = [
         start_cli(args, tmp_path / f"home-{i}", log, api_url=prefect_server) for i, log in enumerate(logs)
@@ -133,8 +132,7 @@ def test_a_deleted_and_a_truncated_committed_part_are_reported_and_generated_aga
 ) -> None:
     prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=60, seed=12)
     out = tmp_path / "out"
-    args = ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--shard-size", "10",
-            "--max-tokens", "8", "--temperature", "0", "--json", *shared_pool.cli_args()]  # fmt: skip
+    args = greedy_run(prompts, out, tiny_model, shared_pool, shard_size=10, max_tokens=8)
     first = run_cli(args, tmp_path / "home", api_url=prefect_server)
     assert first.returncode == 0, first.stderr[-3000:]
     before = {p.name: read_output_part(p) for p in sorted(out.glob("part-*.parquet"))}
@@ -174,3 +172,11 @@ def read_output_part(path: Path) -> tuple[list[tuple[str, str]], bytes]:
     table = pq.read_table(path)
     rows = list(zip(table.column("custom_id").to_pylist(), table.column("text").to_pylist(), strict=True))
     return rows, path.read_bytes()
+
+
+def greedy_run(
+    prompts: Path, out: Path, model: Path, pool: SharedPool, *, shard_size: int, max_tokens: int
+) -> list[str]:
+    """`prefect-vllm run` of a greedy job on the session's warm pool, with a JSON summary."""
+    return ["run", str(prompts), "--output", str(out), "--model", str(model), "--shard-size", str(shard_size),
+            "--max-tokens", str(max_tokens), "--temperature", "0", "--json", *pool.cli_args()]  # fmt: skip
