@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
+
+#: How long the run's own clean-up (its engines, its Ray cluster, its Prefect server) may
+#: take after Ctrl-C or SIGTERM before the command kills what is left and exits.
+INTERRUPT_GRACE_S = 20.0
 
 
 class _RefusalWithoutTraceback(logging.Filter):
@@ -105,3 +115,59 @@ def json_object(raw: str | None, flag: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigurationError(f"{flag} must be a JSON object, got {type(value).__name__}")
     return value
+
+
+@contextlib.contextmanager
+def interrupts_end_the_run() -> Iterator[Callable[[], int | None]]:
+    """Ctrl-C and SIGTERM stop the run within seconds; a second one stops it at once.
+
+    The first interrupt raises `KeyboardInterrupt` in the main thread, so the run
+    abandons its shards in flight (uncommitted) and shuts its engines, Ray and Prefect
+    server down as it would on any failure. If that clean-up is not done within
+    `INTERRUPT_GRACE_S`, or on a second interrupt, every process the command started
+    (all its descendants: the local Ray cluster, engines, the Prefect server) is killed
+    and the command exits. A warm pool's engines are not the command's: they stay up.
+    SIGINT that was ignored when the command started (a `nohup` job) stays ignored.
+
+    Yields:
+        A function giving the exit status of the interrupt (130 for SIGINT, 143 for
+        SIGTERM), or None while there has been none.
+    """
+    received: list[int] = []
+
+    def leave_now() -> None:
+        _kill_descendants()
+        os._exit(128 + received[0])
+
+    def interrupted(signum: int, frame: FrameType | None) -> None:
+        if received:
+            leave_now()
+        received.append(signum)
+        print(
+            "prefect-vllm: interrupted: stopping the run (press Ctrl-C again to quit at once); "
+            "committed shards are kept",
+            file=sys.stderr,
+            flush=True,
+        )
+        timer = threading.Timer(INTERRUPT_GRACE_S, leave_now)
+        timer.daemon = True
+        timer.start()
+        raise KeyboardInterrupt
+
+    signals = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signals.append(signal.SIGINT)
+    previous = {signum: signal.signal(signum, interrupted) for signum in signals}
+    try:
+        yield lambda: 128 + received[0] if received else None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _kill_descendants() -> None:
+    import psutil
+
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()

@@ -190,30 +190,41 @@ def _run(args: argparse.Namespace) -> int:
         _print_summary(done, args.json)
         return EXIT_OK
 
-    from prefect_vllm._cli_common import quiet_refusals
+    from prefect_vllm._cli_common import interrupts_end_the_run, quiet_refusals
     from prefect_vllm._server import prefect_api
     from prefect_vllm.flows import batch_inference
 
     quiet_refusals()
-    try:
-        server_starting = time.monotonic()
-        with prefect_api():
-            server_start_s = round(time.monotonic() - server_starting, 3)
-            result = batch_inference(
-                input=args.input, output=args.output, model=args.model,
-                prompt_column=args.prompt_column, messages_column=args.messages_column, id_column=args.id_column,
-                shard_size=args.shard_size, sampling=sampling, requests=requests, engine=engine, pool=pool,
-                recovery=recovery, ray_address=args.ray_address, job_id=args.job_id, restart=args.restart, verify=args.verify,
-                export=args.export, cluster=args.cluster, storage=args.storage, warm_pool=args.pool,
-            )  # fmt: skip
-    except (ConfigurationError, JobRunningError) as exc:
-        return _fail(str(exc), EXIT_USAGE)
-    except IncompleteJobError as exc:
-        if exc.result is not None:
-            _print_summary(exc.result, args.json)
-        return _fail(str(exc), EXIT_INCOMPLETE)
-    except PrefectVllmError as exc:
-        return _fail(str(exc), EXIT_INCOMPLETE)
+    with interrupts_end_the_run() as interrupt_status:
+        try:
+            server_starting = time.monotonic()
+            with prefect_api():
+                server_start_s = round(time.monotonic() - server_starting, 3)
+                result = batch_inference(
+                    input=args.input, output=args.output, model=args.model,
+                    prompt_column=args.prompt_column, messages_column=args.messages_column, id_column=args.id_column,
+                    shard_size=args.shard_size, sampling=sampling, requests=requests, engine=engine, pool=pool,
+                    recovery=recovery, ray_address=args.ray_address, job_id=args.job_id, restart=args.restart,
+                    verify=args.verify, export=args.export, cluster=args.cluster, storage=args.storage,
+                    warm_pool=args.pool,
+                )  # fmt: skip
+        except (ConfigurationError, JobRunningError) as exc:
+            return _fail(str(exc), EXIT_USAGE)
+        except IncompleteJobError as exc:
+            if exc.result is not None:
+                _print_summary(exc.result, args.json)
+            return _fail(str(exc), EXIT_INCOMPLETE)
+        except PrefectVllmError as exc:
+            return _fail(str(exc), EXIT_INCOMPLETE)
+        except KeyboardInterrupt:
+            status = interrupt_status()
+            if status is None:
+                raise
+            return _fail(
+                "interrupted: the shards in flight were abandoned, every committed shard is kept; "
+                "run the same command again to resume",
+                status,
+            )
     result = result.model_copy(
         update={"timings": {"prefect_server_start_s": server_start_s, **result.timings}}
     )

@@ -156,9 +156,20 @@ def free_port() -> int:
 
 
 def start_cli(
-    args: list[str], prefect_home: Path, log: Path, api_url: str | None = None
+    args: list[str], prefect_home: Path, log: Path, api_url: str | None = None, sigint: bool = False
 ) -> subprocess.Popen[str]:
-    """Start `prefect-vllm` in the background; stdout is piped, stderr goes to `log`."""
+    """Start `prefect-vllm` in the background; stdout is piped, stderr goes to `log`.
+
+    Args:
+        sigint: Give the command SIGINT's default action, as a terminal's foreground job
+            has it (a background job of a non-interactive shell, as CI may run the tests
+            in, inherits SIGINT ignored).
+    """
+    import signal
+
+    def default_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     return subprocess.Popen(
         cli(*args),
         env=cli_env(prefect_home, api_url),
@@ -166,6 +177,7 @@ def start_cli(
         stderr=log.open("w"),
         text=True,
         cwd=REPO,
+        preexec_fn=default_sigint if sigint else None,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -27,6 +28,38 @@ from tests.helpers import (
 )
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+
+def test_ctrl_c_stops_the_run_within_seconds_and_the_next_run_completes_exactly(
+    tmp_path: Path, tiny_model: Path, prefect_server: str
+) -> None:
+    """SIGINT after two commits, as Ctrl-C sends it: exit 130 soon, nothing left running."""
+    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=480, seed=21)
+    out = tmp_path / "out"
+    args = ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--shard-size", "16",
+            "--max-tokens", "48", "--ignore-eos", "--temperature", "0", "--json"]  # fmt: skip
+    log = tmp_path / "run-1.log"
+    # A terminal's foreground job gets SIGINT with its default action, whatever the
+    # test runner's own shell did with it.
+    proc = start_cli(args, tmp_path / "home", log, api_url=prefect_server, sigint=True)
+    wait_for(lambda: len(markers(out)) >= 2 or proc.poll() is not None, 900, "two committed shards")
+    interrupted_at = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    stopped = finish(proc, log, timeout=60)
+    took = time.monotonic() - interrupted_at
+    assert stopped.returncode == 130, stopped.stderr[-4000:]
+    assert took < 30, f"the command took {took:.0f} s to stop"
+    assert "run the same command again to resume" in stopped.stderr.strip().splitlines()[-1]
+    wait_for(lambda: not engine_processes() and not ray_processes(), 30, "the run's engines and Ray to exit")
+    committed = len(markers(out))
+    assert 2 <= committed < 30, committed
+
+    resumed = run_cli(args, tmp_path / "home", api_url=prefect_server)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    summary = summary_of(resumed)
+    assert (summary["shards_skipped"], summary["shards_run"]) == (committed, 30 - committed)
+    assert Counter(read_output(out).column("custom_id").to_pylist()) == Counter(input_ids(prompts))
+    no_engine_left()
 
 
 def test_killed_flow_process_resumes_skipping_committed_shards(
