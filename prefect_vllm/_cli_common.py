@@ -98,6 +98,11 @@ def _given(**flags: Any) -> dict[str, Any]:
     return {name: value for name, value in flags.items() if value is not None}
 
 
+def validation_message(exc: Any) -> str:
+    """A pydantic `ValidationError` as one line: `field.path: message; ...`."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+
+
 def fail(message: str, code: int) -> int:
     print(f"prefect-vllm: error: {message}", file=sys.stderr)
     return code

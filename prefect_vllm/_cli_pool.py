@@ -15,6 +15,7 @@ from prefect_vllm._cli_common import (
     engine_config,
     fail,
     pool_config,
+    validation_message,
 )
 
 
@@ -65,9 +66,7 @@ def run_pool_command(args: argparse.Namespace) -> int:
             answer = pools.list_pools(ray_address=args.ray_address)
             text = "\n".join(_describe(p) for p in answer) or "no warm pools on this cluster"
     except ValidationError as exc:
-        return fail(
-            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()), EXIT_USAGE
-        )
+        return fail(validation_message(exc), EXIT_USAGE)
     except ConfigurationError as exc:
         return fail(str(exc), EXIT_USAGE)
     except PrefectVllmError as exc:

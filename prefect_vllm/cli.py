@@ -21,6 +21,7 @@ from prefect_vllm._cli_common import (
     add_engine_flags,
     engine_config,
     pool_config,
+    validation_message,
 )
 from prefect_vllm._cli_common import fail as _fail
 from prefect_vllm._cli_common import json_object as _json_object
@@ -181,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
         _precheck(args)
         done = _answer_from_checkpoints(args, sampling, engine, requests, started)
     except ValidationError as exc:
-        return _fail(_validation_message(exc), EXIT_USAGE)
+        return _fail(validation_message(exc), EXIT_USAGE)
     except ConfigurationError as exc:
         return _fail(str(exc), EXIT_USAGE)
     except JobRunningError as exc:
@@ -296,11 +297,6 @@ def _answer_from_checkpoints(
     return job_summary(
         manifest.job_id, manifest.plan, committed, {}, store.uri, wall_s=time.monotonic() - started
     )
-
-
-def _validation_message(exc: Any) -> str:
-    errors = exc.errors()
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
 
 
 def _print_summary(result: Any, as_json: bool) -> None:
