@@ -16,6 +16,7 @@ is older than `STALE_S`. The deployment's concurrency limit is the real guard th
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -34,6 +35,9 @@ from prefect_vllm.exceptions import JobRunningError
 __all__ = ["LOCK", "JobLock", "check_not_running"]
 
 LOCK = "_lock.json"
+
+#: What `flock` answers on a filesystem that has no such lock.
+_NO_KERNEL_LOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF}
 
 #: How often the holder of an advisory lock rewrites its heartbeat, and when a silent
 #: holder is presumed dead.
@@ -81,8 +85,13 @@ class JobLock:
             JobRunningError: Another live run holds the lock.
         """
         if self._store.is_local:
-            self._fd = _take_kernel_lock(self._store.path(LOCK), self._record)
-            return
+            try:
+                self._fd = _take_kernel_lock(self._store.path(LOCK), self._record)
+                return
+            except OSError as exc:
+                if exc.errno not in _NO_KERNEL_LOCK:
+                    raise
+                # A filesystem without flock (some network mounts): the advisory record.
         held = _read(self._store)
         if held is not None and held.get("token") != self._record["token"] and not _is_stale(held):
             raise JobRunningError(_held_message(held))
@@ -131,16 +140,19 @@ def check_not_running(store: CheckpointStore) -> None:
     """
     if store.is_local:
         try:
-            fd = os.open(store.path(LOCK), os.O_RDONLY)
+            fd = os.open(store.path(LOCK), os.O_RDWR)  # NFS locks a write lock on writable files only
         except FileNotFoundError:
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
         except BlockingIOError:
             raise JobRunningError(_held_message(_read(store))) from None
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_LOCK:
+                raise
         finally:
             os.close(fd)
-        return
     held = _read(store)
     if held is not None and not _is_stale(held):
         raise JobRunningError(_held_message(held))
@@ -160,6 +172,9 @@ def _take_kernel_lock(path: str, record: dict[str, Any]) -> int:
         except BlockingIOError:
             os.close(fd)
             raise JobRunningError(_held_message(_read_file(path))) from None
+        except OSError:
+            os.close(fd)
+            raise
         if _same_file(fd, path):
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(record).encode(), 0)
