@@ -209,23 +209,25 @@ def _run(args: argparse.Namespace) -> int:
                     verify=args.verify, export=args.export, cluster=args.cluster, storage=args.storage,
                     warm_pool=args.pool,
                 )  # fmt: skip
-        except (ConfigurationError, JobRunningError) as exc:
-            return _fail(str(exc), EXIT_USAGE)
-        except IncompleteJobError as exc:
-            if exc.result is not None:
-                _print_summary(exc.result, args.json)
-            return _fail(str(exc), EXIT_INCOMPLETE)
-        except PrefectVllmError as exc:
-            return _fail(str(exc), EXIT_INCOMPLETE)
-        except KeyboardInterrupt:
+        except BaseException as exc:
+            # An interrupt surfaces as whatever was running when it came (KeyboardInterrupt,
+            # or an error wrapping it, such as pydantic's): the signal decides.
             status = interrupt_status()
-            if status is None:
-                raise
-            return _fail(
-                "interrupted: the shards in flight were abandoned, every committed shard is kept; "
-                "run the same command again to resume",
-                status,
-            )
+            if status is not None:
+                return _fail(
+                    "interrupted: the shards in flight were abandoned, every committed shard is kept; "
+                    "run the same command again to resume",
+                    status,
+                )
+            if isinstance(exc, (ConfigurationError, JobRunningError)):
+                return _fail(str(exc), EXIT_USAGE)
+            if isinstance(exc, IncompleteJobError):
+                if exc.result is not None:
+                    _print_summary(exc.result, args.json)
+                return _fail(str(exc), EXIT_INCOMPLETE)
+            if isinstance(exc, PrefectVllmError):
+                return _fail(str(exc), EXIT_INCOMPLETE)
+            raise
     result = result.model_copy(
         update={"timings": {"prefect_server_start_s": server_start_s, **result.timings}}
     )

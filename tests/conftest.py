@@ -54,12 +54,10 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests on the session's warm pool run last, in one test process: its engine outlives
-    them, and no other test of that process (a fault test counting engines, a run
-    starting its own) should see it."""
-    for item in items:
-        if "shared_pool" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("shared-pool"))
+    """Tests on the session's warm pool run last in their test process: its engine
+    outlives them, and no other test of that process (a fault test counting engines, a
+    run starting its own) should see it. (Both test processes may reach them, and each
+    then starts a warm pool of its own.)"""
     items.sort(key=lambda item: "shared_pool" in getattr(item, "fixturenames", ()))
 
 

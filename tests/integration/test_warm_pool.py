@@ -1,7 +1,9 @@
 """Warm engine pools on a long-lived Ray cluster: started once, used by many runs, stopped.
 
 One pool for the module, on the session's cluster; the tests run in order (the last
-one stops the pool). The engine-death test kills a real engine inside the warm pool.
+one stops the pool). Where the two test processes share the module's tests, each has
+its own session cluster and module pool. The engine-death test kills a real engine
+inside the warm pool.
 """
 
 from __future__ import annotations
