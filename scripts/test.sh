@@ -18,9 +18,12 @@ mypy_out="$(mktemp)"
 mypy_pid=$!
 # Two test processes side by side: most of a test is one process importing vLLM or
 # waiting on a deadline, so a second keeps the other core busy (tests/conftest.py
-# keeps their Ray clusters and engines apart).
+# keeps their Ray clusters and engines apart). `loadgroup` deals the tests out one at a
+# time as the processes free up (under pytest 9.2 it no longer groups anything,
+# pytest-xdist#1386); plain `load` hands out a quarter of the suite up front, which left
+# one process with every fault test and the other idle.
 status=0
-.venv/bin/python -m pytest -n "${PREFECT_VLLM_TEST_WORKERS:-2}" "$@" || status=$?
+.venv/bin/python -m pytest -n "${PREFECT_VLLM_TEST_WORKERS:-2}" --dist loadgroup "$@" || status=$?
 wait "$mypy_pid" || status=1
 cat "$mypy_out"
 rm -f "$mypy_out"
