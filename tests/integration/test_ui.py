@@ -97,6 +97,10 @@ def test_a_run_started_from_the_ui_form_completes_with_our_artifacts(
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        # The UI renders in a browser sharing two cores with the engines of the other
+        # test process: give each step minutes, not Playwright's 30 s default.
+        page.set_default_timeout(180_000)
+        expect.set_options(timeout=180_000)
         try:
             page.goto(f"{ui_server}/deployments")
             page.get_by_role("link", name="ui", exact=True).click()
