@@ -86,7 +86,7 @@ class JobLock:
         """
         if self._store.is_local:
             try:
-                self._fd = _take_kernel_lock(self._store.path(LOCK), self._record)
+                self._fd = _take_kernel_lock(self._store, self._record)
                 return
             except OSError as exc:
                 if exc.errno not in _NO_KERNEL_LOCK:
@@ -158,12 +158,14 @@ def check_not_running(store: CheckpointStore) -> None:
         raise JobRunningError(_held_message(held))
 
 
-def _take_kernel_lock(path: str, record: dict[str, Any]) -> int:
-    """Lock `path` for this process and write `record` into it: the open descriptor.
+def _take_kernel_lock(store: CheckpointStore, record: dict[str, Any]) -> int:
+    """Lock the job's lock file for this process and write `record` into it: the open
+    descriptor.
 
     A holder removes the file as it lets go; a run that opened it just before then
     locks a file nobody will look at again, so it opens the path anew.
     """
+    path = store.path(LOCK)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -171,7 +173,7 @@ def _take_kernel_lock(path: str, record: dict[str, Any]) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise JobRunningError(_held_message(_read_file(path))) from None
+            raise JobRunningError(_held_message(_read(store))) from None
         except OSError:
             os.close(fd)
             raise
@@ -190,18 +192,7 @@ def _same_file(fd: int, path: str) -> bool:
 
 
 def _read(store: CheckpointStore) -> dict[str, Any] | None:
-    return _parse(store.read_bytes(LOCK))
-
-
-def _read_file(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path, "rb") as f:
-            return _parse(f.read())
-    except FileNotFoundError:
-        return None
-
-
-def _parse(data: bytes | None) -> dict[str, Any] | None:
+    data = store.read_bytes(LOCK)
     if not data:
         return None  # a holder between create and write: its record comes next
     try:
