@@ -1,31 +1,46 @@
-"""One process per CPU engine instead of two.
+"""A CPU engine is one process, forked from its actor.
 
-vLLM's CPU platform replaces a single-process executor ("uni": the model runs inside
-the `VLLM::EngineCore` process, as it does on one GPU) with the multiprocess one, so
-every CPU engine is two spawned processes (`VLLM::EngineCore`, then `VLLM::Worker`),
-each importing vLLM and torch from scratch. On a 2-core machine that second import is
-about 15 s of every engine start and of every restart after an engine death (measured:
-raw `LLM(...)` of the tiny model starts in 33 s instead of 48 s, and generates the same
-text). Its reason, setting the worker's OpenMP environment before torch loads, does not
-apply to an engine inside a Ray actor: Ray gives the actor's processes
-`OMP_NUM_THREADS` (the actor's CPUs) before anything imports torch.
+vLLM's CPU platform makes every engine two spawned processes: `VLLM::EngineCore`,
+then a `VLLM::Worker` that runs the model, each importing vLLM and torch from scratch
+(6-15 s apiece on a 2-core machine). Neither cost buys anything inside a Ray actor:
 
-Killing the engine still means killing `VLLM::EngineCore`: the model runs in it.
+- **One process.** The single-process executor ("uni") runs the model inside
+  `VLLM::EngineCore`, as on one GPU. The CPU platform swaps it for the multiprocess
+  one so that the worker's OpenMP environment is set before torch loads; in a Ray
+  actor, Ray has set `OMP_NUM_THREADS` (the actor's CPUs) before anything imports
+  torch. Raw `LLM(...)` of the tiny model started in 33 s instead of 48 s this way.
+- **Forked, not spawned.** vLLM spawns its engine process inside a Ray actor (a
+  forked child that used Ray would hang) and on CPU (for the worker's OpenMP
+  environment). A uni engine process uses neither Ray nor a worker: forked from the
+  actor, it inherits the actor's imports and is serving about 2 s later instead of
+  about 9 s (the tiny model, an idle 2-core machine, same text generated). The actor
+  forks once, in its constructor, before it has run a thread pool of its own.
+
+Killing the engine still means killing `VLLM::EngineCore`: the model runs in it. An
+engine given `distributed_executor_backend="mp"` gets vLLM's own processes, spawned.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import Any
 
 #: The engine argument that picks the executor; a value given by the user is kept.
 EXECUTOR_ARG = "distributed_executor_backend"
 
-_PATCHED = "_prefect_vllm_keeps_uni"
+#: vLLM's switch between forking and spawning its engine processes.
+START_METHOD_ENV = "VLLM_WORKER_MULTIPROC_METHOD"
+
+_PATCHED = "_prefect_vllm_patched"
 
 
 def one_process_engine(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Ask for the single-process executor, unless the user chose one, and make the CPU
-    platform keep it for single-worker engines.
+    """Ask for one forked engine process, unless the user chose another executor.
+
+    Installs, in this (actor) process only, the three changes that make vLLM keep
+    that choice: the CPU platform keeps the single-process executor, the engine
+    process is forked, and it is still titled `VLLM::EngineCore`.
 
     Args:
         kwargs: `AsyncEngineArgs` keyword arguments of a CPU engine.
@@ -36,10 +51,13 @@ def one_process_engine(kwargs: dict[str, Any]) -> dict[str, Any]:
     if kwargs.get("tensor_parallel_size", 1) != 1 or kwargs.get("pipeline_parallel_size", 1) != 1:
         return kwargs
     _keep_uni_executor()
+    _fork_uni_engine()
+    _title_forked_engine()
     return {EXECUTOR_ARG: "uni", **kwargs}
 
 
 def _keep_uni_executor() -> None:
+    """The CPU platform keeps a single-worker engine's "uni" executor, and forks it."""
     from vllm.platforms.cpu import CpuPlatform
 
     original = CpuPlatform.check_and_update_config
@@ -52,6 +70,56 @@ def _keep_uni_executor() -> None:
         original(vllm_config)
         if asked == "uni" and parallel.world_size == 1:
             parallel.distributed_executor_backend = "uni"
+            # The platform has just asked for spawn, for a worker process this engine lacks.
+            os.environ[START_METHOD_ENV] = "fork"
 
     setattr(check_and_update_config, _PATCHED, True)
     CpuPlatform.check_and_update_config = staticmethod(check_and_update_config)  # type: ignore[method-assign]
+
+
+def _fork_uni_engine() -> None:
+    """vLLM forks the engine process when asked to, although this is a Ray actor.
+
+    vLLM forces spawn in every Ray actor because a forked child that calls Ray hangs;
+    a uni engine process on CPU never calls Ray. Its other reasons (CUDA or XPU in
+    use, NUMA binding, WSL) do not arise on this path.
+    """
+    from vllm.utils import system_utils
+
+    original: Callable[[], None] = system_utils._maybe_force_spawn
+    if getattr(original, _PATCHED, False):
+        return
+
+    def maybe_force_spawn() -> None:
+        if os.environ.get(START_METHOD_ENV) == "fork":
+            return
+        original()
+
+    setattr(maybe_force_spawn, _PATCHED, True)
+    system_utils._maybe_force_spawn = maybe_force_spawn
+
+
+def _title_forked_engine() -> None:
+    """A forked engine process is titled `VLLM::EngineCore`, as a spawned one is.
+
+    vLLM titles its processes with the `setproctitle` package, which cannot retitle a
+    process whose title a Ray worker has already set with its own copy of it; Ray's
+    copy can. The title is how users and the fault tests find the engine to kill.
+    """
+    from vllm.v1.engine import core
+
+    original: Callable[..., None] = getattr(core, "set_process_title")  # noqa: B009
+    if getattr(original, _PATCHED, False):
+        return
+
+    def set_process_title(name: str, suffix: str = "", prefix: str | None = None) -> None:
+        from ray import _raylet
+        from vllm import envs
+
+        prefix = prefix or envs.VLLM_PROCESS_NAME_PREFIX
+        original(name, suffix, prefix)
+        title = f"{name}_{suffix}" if suffix else name
+        _raylet.setproctitle(f"{prefix}::{title}")  # type: ignore[attr-defined]
+
+    setattr(set_process_title, _PATCHED, True)
+    setattr(core, "set_process_title", set_process_title)  # noqa: B010
