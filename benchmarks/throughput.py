@@ -154,7 +154,7 @@ def run_ray_data(model: str, prompts: Path, max_tokens: int, on_cpu: bool) -> di
     )
 
 
-_STARTED_LINE = re.compile(r"engine\(s\) started in ([\d., ]+) s")
+_STARTED_LINE = re.compile(r"the engine itself: ([\d., ]+) s")
 
 
 def run_prefect_vllm(

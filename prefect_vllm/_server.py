@@ -14,7 +14,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -39,15 +40,22 @@ def configured_api_url() -> str | None:
 
 
 @contextmanager
-def prefect_api() -> Iterator[str]:
+def prefect_api(while_starting: Callable[[str], None] | None = None) -> Iterator[str]:
     """Yield the Prefect API URL to use, starting a local server when none is configured.
 
     The server is a child process that dies with this one, so a killed run never
     leaves a server behind; its database is the profile's (`PREFECT_HOME`), so run
     history survives across runs.
+
+    Args:
+        while_starting: Called with the API URL while the server starts (its port is
+            chosen first), for work that does not need the server yet. The URL
+            yielded differs from the one it got only if that port was taken.
     """
     url = configured_api_url()
     if url:
+        if while_starting is not None:
+            while_starting(url)
         yield url
         return
 
@@ -78,7 +86,15 @@ def prefect_api() -> Iterator[str]:
             )  # fmt: skip
 
     server = _ChildServer()
-    server.start(timeout=180)
+    server.port = server.find_available_port()
+    keeper = _ServerKeeper(server)
+    try:
+        if while_starting is not None:
+            while_starting(server.api_url)
+        keeper.wait_started()
+    except BaseException:
+        keeper.stop()  # an interrupt, or a server that did not start
+        raise
     previous = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
@@ -96,4 +112,43 @@ def prefect_api() -> Iterator[str]:
             os.environ.pop("PREFECT_API_URL", None)
         else:
             os.environ["PREFECT_API_URL"] = previous
-        server.stop()
+        keeper.stop()
+
+
+class _ServerKeeper:
+    """A thread that starts the server and lives as long as it runs.
+
+    The server dies with the thread that started it (`PR_SET_PDEATHSIG` follows the
+    parent thread, not the process), so the thread that starts it in the background
+    waits until the server is stopped.
+    """
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+        self._started = threading.Event()
+        self._release = threading.Event()
+        self._failed: list[BaseException] = []
+        self._thread = threading.Thread(target=self._keep, name="prefect-server", daemon=True)
+        self._thread.start()
+
+    def _keep(self) -> None:
+        try:
+            self._server.start(timeout=180)
+        except BaseException as exc:
+            self._failed.append(exc)
+        finally:
+            self._started.set()
+        self._release.wait()
+        self._server.stop()
+
+    def wait_started(self) -> None:
+        """Return once the server answers; raise what stopped it from starting."""
+        self._started.wait()
+        if self._failed:
+            raise self._failed[0]
+
+    def stop(self) -> None:
+        """Stop the server (once it has started, or failed to) and end the thread."""
+        self._release.set()
+        if self._started.is_set():
+            self._thread.join(timeout=60)

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect_vllm._cli_common import (
     EXIT_INCOMPLETE,
@@ -26,6 +26,9 @@ from prefect_vllm._cli_common import (
 from prefect_vllm._cli_common import fail as _fail
 from prefect_vllm._cli_common import json_object as _json_object
 from prefect_vllm._cli_pool import add_pool_parser, run_pool_command
+
+if TYPE_CHECKING:
+    from prefect_vllm._engine.pool import VllmActorPool
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -181,6 +184,7 @@ def _run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         _precheck(args)
         done = _answer_from_checkpoints(args, sampling, engine, requests, started)
+        own_pool = None if done is not None else _own_pool(args, sampling, engine, pool, requests)
     except ValidationError as exc:
         return _fail(validation_message(exc), EXIT_USAGE)
     except ConfigurationError as exc:
@@ -193,14 +197,24 @@ def _run(args: argparse.Namespace) -> int:
 
     from prefect_vllm._cli_common import interrupts_end_the_run, quiet_refusals
     from prefect_vllm._server import prefect_api
-    from prefect_vllm.flows import batch_inference
+    from prefect_vllm.flows import _headstart, batch_inference
+
+    head_started_for: list[str] = []
+
+    def start_engines(api_url: str) -> None:
+        if own_pool is not None:
+            head_started_for.append(api_url)
+            _headstart.start_early(own_pool, args.ray_address, api_url)
 
     quiet_refusals()
     with interrupts_end_the_run() as interrupt_status:
         try:
             server_starting = time.monotonic()
-            with prefect_api():
+            # Ray and the engines start while the server does (see flows/_headstart.py).
+            with prefect_api(while_starting=start_engines) as api_url:
                 server_start_s = round(time.monotonic() - server_starting, 3)
+                if head_started_for != [api_url]:  # the server's port was taken: another address
+                    _headstart.abandon()
                 result = batch_inference(
                     input=args.input, output=args.output, model=args.model,
                     prompt_column=args.prompt_column, messages_column=args.messages_column, id_column=args.id_column,
@@ -228,6 +242,8 @@ def _run(args: argparse.Namespace) -> int:
             if isinstance(exc, PrefectVllmError):
                 return _fail(str(exc), EXIT_INCOMPLETE)
             raise
+        finally:
+            _headstart.abandon()  # a run that was refused, failed early or had nothing to run
     result = result.model_copy(
         update={"timings": {"prefect_server_start_s": server_start_s, **result.timings}}
     )
@@ -247,6 +263,29 @@ def _precheck(args: argparse.Namespace) -> None:
         args.input, InputColumns(prompt=args.prompt_column, messages=args.messages_column, id=args.id_column)
     )
     check_model(args.model)
+
+
+def _own_pool(
+    args: argparse.Namespace, sampling: Any, engine: Any, pool: Any, requests: Any
+) -> VllmActorPool | None:
+    """The engine pool the flow will start for this run, when the command alone can tell.
+
+    Not with settings that live in Prefect blocks or a warm pool (the flow reads them
+    from the server), nor with a dated input (the flow fills in the date).
+    """
+    from prefect_vllm._engine.pool import VllmActorPool
+    from prefect_vllm._job import job_identity
+    from prefect_vllm._planning import InputColumns, discover_inputs
+    from prefect_vllm.config import ActorPoolConfig, EngineConfig
+
+    if args.model.startswith("vllm-model/") or args.cluster or args.pool or "{" in args.input:
+        return None
+    columns = InputColumns(prompt=args.prompt_column, messages=args.messages_column, id=args.id_column)
+    identity = job_identity(
+        args.model, discover_inputs(args.input), columns, args.shard_size, sampling,
+        engine or EngineConfig(), requests, args.job_id,
+    )  # fmt: skip
+    return VllmActorPool(args.model, identity.engine, pool or ActorPoolConfig())
 
 
 def _answer_from_checkpoints(

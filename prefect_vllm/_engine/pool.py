@@ -162,6 +162,16 @@ class VllmActorPool:
             EngineStartError: An engine failed to start, or not within the timeout.
             ConfigurationError: With `fixed_cluster`, the actors cannot all fit.
         """
+        self.launch(fixed_cluster=fixed_cluster)
+        return self.finish_start()
+
+    def launch(self, *, fixed_cluster: bool = False) -> None:
+        """Create the actors and return at once; their engines start in the background
+        (`finish_start` waits for them).
+
+        Raises:
+            ConfigurationError: With `fixed_cluster`, the actors cannot all fit.
+        """
         import ray
 
         from prefect_vllm._engine.actor import VllmEngineActor
@@ -197,8 +207,16 @@ class VllmActorPool:
                     self.model, engine_config, cfg.max_in_flight, self.hf_token, cfg.model_dump()
                 )
             )
+
+    def finish_start(self) -> list[dict[str, Any]]:
+        """Wait for the engines of `launch`: each actor's `info()`.
+
+        Raises:
+            EngineStartError: An engine failed to start, or not within
+                `start_timeout_s`; the actors are shut down.
+        """
         try:
-            return self._wait_started(cfg.start_timeout_s)
+            return self._wait_started(self.config.start_timeout_s)
         except EngineStartError:
             self.shutdown()
             raise

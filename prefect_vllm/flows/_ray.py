@@ -20,17 +20,25 @@ from prefect_vllm.tasks import ShardJob, run_shard
 _BUDGET_CHECK_S = 2.0
 
 
-def _ray_init_kwargs(ray_address: str | None, runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Every Ray worker reaches the same Prefect server: never its own ephemeral one."""
+def ray_init_kwargs(
+    ray_address: str | None, runtime_env: dict[str, Any] | None = None, api_url: str | None = None
+) -> dict[str, Any]:
+    """Every Ray worker reaches the same Prefect server (`api_url`, default: the one in
+    force): never its own ephemeral one."""
     from prefect_vllm._server import configured_api_url
 
-    api_url = configured_api_url()
+    api_url = api_url or configured_api_url()
     env = dict(runtime_env or {})
     env_vars = {**env.get("env_vars", {}), **({"PREFECT_API_URL": api_url} if api_url else {})}
     kwargs: dict[str, Any] = {"runtime_env": {**env, "env_vars": env_vars}}
     if not ray_address:
         kwargs["include_dashboard"] = False
     return kwargs
+
+
+def local_cluster(ray_address: str | None) -> bool:
+    """Whether the run starts a Ray cluster of its own, which never grows."""
+    return ray_address is None and not os.environ.get("RAY_ADDRESS")
 
 
 OnCommit = Callable[[ShardResult], None]
@@ -41,7 +49,7 @@ def ray_connection(address: str | None, runtime_env: dict[str, Any] | None = Non
     tasks get the run's runtime environment, as with a cluster the run starts."""
     from prefect_vllm.pools import connected
 
-    return connected(address, **_ray_init_kwargs(address, runtime_env))
+    return connected(address, **ray_init_kwargs(address, runtime_env))
 
 
 def run_on_ray(
@@ -64,37 +72,52 @@ def run_on_ray(
     Returns:
         The shards committed, the engine restarts, and the seconds spent generating.
     """
+    import ray
     from prefect_ray import RayTaskRunner
 
+    from prefect_vllm.flows import _headstart
+
     logger = get_run_logger()
-    pool_config = pool.config
-    init_kwargs = _ray_init_kwargs(ray_address, runtime_env)
+    init_kwargs = ray_init_kwargs(ray_address, runtime_env)
+    head = None if pool.warm else _headstart.claim(pool, ray_address, init_kwargs)
     timings = {} if timings is None else timings
     t0 = time.monotonic()
-    with RayTaskRunner(address=ray_address, init_kwargs=init_kwargs) as runner:
-        t1 = time.monotonic()
-        _warm_shard_workers(pool_config.num_actors * pool_config.shards_per_actor)
-        if pool.warm:
-            infos = pool.wait_ready()
-            logger.info("using warm pool %r: %d vLLM engine(s) of %s", pool.name, len(infos), pool.model)
-        else:
-            # A cluster this run started never grows: actors that cannot fit fail at once.
-            infos = pool.start(fixed_cluster=ray_address is None and not os.environ.get("RAY_ADDRESS"))
-            logger.info(
-                "%d vLLM engine(s) started in %s s (Hugging Face token %s)",
-                len(infos), ", ".join(f"{i['start_s']:.1f}" for i in infos),
-                "set" if all(i["hf_token_set"] for i in infos) else "not set",
-            )  # fmt: skip
-        timings.update(ray_start_s=round(t1 - t0, 3), engine_start_s=round(time.monotonic() - t1, 3))
-        job = dataclasses.replace(job, pool=pool)
-        started = time.monotonic()
-        try:
-            results = _stream_shards(runner, pending, job, pool, on_commit or (lambda _result: None))
-        finally:
-            generation_s = time.monotonic() - started
-            restarts = pool.engine_restarts()
-            if not pool.warm:
-                pool.shutdown()
+    try:
+        with RayTaskRunner(address=ray_address, init_kwargs=init_kwargs) as runner:
+            t1 = time.monotonic()
+            if head is not None:  # Ray and the engines started beside the Prefect server
+                pool = head.pool
+                infos = pool.finish_start()
+                ray_start_s, engine_start_s = head.ray_start_s, time.monotonic() - head.launched_at
+            else:
+                warm_shard_workers(pool.config.num_actors * pool.config.shards_per_actor)
+                # A cluster this run started never grows: actors that cannot fit fail at once.
+                infos = (
+                    pool.wait_ready() if pool.warm else pool.start(fixed_cluster=local_cluster(ray_address))
+                )
+                ray_start_s, engine_start_s = t1 - t0, time.monotonic() - t1
+            if pool.warm:
+                logger.info("using warm pool %r: %d vLLM engine(s) of %s", pool.name, len(infos), pool.model)
+            else:
+                logger.info(
+                    "%d vLLM engine(s) ready %.1f s after their actors were created (the engine "
+                    "itself: %s s; Hugging Face token %s)",
+                    len(infos), engine_start_s, ", ".join(f"{i['start_s']:.1f}" for i in infos),
+                    "set" if all(i["hf_token_set"] for i in infos) else "not set",
+                )  # fmt: skip
+            timings.update(ray_start_s=round(ray_start_s, 3), engine_start_s=round(engine_start_s, 3))
+            job = dataclasses.replace(job, pool=pool)
+            started = time.monotonic()
+            try:
+                results = _stream_shards(runner, pending, job, pool, on_commit or (lambda _result: None))
+            finally:
+                generation_s = time.monotonic() - started
+                restarts = pool.engine_restarts()
+                if not pool.warm:
+                    pool.shutdown()
+    finally:
+        if head is not None:  # Ray was started by the head start, not by the task runner
+            ray.shutdown()
     timings["shutdown_s"] = round(time.monotonic() - started - generation_s, 3)
     return results, restarts, generation_s
 
@@ -105,7 +128,7 @@ def _import_shard_task() -> int:
     return os.getpid()
 
 
-def _warm_shard_workers(count: int) -> None:
+def warm_shard_workers(count: int) -> None:
     """Start the Ray workers for shard tasks while the engines start, not after.
 
     A fresh Ray worker spends seconds importing Prefect; paid during engine start-up,

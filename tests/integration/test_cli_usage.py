@@ -113,7 +113,7 @@ def test_actors_that_cannot_fit_a_local_cluster_fail_at_once(
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "2 engine actors reserve 200000 CPU in all, but this Ray cluster has" in proc.stderr
     assert "--cpus-per-actor" in proc.stderr.splitlines()[-1]
-    assert "engine(s) started" not in proc.stderr and not list(out.glob("part-*"))
+    assert "engine(s) ready" not in proc.stderr and not list(out.glob("part-*"))
 
 
 def committed_job(tmp_path: Path, prompts: Path, model: Path, max_tokens: int) -> Path:

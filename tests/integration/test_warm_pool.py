@@ -108,7 +108,7 @@ def test_a_warm_pool_serves_two_runs_in_a_row_without_starting_an_engine(
     first_commit_s = time.monotonic() - launched
     done = finish(proc, log)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert f"using warm pool '{POOL}'" in done.stderr and "engine(s) started" not in done.stderr
+    assert f"using warm pool '{POOL}'" in done.stderr and "engine(s) ready" not in done.stderr
     # The run paid for no engine start: its first commit came sooner than the pool's engine started.
     assert first_commit_s < pool["actors"][0]["start_s"], (first_commit_s, pool)
     summary = summary_of(done)
