@@ -105,9 +105,16 @@ def _parser() -> argparse.ArgumentParser:
 
     add_pool_parser(sub)
 
+    from prefect_vllm._models import SHAPES
+
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random Llama, offline")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--shape", choices=["tiny", *SHAPES], default="tiny",
+        help="tiny (default), or random weights in a full-size layout for GPU benchmarks (16 GB)",
+    )  # fmt: skip
+    tiny.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
     return parser
 
 
@@ -406,9 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         return _status(args)
     if args.command == "pool":
         return run_pool_command(args)
-    from prefect_vllm.testing import make_tiny_model
+    from prefect_vllm._models import make_tiny_model
 
-    print(make_tiny_model(args.dir, seed=args.seed))
+    if args.layers is not None and args.layers < 1:
+        return _fail(f"--layers must be at least 1, got {args.layers}", EXIT_USAGE)
+    print(make_tiny_model(args.dir, seed=args.seed, shape=args.shape, num_layers=args.layers))
     return EXIT_OK
 
 
