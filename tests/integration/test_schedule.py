@@ -28,6 +28,9 @@ def test_the_server_scheduler_creates_the_runs_of_a_scheduled_deployment(tmp_pat
         PREFECT_SERVER_API_PORT=str(port),
         PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="1",
         PREFECT_UI_ENABLED="false",
+        # Telemetry cannot reach the internet here, and its first write races the other
+        # services for the SQLite file on a loaded machine ("database is locked").
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
     )
     log = tmp_path / "server.log"
     server = subprocess.Popen(

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -100,17 +99,12 @@ def test_a_warm_pool_serves_two_runs_in_a_row_without_starting_an_engine(
 
     engines = sorted(engine_processes())
     prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=100)
-    log = tmp_path / "first.log"
-    launched = time.monotonic()
-    proc = start_cli(run_args(prompts, tmp_path / "first", tiny_model, cluster), tmp_path / "home", log,
-                     api_url=prefect_server)  # fmt: skip
-    wait_for(lambda: markers(tmp_path / "first") or proc.poll() is not None, 600, "the first commit")
-    first_commit_s = time.monotonic() - launched
-    done = finish(proc, log)
+    done = run_cli(run_args(prompts, tmp_path / "first", tiny_model, cluster), tmp_path / "home",
+                   api_url=prefect_server)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
+    # The run started no engine (how soon it commits is benchmarks/startup.py's to measure).
     assert f"using warm pool '{POOL}'" in done.stderr and "engine(s) ready" not in done.stderr
-    # The run paid for no engine start: its first commit came sooner than the pool's engine started.
-    assert first_commit_s < pool["actors"][0]["start_s"], (first_commit_s, pool)
+    assert sorted(engine_processes()) == engines, "the first run started or stopped an engine"
     summary = summary_of(done)
     assert (summary["rows_ok"], summary["engine_restarts"]) == (100, 0)
 
