@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from prefect_vllm._planning import JobPlan
-from prefect_vllm.exceptions import ConfigurationError, FingerprintMismatchError
+from prefect_vllm.exceptions import ConfigurationError, FingerprintMismatchError, StorageError
 from prefect_vllm.results import ShardResult
 
 if TYPE_CHECKING:
@@ -113,18 +113,31 @@ class CheckpointStore:
         return f"part-{shard_id}.parquet"
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        """Write a file whole: temp name and rename on local disks, one PUT elsewhere."""
+        """Write a file whole: temp name and rename on local disks, one PUT elsewhere.
+
+        Raises:
+            StorageError: The location refused the write (full, no permission, the
+                store's error); nothing is left under `name`.
+        """
         dest = self.path(name)
-        if not self._local:
-            with self.fs.open_output_stream(dest) as out:
-                out.write(data)
-            return
-        tmp = f"{os.path.dirname(dest)}/.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
+        try:
+            if not self._local:
+                with self.fs.open_output_stream(dest) as out:
+                    out.write(data)
+                return
+            tmp = f"{os.path.dirname(dest)}/.tmp-{uuid.uuid4().hex}"
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, dest)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError as exc:
+            raise StorageError(f"{self.uri.rstrip('/')}/{name}", _os_reason(exc)) from exc
 
     @contextlib.contextmanager
     def open_output(self, name: str) -> Iterator[Any]:
@@ -298,6 +311,13 @@ class CheckpointStore:
                 (name.startswith("part-") and name.endswith(".parquet")) or name in {MANIFEST, SUMMARY}
             ):
                 self.fs.delete_file(info.path)
+
+
+def _os_reason(exc: OSError) -> str:
+    """The OS error as one line: `[Errno 28] No space left on device`, or the store's message."""
+    if exc.errno is not None and exc.strerror:
+        return f"[Errno {exc.errno}] {exc.strerror}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _short(value: Any) -> str:

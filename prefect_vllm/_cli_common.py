@@ -22,14 +22,15 @@ INTERRUPT_GRACE_S = 20.0
 
 
 class _RefusalWithoutTraceback(logging.Filter):
-    """Prefect logs the exception that ends a flow run with its traceback. A refusal
-    (bad settings, a changed job, a job already running) is one line, which the command
-    prints last; forty lines of traceback above it only bury it."""
+    """Prefect logs the exception that ends a flow run with its traceback. Our own errors
+    (a refusal: bad settings, a changed job, a job already running; shards left
+    incomplete; an output location that refused a write) are one line each, which the
+    command prints last; forty lines of traceback above it only bury it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from prefect_vllm.exceptions import ConfigurationError, JobRunningError
+        from prefect_vllm.exceptions import PrefectVllmError
 
-        if record.exc_info and isinstance(record.exc_info[1], (ConfigurationError, JobRunningError)):
+        if record.exc_info and isinstance(record.exc_info[1], PrefectVllmError):
             record.exc_info = None
             record.exc_text = None
         return True

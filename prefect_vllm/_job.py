@@ -138,6 +138,7 @@ def job_summary(
     wall_s: float,
     generation_s: float = 0.0,
     engine_restarts: int = 0,
+    deaths_by_cause: dict[str, int] | None = None,
     repaired: int = 0,
 ) -> BatchResult:
     """A run's summary: the shards committed before it (`committed`) and by it (`new`),
@@ -155,6 +156,7 @@ def job_summary(
         rows_ok=sum(r.rows_ok for r in results.values()),
         rows_failed=sum(r.rows_failed for r in results.values()),
         engine_restarts=engine_restarts,
+        engine_deaths_by_cause=dict(sorted((deaths_by_cause or {}).items())),
         engine_deaths_by_shard={k: r.engine_deaths for k, r in sorted(new.items()) if r.engine_deaths},
         poisoned_rows=[cid for k in sorted(results) for cid in results[k].poisoned_rows],
         wall_s=round(wall_s, 3),

@@ -10,7 +10,8 @@ PrefectVllmError                       base; `retryable` says if a re-run may he
 │   ├── EngineCrashedError             an engine died or hung while a call was in flight
 │   └── EngineUnavailableError         no healthy actor is left to take work
 ├── IncompleteJobError (RuntimeError)  shards remain uncommitted; a re-run resumes them
-└── JobRunningError (RuntimeError)     another live run holds the job's lock
+├── JobRunningError (RuntimeError)     another live run holds the job's lock
+└── StorageError (OSError)             the output location refused a write (full, no permission)
 ```
 
 Ray and vLLM exceptions never leave `flows/` and `tasks/` as they are: they are
@@ -32,6 +33,7 @@ __all__ = [
     "InputError",
     "JobRunningError",
     "PrefectVllmError",
+    "StorageError",
 ]
 
 
@@ -40,6 +42,19 @@ class PrefectVllmError(Exception):
 
     #: Whether running the same job again may succeed without changing anything.
     retryable: bool = False
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Errors cross process boundaries (a shard task's failure reaches the flow through
+        # Ray): rebuild them from their message and attributes, never by calling an
+        # `__init__` whose arguments differ from `args`.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[PrefectVllmError], args: tuple[Any, ...], state: dict[str, Any]) -> PrefectVllmError:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class ConfigurationError(PrefectVllmError, ValueError):
@@ -150,3 +165,23 @@ class JobRunningError(PrefectVllmError, RuntimeError):
     """
 
     retryable = True
+
+
+class StorageError(PrefectVllmError, OSError):
+    """The output location refused a write: a full filesystem, no permission, an object
+    store that failed the request. The shard being written is not committed.
+
+    Not retryable within the run (the run ends, naming the location and the error);
+    a re-run resumes once the cause is fixed.
+
+    Attributes:
+        location: The file that could not be written.
+        reason: The operating system's or the store's error.
+    """
+
+    retryable = False
+
+    def __init__(self, location: str, reason: str) -> None:
+        super().__init__(f"cannot write {location}: {reason}")
+        self.location = location
+        self.reason = reason

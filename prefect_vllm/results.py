@@ -53,6 +53,12 @@ class BatchResult(BaseModel):
     rows_ok: int = Field(description="Committed rows with generated text, over the whole job.")
     rows_failed: int = Field(description="Committed rows with a row error, over the whole job.")
     engine_restarts: int = Field(description="Engine actor restarts during this run.")
+    engine_deaths_by_cause: dict[str, int] = Field(
+        default_factory=dict,
+        description="Why engines died during this run, cause -> count: `killed by SIGKILL` "
+        "(or another signal), `crashed: <the error the engine raised>`, a hang past the call's "
+        "deadline, or the actor process lost. Empty when no engine died.",
+    )
     engine_deaths_by_shard: dict[str, int] = Field(
         default_factory=dict,
         description="Shards committed by this run that had engines die under them, and how often.",
@@ -60,6 +66,12 @@ class BatchResult(BaseModel):
     poisoned_rows: list[str] = Field(
         default_factory=list,
         description="custom_ids committed as row errors because they killed the engine, whole job.",
+    )
+    stopped_by: str | None = Field(
+        default=None,
+        description="Why this run stopped before running every shard: the run's engine restart "
+        "budget, or the output location refusing a write (the location and the error). Null "
+        "when it did not stop early.",
     )
     wall_s: float = Field(description="Seconds this run took, end to end.")
     generation_s: float = Field(description="Seconds from the first shard submitted to the last done.")

@@ -1,5 +1,8 @@
 """A vLLM logits processor that kills its engine on marked prompts: a real poison row.
 
+A prompt holding `POISON_MARKER` SIGKILLs the engine process; one holding
+`POISON_RAISE_MARKER` makes it raise, so the engine dies of a Python error.
+
 Loaded by vLLM inside the engine process when named in the `logits_processors`
 engine argument (`prefect_vllm.testing:PoisonLogitsProcessor`); it is reached
 through `prefect_vllm.testing` so users rehearsing failures need no private name.
@@ -15,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-from prefect_vllm.testing import POISON_MARKER
+from prefect_vllm.testing import POISON_MARKER, POISON_RAISE_MARKER
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -27,11 +30,12 @@ POISON_MARKER_ENV = "PREFECT_VLLM_POISON_MARKER"
 
 
 class PoisonLogitsProcessor(LogitsProcessor):
-    """Kills the engine process (SIGKILL) as soon as a marked prompt joins the batch.
+    """Kills the engine process as soon as a marked prompt joins the batch.
 
     The crash happens inside vLLM, the way a kernel fault or an out-of-memory kill
-    on a pathological row would: the actor sees `EngineDeadError`, never an
-    exception from our own code.
+    (`POISON_MARKER`: SIGKILL) or a bug in a model's code (`POISON_RAISE_MARKER`: a
+    `RuntimeError` raised in the engine's step) on a pathological row would: the
+    actor sees `EngineDeadError`, never an exception from our own code.
     """
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
@@ -52,9 +56,12 @@ class PoisonLogitsProcessor(LogitsProcessor):
         if batch_update is None:
             return
         for _index, _params, prompt_token_ids, _output in batch_update.added:
-            if prompt_token_ids and self._marker in self._tokenizer.decode(prompt_token_ids):
+            text = self._tokenizer.decode(prompt_token_ids) if prompt_token_ids else ""
+            if self._marker in text:
                 logger.error("poison prompt scheduled: killing engine process %d", os.getpid())
                 os.kill(os.getpid(), signal.SIGKILL)
+            if POISON_RAISE_MARKER in text:
+                raise RuntimeError(f"poison row: {POISON_RAISE_MARKER} reached the engine")
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits pass through unchanged."""

@@ -34,6 +34,9 @@ WARM_NAMESPACE = "prefect-vllm"
 #: Engine processes crashing while they start, over the pool, that end the start.
 _START_CRASHES = 2
 
+#: The cause of a restart no actor recorded: the actor process itself was lost.
+LOST_ACTOR_CAUSE = "actor process lost (killed while stuck, or its node lost)"
+
 #: How often a call lost before it started is sent again before it counts as a death.
 _UNSTARTED_RETRIES = 8
 
@@ -110,6 +113,7 @@ class VllmActorPool:
         self.name = name
         self.handles: list[Any] = []
         self._restarts_before = 0
+        self._deaths_before: list[int] = []
 
     @property
     def warm(self) -> bool:
@@ -139,6 +143,7 @@ class VllmActorPool:
         pool.handles = handles
         pool._restarts_before = pool._total_restarts()  # restarts before this run are not its own
         infos = pool._wait_started((config or ActorPoolConfig()).start_timeout_s)
+        pool._deaths_before = [len(info.get("deaths", ())) for info in infos]
         first = infos[0]
         pool.model = first["model"]
         pool.engine = EngineConfig.model_validate(first["engine"])
@@ -369,6 +374,51 @@ class VllmActorPool:
         """How often Ray restarted this pool's actors since this run took the pool
         (each restart is a new engine)."""
         return self._total_restarts() - self._restarts_before
+
+    def deaths_by_cause(self, timeout_s: float = 180.0) -> dict[str, int]:
+        """Why this pool's engines died since this run took the pool: cause -> count.
+
+        Each actor records the cause of its engine's death before it crash-exits
+        (`killed by SIGKILL`, `crashed: RuntimeError: ...`, a hang) and reports it once
+        restarted, so an actor that Ray is restarting now is waited for (up to
+        `timeout_s` in all). A restart that no actor recorded (the actor process itself
+        was lost: killed from outside while stuck, or its node lost) is counted as
+        `LOST_ACTOR_CAUSE`.
+        """
+        causes: dict[str, int] = {}
+        deadline = time.monotonic() + timeout_s
+        for index in range(len(self.handles)):
+            info = self._info_when_up(index, deadline)
+            if info is None:  # dead for good, or not back in time: its record is not read
+                continue
+            before = self._deaths_before[index] if index < len(self._deaths_before) else 0
+            for cause in info.get("deaths", [])[before:]:
+                causes[cause] = causes.get(cause, 0) + 1
+        unrecorded = self.engine_restarts() - sum(causes.values())
+        if unrecorded > 0:
+            causes[LOST_ACTOR_CAUSE] = unrecorded
+        return causes
+
+    def _info_when_up(self, index: int, deadline: float) -> dict[str, Any] | None:
+        """Actor `index`'s `info()`, waiting while Ray restarts it; None if it is dead for
+        good or not back by `deadline`."""
+        import ray
+
+        while time.monotonic() < deadline:
+            try:
+                info = ray.get(
+                    self.handles[index].info.remote(), timeout=max(0.1, deadline - time.monotonic())
+                )
+                return dict(info)
+            except ray.exceptions.ActorUnavailableError:  # restarting: calls fail until it is back
+                time.sleep(0.5)
+            except ray.exceptions.GetTimeoutError:
+                return None
+            except ray.exceptions.RayActorError:
+                if self._state(index) == "DEAD":
+                    return None
+                time.sleep(0.5)
+        return None
 
     def _total_restarts(self) -> int:
         from ray._private import state

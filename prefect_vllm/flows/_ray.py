@@ -7,12 +7,14 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import get_run_logger
 
 from prefect_vllm._engine.pool import VllmActorPool
 from prefect_vllm._planning import ShardSpec
+from prefect_vllm.exceptions import StorageError
 from prefect_vllm.results import ShardResult
 from prefect_vllm.tasks import ShardJob, run_shard
 
@@ -52,6 +54,27 @@ def ray_connection(address: str | None, runtime_env: dict[str, Any] | None = Non
     return connected(address, **ray_init_kwargs(address, runtime_env))
 
 
+@dataclass(frozen=True)
+class RayRun:
+    """What running a job's pending shards on Ray gave back.
+
+    Attributes:
+        results: The shards this run committed, by id.
+        engine_restarts: Engine restarts during the run.
+        engine_deaths_by_cause: Why engines died during the run: cause -> count.
+        generation_s: Seconds from the first shard submitted to the last one done.
+        timings: `ray_start_s`, `engine_start_s` and `shutdown_s` (the pool's and Ray's).
+        stopped_by: Why the run stopped before running every shard, or None.
+    """
+
+    results: dict[str, ShardResult]
+    engine_restarts: int
+    engine_deaths_by_cause: dict[str, int]
+    generation_s: float
+    timings: dict[str, float]
+    stopped_by: str | None = None
+
+
 def run_on_ray(
     pending: list[ShardSpec],
     job: ShardJob,
@@ -59,28 +82,20 @@ def run_on_ray(
     ray_address: str | None,
     runtime_env: dict[str, Any] | None = None,
     on_commit: OnCommit | None = None,
-    timings: dict[str, float] | None = None,
-) -> tuple[dict[str, ShardResult], int, float]:
+) -> RayRun:
     """Start the engine pool, stream the pending shards through it, stop it.
 
     A warm pool is neither started nor stopped: its engines are up already and
-    stay up for the next run.
-
-    Args:
-        timings: Filled with `ray_start_s` and `engine_start_s`, if given.
-
-    Returns:
-        The shards committed, the engine restarts, and the seconds spent generating.
+    stay up for the next run. A pool the command started early (`_headstart`) is
+    claimed instead of started.
     """
     import ray
     from prefect_ray import RayTaskRunner
 
     from prefect_vllm.flows import _headstart
 
-    logger = get_run_logger()
     init_kwargs = ray_init_kwargs(ray_address, runtime_env)
     head = None if pool.warm else _headstart.claim(pool, ray_address, init_kwargs)
-    timings = {} if timings is None else timings
     t0 = time.monotonic()
     try:
         with RayTaskRunner(address=ray_address, init_kwargs=init_kwargs) as runner:
@@ -96,30 +111,42 @@ def run_on_ray(
                     pool.wait_ready() if pool.warm else pool.start(fixed_cluster=local_cluster(ray_address))
                 )
                 ray_start_s, engine_start_s = t1 - t0, time.monotonic() - t1
-            if pool.warm:
-                logger.info("using warm pool %r: %d vLLM engine(s) of %s", pool.name, len(infos), pool.model)
-            else:
-                logger.info(
-                    "%d vLLM engine(s) ready %.1f s after their actors were created (the engine "
-                    "itself: %s s; Hugging Face token %s)",
-                    len(infos), engine_start_s, ", ".join(f"{i['start_s']:.1f}" for i in infos),
-                    "set" if all(i["hf_token_set"] for i in infos) else "not set",
-                )  # fmt: skip
-            timings.update(ray_start_s=round(ray_start_s, 3), engine_start_s=round(engine_start_s, 3))
+            engine_start_s = round(engine_start_s, 3)  # the log says what the summary says
+            _log_engines(pool, infos, engine_start_s)
             job = dataclasses.replace(job, pool=pool)
             started = time.monotonic()
             try:
-                results = _stream_shards(runner, pending, job, pool, on_commit or (lambda _result: None))
+                results, stopped_by = _stream_shards(
+                    runner, pending, job, pool, on_commit or (lambda _result: None)
+                )
             finally:
                 generation_s = time.monotonic() - started
                 restarts = pool.engine_restarts()
+                causes = pool.deaths_by_cause() if restarts else {}
                 if not pool.warm:
                     pool.shutdown()
     finally:
         if head is not None:  # Ray was started by the head start, not by the task runner
             ray.shutdown()
-    timings["shutdown_s"] = round(time.monotonic() - started - generation_s, 3)
-    return results, restarts, generation_s
+    timings = {
+        "ray_start_s": round(ray_start_s, 3),
+        "engine_start_s": engine_start_s,
+        "shutdown_s": round(time.monotonic() - started - generation_s, 3),
+    }
+    return RayRun(results, restarts, causes, generation_s, timings, stopped_by)
+
+
+def _log_engines(pool: VllmActorPool, infos: list[dict[str, Any]], ready_s: float) -> None:
+    logger = get_run_logger()
+    if pool.warm:
+        logger.info("using warm pool %r: %d vLLM engine(s) of %s", pool.name, len(infos), pool.model)
+        return
+    logger.info(
+        "%d vLLM engine(s) ready %.1f s after their actors were created (the engine itself: %s s; "
+        "Hugging Face token %s)",
+        len(infos), ready_s, ", ".join(f"{i['start_s']:.1f}" for i in infos),
+        "set" if all(i["hf_token_set"] for i in infos) else "not set",
+    )  # fmt: skip
 
 
 def _import_shard_task() -> int:
@@ -143,14 +170,19 @@ def warm_shard_workers(count: int) -> None:
 
 def _stream_shards(
     runner: Any, pending: list[ShardSpec], job: ShardJob, pool: VllmActorPool, on_commit: OnCommit
-) -> dict[str, ShardResult]:
+) -> tuple[dict[str, ShardResult], str | None]:
     """Keep `shards_per_actor` shards in flight per actor until every shard is done.
 
     The window keeps each engine fed across shard boundaries (the next shard's
     requests are queued while the previous one is written) without turning
     thousands of shards into thousands of Ray workers at once. Once the pool has
     restarted engines more than the job's budget, nothing new starts and the
-    shards in flight are cancelled: they stay incomplete for a re-run.
+    shards in flight are cancelled; once the output location refuses a write,
+    nothing new starts and the shards in flight finish. Either way they stay
+    incomplete for a re-run.
+
+    Returns:
+        The shards committed, and why the run stopped early (None if it did not).
     """
     import ray
     from prefect_ray.context import remote_options
@@ -162,12 +194,18 @@ def _stream_shards(
     in_flight: dict[Any, tuple[ShardSpec, Any, int]] = {}
     results: dict[str, ShardResult] = {}
     budget = job.recovery.max_job_restarts
+    stopped_by: str | None = None
     while queue or in_flight:
-        if pool.engine_restarts() > budget:
+        restarts = pool.engine_restarts()
+        if restarts > budget:
             for ref in in_flight:
                 ray.cancel(ref, force=True)
             queue.clear()
             in_flight.clear()
+            stopped_by = (
+                f"the run stopped after {restarts} engine restarts (budget max_job_restarts={budget}); "
+                "fix what kills the engines, or raise the budget"
+            )
             break
         while queue and len(in_flight) < window:
             spec = queue.popleft()
@@ -194,5 +232,18 @@ def _stream_shards(
                     result.output_tokens, result.total_s, result.attempt, result.engine_deaths,
                 )  # fmt: skip
             else:
-                logger.error("shard %s not committed: %s", spec.shard_id, state.message)
-    return results
+                error = _failure(state)
+                logger.error("shard %s not committed: %s", spec.shard_id, error or state.message)
+                if isinstance(error, StorageError) and stopped_by is None:
+                    queue.clear()  # every shard would fail the same way: nothing new starts
+                    stopped_by = f"{error}; fix the output location"
+    return results, stopped_by
+
+
+def _failure(state: Any) -> BaseException | None:
+    """The exception a failed shard task raised, if its state holds it."""
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception:  # the state holds no result to read
+        return None
+    return error if isinstance(error, BaseException) else None

@@ -20,9 +20,9 @@ from prefect_vllm._planning import InputColumns, plan_job
 from prefect_vllm.blocks import CheckpointStorage, RayCluster, VllmModel
 from prefect_vllm.blocks.storage import open_store
 from prefect_vllm.config import ActorPoolConfig, EngineConfig, RecoveryConfig, RequestConfig, SamplingConfig
-from prefect_vllm.exceptions import ConfigurationError, IncompleteJobError
+from prefect_vllm.exceptions import ConfigurationError, IncompleteJobError, StorageError
 from prefect_vllm.flows._params import cluster_settings, load_block, model_block, render_dated, scheduled_time
-from prefect_vllm.flows._ray import ray_connection, run_on_ray
+from prefect_vllm.flows._ray import RayRun, ray_connection, run_on_ray
 from prefect_vllm.flows._report import Progress, publish_results
 from prefect_vllm.results import BatchResult, ShardResult
 from prefect_vllm.tasks import ShardJob
@@ -187,11 +187,10 @@ def batch_inference(
                 sampling=sampling, requests=requests, recovery=recovery, pool=None, adapters=adapters,
                 storage=storage_block,
             )  # fmt: skip
-            timings = {"plan_s": round(time.monotonic() - started, 3)}
+            plan_s = round(time.monotonic() - started, 3)
             summary, results = _run_job(
-                manifest, store, job, actor_pool, address, runtime_env, started,
-                timings, verify=verify,
-            )  # fmt: skip
+                manifest, store, job, actor_pool, address, runtime_env, started, verify=verify
+            )
             finalising = time.monotonic()
             if export == "openai" and not summary.shards_incomplete:
                 shards = [results[s.shard_id] for s in manifest.plan.shards]
@@ -199,19 +198,18 @@ def batch_inference(
                 summary = summary.model_copy(update={"request_counts": counts})
                 logger.info("exported %d requests (%d completed, %d failed) to %s/%s", counts["total"],
                             counts["completed"], counts["failed"], store.uri, EXPORTS)  # fmt: skip
+            timings = {"plan_s": plan_s, **summary.timings}
             finalise_s = timings.pop("shutdown_s", 0.0) + time.monotonic() - finalising
             summary = summary.model_copy(update={"timings": {**timings, "finalise_s": round(finalise_s, 3)}})
-            store.write_summary(summary)
+            try:
+                store.write_summary(summary)
+            except StorageError as exc:  # the run's outcome matters more than its copy on disk
+                logger.warning("the summary was not kept beside the output: %s", exc)
     publish_results(summary, results, _RERUN)
     if summary.shards_incomplete:
         incomplete = summary.shards_incomplete
         shown = ", ".join(incomplete[:10]) + (" ..." if len(incomplete) > 10 else "")
-        why = _RERUN
-        if summary.engine_restarts > recovery.max_job_restarts:
-            why = (
-                f"the run stopped after {summary.engine_restarts} engine restarts (budget max_job_restarts="
-                f"{recovery.max_job_restarts}); fix what kills the engines, or raise the budget, and {_RERUN}"
-            )
+        why = f"{summary.stopped_by}, and {_RERUN}" if summary.stopped_by else _RERUN
         raise IncompleteJobError(
             f"{len(incomplete)} of {summary.shards_total} shards were not committed ({shown}); {why}",
             incomplete=incomplete,
@@ -242,7 +240,6 @@ def _run_job(
     ray_address: str | None,
     runtime_env: dict[str, Any],
     started: float,
-    timings: dict[str, float],
     *,
     verify: bool,
 ) -> tuple[BatchResult, dict[str, ShardResult]]:
@@ -264,20 +261,20 @@ def _run_job(
         "job %s: %d rows in %d shards; %d already committed, %d to run",
         job.job_id, manifest.plan.rows_total, len(shards), len(committed), len(pending),
     )  # fmt: skip
-    new: dict[str, ShardResult] = {}
-    restarts = 0
-    generation_s = 0.0
+    run = RayRun(results={}, engine_restarts=0, engine_deaths_by_cause={}, generation_s=0.0, timings={})
     if pending:
         progress = Progress(job.job_id, len(shards), len(committed))
         try:
-            new, restarts, generation_s = run_on_ray(
-                pending, job, pool, ray_address, runtime_env, on_commit=progress.commit, timings=timings
-            )
+            run = run_on_ray(pending, job, pool, ray_address, runtime_env, on_commit=progress.commit)
         finally:
             progress.close()
+    for cause, count in run.engine_deaths_by_cause.items():
+        logger.warning("%d engine death(s): %s", count, cause)
     summary = job_summary(
-        job.job_id, manifest.plan, committed, new, store.uri,
-        wall_s=time.monotonic() - started, generation_s=generation_s, engine_restarts=restarts,
-        repaired=sum(1 for shard_id in damaged if shard_id in new),
+        job.job_id, manifest.plan, committed, run.results, store.uri,
+        wall_s=time.monotonic() - started, generation_s=run.generation_s,
+        engine_restarts=run.engine_restarts, deaths_by_cause=run.engine_deaths_by_cause,
+        repaired=sum(1 for shard_id in damaged if shard_id in run.results),
     )  # fmt: skip
-    return summary, {**committed, **new}
+    summary = summary.model_copy(update={"timings": run.timings, "stopped_by": run.stopped_by})
+    return summary, {**committed, **run.results}

@@ -52,6 +52,8 @@ def test_killed_engine_is_restarted_and_every_row_is_generated_once(
     assert "crash-exiting" in done.stderr
     summary = summary_of(done)
     assert summary["engine_restarts"] >= 1
+    # Every death is named: the actor saw its engine killed by a signal.
+    assert summary["engine_deaths_by_cause"] == {"killed by SIGKILL": summary["engine_restarts"]}
     assert summary["rows_ok"] == 600 and summary["rows_failed"] == 0 and summary["poisoned_rows"] == []
     table = read_output(out)
     assert Counter(table.column("custom_id").to_pylist()) == Counter(input_ids(prompts))

@@ -12,6 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from prefect_vllm._engine.actor import HANG_CAUSE
+from prefect_vllm._engine.pool import LOST_ACTOR_CAUSE
 from prefect_vllm.testing import write_sample_prompts
 from tests.helpers import (
     engine_processes,
@@ -72,6 +74,7 @@ def test_a_hung_engine_is_killed_at_its_deadline_and_the_job_completes_exactly(
     assert recovered_s < HANG_TIMEOUT_S + first_commit_s + 30, (recovered_s, first_commit_s)
     summary = summary_of(done)
     assert summary["engine_restarts"] >= 1
+    assert summary["engine_deaths_by_cause"] == {HANG_CAUSE: summary["engine_restarts"]}
     assert summary["rows_ok"] == 400 and summary["rows_failed"] == 0 and summary["poisoned_rows"] == []
     table = read_output(out)
     assert Counter(table.column("custom_id").to_pylist()) == Counter(input_ids(prompts))
@@ -95,6 +98,8 @@ def test_a_stuck_actor_process_is_killed_by_the_caller_and_restarted(
     assert "engine hung with rows" in done.stderr or "is alive but does not answer" in done.stderr
     summary = summary_of(done)
     assert summary["engine_restarts"] >= 1 and summary["rows_ok"] == 200
+    # The actor process was killed from outside: it could record nothing, and is named so.
+    assert summary["engine_deaths_by_cause"] == {LOST_ACTOR_CAUSE: summary["engine_restarts"]}
     table = read_output(out)
     assert Counter(table.column("custom_id").to_pylist()) == Counter(input_ids(prompts))
     no_engine_left()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from prefect_vllm.testing import POISON_ENGINE_ARGS, POISON_MARKER, write_sample_prompts
+from prefect_vllm.testing import POISON_ENGINE_ARGS, POISON_MARKER, POISON_RAISE_MARKER, write_sample_prompts
 from tests.helpers import input_ids, no_engine_left, read_output, run_cli, summary_of
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -17,12 +17,12 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 POISON_ROWS = (5, 11, 40)
 
 
-def poisoned_prompts(path: Path, n: int) -> set[str]:
+def poisoned_prompts(path: Path, n: int, marker: str = POISON_MARKER) -> set[str]:
     """A prompt file whose POISON_ROWS carry the marker; returns their custom ids."""
     write_sample_prompts(path, n=n)
     records = [json.loads(line) for line in path.read_text().splitlines()]
     for i in POISON_ROWS:
-        records[i]["prompt"] = f"Tell me about {POISON_MARKER} number {i}."
+        records[i]["prompt"] = f"Tell me about {marker} number {i}."
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return {records[i]["custom_id"] for i in POISON_ROWS}
 
@@ -49,6 +49,7 @@ def test_poison_rows_become_row_errors_and_every_other_row_is_generated(
     # per poison row run alone (poison_after=1): 4. Shard 1: 3. Shards sharing an
     # engine with them die along, which adds no restart. One spare for a lost race.
     assert summary["engine_restarts"] <= 8, summary
+    assert summary["engine_deaths_by_cause"] == {"killed by SIGKILL": summary["engine_restarts"]}
     assert set(summary["engine_deaths_by_shard"]) >= {"000000", "000001"}
     table = read_output(out)
     assert Counter(table.column("custom_id").to_pylist()) == Counter(input_ids(prompts))
@@ -64,9 +65,12 @@ def test_poison_rows_become_row_errors_and_every_other_row_is_generated(
 def test_a_run_restart_budget_stops_a_crash_loop_with_exit_1(
     tmp_path: Path, tiny_model: Path, prefect_server: str
 ) -> None:
-    """With a job budget of one restart, isolation cannot finish: the run stops, it never loops."""
+    """With a job budget of one restart, isolation cannot finish: the run stops, it never loops.
+
+    Here the poison rows make the engine raise, and the summary names the error.
+    """
     prompts = tmp_path / "prompts.jsonl"
-    poisoned_prompts(prompts, 64)
+    poisoned_prompts(prompts, 64, marker=POISON_RAISE_MARKER)
     out = tmp_path / "out"
     done = run_cli(
         ["run", str(prompts), "--output", str(out), "--model", str(tiny_model),
@@ -80,4 +84,7 @@ def test_a_run_restart_budget_stops_a_crash_loop_with_exit_1(
     assert "max_job_restarts=1" in done.stderr
     summary = summary_of(done)
     assert summary["shards_incomplete"] and summary["engine_restarts"] <= 3
+    raised = f"crashed: RuntimeError: poison row: {POISON_RAISE_MARKER} reached the engine"
+    assert summary["engine_deaths_by_cause"] == {raised: summary["engine_restarts"]}
+    assert raised in done.stderr, "the flow's log names the cause too"
     no_engine_left()
