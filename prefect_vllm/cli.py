@@ -157,6 +157,7 @@ def _run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from prefect_vllm.config import (
+        ActorPoolConfig,
         RecoveryConfig,
         RequestConfig,
         SamplingConfig,
@@ -209,9 +210,12 @@ def _run(args: argparse.Namespace) -> int:
     head_started_for: list[str] = []
 
     def start_engines(api_url: str) -> None:
+        head_started_for.append(api_url)
         if own_pool is not None:
-            head_started_for.append(api_url)
             _headstart.start_early(own_pool, args.ray_address, api_url)
+        elif args.pool and not args.cluster:
+            shards_per_actor = (pool or ActorPoolConfig()).shards_per_actor
+            _headstart.connect_early(args.pool, args.ray_address, api_url, shards_per_actor)
 
     quiet_refusals()
     with interrupts_end_the_run() as interrupt_status:

@@ -6,6 +6,10 @@ model, the engine and actor settings, the Ray address, and the server's address 
 port is chosen first). So it starts Ray and creates the engine actors at once, and the
 flow's `run_on_ray` claims them instead of starting its own, one after the other.
 
+A run on a warm pool has no engines to start, but its shard tasks need Ray workers on
+the long-lived cluster, which a new driver gets only as new processes (each imports
+Prefect): the command connects and starts them at once too (`connect_early`).
+
 Only an exact match is claimed: the same model, engine and actor settings, cluster
 and `ray.init` arguments. Anything else, and a head start no run claims (a refusal,
 nothing left to run, a failure before the shards), is stopped. A head start that
@@ -16,6 +20,7 @@ any error as it always has.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,14 +35,15 @@ class HeadStart:
     """Ray started and engine actors created before the run's flow needed them.
 
     Attributes:
-        pool: The pool whose actors were created; its engines may still be starting.
+        pool: The pool whose actors were created (its engines may still be starting);
+            None when only Ray was connected, for a warm pool's run.
         address: The Ray address given (None: a local cluster of this process's own).
         init_kwargs: The keyword arguments `ray.init` was given.
         ray_start_s: Seconds `ray.init` took.
         launched_at: `time.monotonic()` when the actors were created.
     """
 
-    pool: VllmActorPool
+    pool: VllmActorPool | None
     address: str | None
     init_kwargs: dict[str, Any]
     ray_start_s: float
@@ -74,6 +80,32 @@ def start_early(pool: VllmActorPool, address: str | None, api_url: str) -> None:
     _started = HeadStart(pool, address, init_kwargs, ray_start_s, time.monotonic())
 
 
+def connect_early(warm_pool: str, address: str | None, api_url: str, shards_per_actor: int) -> None:
+    """Connect to the warm pool's cluster now and start its shard-task workers.
+
+    The flow's own connection then finds Ray connected; `abandon` disconnects.
+    """
+    global _started
+    import ray
+
+    from prefect_vllm._engine.pool import warm_pool_handles
+    from prefect_vllm.flows._ray import ray_init_kwargs, warm_shard_workers
+
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        return  # the flow says what is missing
+    init_kwargs = ray_init_kwargs(address, api_url=api_url)
+    began = time.monotonic()
+    try:
+        ray.init(address, **init_kwargs)
+        ray_start_s = time.monotonic() - began
+        warm_shard_workers(max(1, len(warm_pool_handles(warm_pool))) * shards_per_actor)
+    except Exception as exc:  # the flow connects itself, and reports what goes wrong
+        logger.debug("no head start on the warm pool's cluster: %r", exc)
+        ray.shutdown()
+        return
+    _started = HeadStart(None, address, init_kwargs, ray_start_s, time.monotonic())
+
+
 def claim(pool: VllmActorPool, address: str | None, init_kwargs: dict[str, Any]) -> HeadStart | None:
     """The head start made for exactly this pool and cluster, or None.
 
@@ -82,6 +114,9 @@ def claim(pool: VllmActorPool, address: str | None, init_kwargs: dict[str, Any])
     global _started
     head, _started = _started, None
     if head is None:
+        return None
+    if head.pool is None:  # connected for a warm pool's run, not this one
+        _stop(head)
         return None
     theirs = (head.pool.model, head.pool.engine, head.pool.config, head.pool.hf_token, head.address)
     if theirs == (pool.model, pool.engine, pool.config, pool.hf_token, address) and (
@@ -104,5 +139,6 @@ def abandon() -> None:
 def _stop(head: HeadStart) -> None:
     import ray
 
-    head.pool.shutdown()
+    if head.pool is not None:
+        head.pool.shutdown()
     ray.shutdown()

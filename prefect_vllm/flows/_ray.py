@@ -100,7 +100,7 @@ def run_on_ray(
     try:
         with RayTaskRunner(address=ray_address, init_kwargs=init_kwargs) as runner:
             t1 = time.monotonic()
-            if head is not None:  # Ray and the engines started beside the Prefect server
+            if head is not None and head.pool is not None:  # started beside the Prefect server
                 pool = head.pool
                 infos = pool.finish_start()
                 ray_start_s, engine_start_s = head.ray_start_s, time.monotonic() - head.launched_at
@@ -150,19 +150,31 @@ def _log_engines(pool: VllmActorPool, infos: list[dict[str, Any]], ready_s: floa
 
 
 def _import_shard_task() -> int:
-    import prefect_vllm.tasks.shards  # noqa: F401 - the import is the point
+    import prefect.task_engine  # noqa: F401 - the imports are the point: what a shard task runs
+
+    import prefect_vllm.tasks.shards  # noqa: F401
 
     return os.getpid()
+
+
+#: The Ray job whose shard workers were started, so that a second call starts none.
+_warmed_job: list[str] = []
 
 
 def warm_shard_workers(count: int) -> None:
     """Start the Ray workers for shard tasks while the engines start, not after.
 
     A fresh Ray worker spends seconds importing Prefect; paid during engine start-up,
-    that time no longer leaves a ready engine idle before its first shard.
+    that time no longer leaves a ready engine idle before its first shard. Once per
+    Ray job (connection): warming again while the first ones still import would only
+    start more processes that compete for the same cores.
     """
     import ray
 
+    job = ray.get_runtime_context().get_job_id()
+    if job in _warmed_job:
+        return
+    _warmed_job[:] = [job]
     warm = ray.remote(num_cpus=0)(_import_shard_task)
     for _ in range(count):
         warm.remote()
