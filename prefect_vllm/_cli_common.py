@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import signal
 import sys
@@ -14,37 +13,15 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
+from prefect_vllm._logs import quiet_refusals
+
+__all__ = ["quiet_refusals"]  # re-exported: the commands install it before the flow runs
+
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 
 #: How long the run's own clean-up (its engines, its Ray cluster, its Prefect server) may
 #: take after Ctrl-C or SIGTERM before the command kills what is left and exits.
 INTERRUPT_GRACE_S = 20.0
-
-
-class _RefusalWithoutTraceback(logging.Filter):
-    """Prefect logs the exception that ends a flow run with its traceback. Our own errors
-    (a refusal: bad settings, a changed job, a job already running; shards left
-    incomplete; an output location that refused a write) are one line each, which the
-    command prints last; forty lines of traceback above it only bury it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from prefect_vllm.exceptions import PrefectVllmError
-
-        if record.exc_info and isinstance(record.exc_info[1], PrefectVllmError):
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-def quiet_refusals() -> None:
-    """Keep refusals' tracebacks out of every log handler Prefect has set up (the console
-    and the run's logs on the server): each refusal is still logged, as its message."""
-    quiet = _RefusalWithoutTraceback()
-    names = ["", *(name for name in logging.root.manager.loggerDict if name.startswith("prefect"))]
-    for name in names:
-        for handler in logging.getLogger(name).handlers:
-            if not any(isinstance(f, _RefusalWithoutTraceback) for f in handler.filters):
-                handler.addFilter(quiet)
 
 
 def add_actor_flags(parser: argparse.ArgumentParser) -> None:

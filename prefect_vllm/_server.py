@@ -39,6 +39,21 @@ def configured_api_url() -> str | None:
     return str(url) if url else None
 
 
+def run_api_url() -> str | None:
+    """The Prefect API the current flow run reports to: the configured one, or else the
+    temporary server Prefect started for a flow called with no API configured (its
+    address is in the run's client only). Ray workers must be given it: without it
+    each would start a temporary server of its own against the same SQLite file."""
+    url = configured_api_url()
+    if url:
+        return url
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    client = context.client if context is not None else None
+    return str(client.api_url).rstrip("/") if client is not None else None
+
+
 @contextmanager
 def prefect_api(while_starting: Callable[[str], None] | None = None) -> Iterator[str]:
     """Yield the Prefect API URL to use, starting a local server when none is configured.

@@ -25,11 +25,11 @@ _BUDGET_CHECK_S = 2.0
 def ray_init_kwargs(
     ray_address: str | None, runtime_env: dict[str, Any] | None = None, api_url: str | None = None
 ) -> dict[str, Any]:
-    """Every Ray worker reaches the same Prefect server (`api_url`, default: the one in
-    force): never its own ephemeral one."""
-    from prefect_vllm._server import configured_api_url
+    """Every Ray worker reaches the same Prefect server (`api_url`, default: the one the
+    flow run reports to): never its own ephemeral one."""
+    from prefect_vllm._server import run_api_url
 
-    api_url = api_url or configured_api_url()
+    api_url = api_url or run_api_url()
     env = dict(runtime_env or {})
     env_vars = {**env.get("env_vars", {}), **({"PREFECT_API_URL": api_url} if api_url else {})}
     kwargs: dict[str, Any] = {"runtime_env": {**env, "env_vars": env_vars}}

@@ -16,6 +16,7 @@ from prefect_vllm._engine.pool import VllmActorPool
 from prefect_vllm._export import export_openai
 from prefect_vllm._job import adopt_pool_settings, check_model, job_identity, job_summary
 from prefect_vllm._lock import JobLock
+from prefect_vllm._logs import quiet_refusals
 from prefect_vllm._planning import InputColumns, plan_job
 from prefect_vllm.blocks import CheckpointStorage, RayCluster, VllmModel
 from prefect_vllm.blocks.storage import open_store
@@ -127,6 +128,7 @@ def batch_inference(
         ```
     """
     logger = get_run_logger()
+    quiet_refusals()  # our errors are one line each: no traceback in the run's logs
     started = time.monotonic()
     when = scheduled_time()
     input, output = render_dated(input, when), render_dated(output, when)
