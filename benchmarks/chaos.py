@@ -5,7 +5,10 @@ vLLM on the tiny model) and, while it runs, SIGKILLs at random moments one of:
 
 - an engine (`VLLM::EngineCore`): the actor must crash-exit and be restarted;
 - an engine actor process (`ray::VllmEngineActor`): Ray must restart it;
-- the flow process itself: the same command is then run again and must resume.
+- the flow process itself: the same command is then run again and must resume;
+- with `--cluster`, a worker node of a multi-raylet cluster (`ray.cluster_utils.Cluster`:
+  a head that runs no engine and two worker nodes): the node hosting an engine is removed
+  without warning and a fresh node joins; its engines and shards move.
 
 When the kills of a trial are spent, the job is let finish (re-running it after a
 flow kill). The trial passes when every input `custom_id` is in the output
@@ -14,6 +17,7 @@ One JSON line per trial, then a summary line; exit 1 if any trial failed.
 
     .venv/bin/python benchmarks/chaos.py --trials 3 --kills 4          # ~10 min here
     .venv/bin/python benchmarks/chaos.py --trials 50 --kills 6 --rows 5000   # a long soak
+    .venv/bin/python benchmarks/chaos.py --trials 6 --kills 6 --cluster      # node losses too
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 FAULTS = ("engine", "actor", "flow")
+CLUSTER_FAULTS = (*FAULTS, "node")
 
 
 def processes(prefix: str) -> list[int]:
@@ -91,7 +96,7 @@ def check_output(out: Path, ids: list[str]) -> dict[str, int]:
 def run_trial(
     trial: int, opts: argparse.Namespace, model: Path, work: Path, rng: random.Random
 ) -> dict[str, Any]:
-    from prefect_vllm.testing import engine_processes, write_sample_prompts
+    from prefect_vllm.testing import write_sample_prompts
 
     folder = work / f"trial-{trial}"
     prompts = write_sample_prompts(folder / "prompts.jsonl", n=opts.rows, seed=trial)
@@ -101,6 +106,58 @@ def run_trial(
     args = ["run", str(prompts), "--output", str(out), "--model", str(model), "--actors", str(opts.actors),
             "--shard-size", str(opts.shard_size), "--max-tokens", str(opts.max_tokens), "--ignore-eos",
             "--temperature", "0.8", "--seed", str(trial), "--json"]  # fmt: skip
+    cluster = _cluster() if opts.cluster else None
+    if cluster is not None:
+        args += ["--ray-address", cluster.address]
+    try:
+        return _strike(trial, opts, args, ids, folder, out, log, rng, cluster)
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+
+
+def _cluster() -> Any:
+    """A head node that runs no engine (no CPUs) and two worker nodes of one CPU each."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    return cluster
+
+
+def _node_with_an_engine(cluster: Any, rng: random.Random) -> Any:
+    """A worker node whose raylet hosts an engine process, or None."""
+    import psutil
+    from ray._private import ray_constants
+
+    hosting = []
+    for node in cluster.worker_nodes:
+        raylet = psutil.Process(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
+        try:
+            titles = [" ".join(p.cmdline()) for p in raylet.children(recursive=True)]
+        except psutil.Error:
+            continue
+        if any(t.startswith("VLLM::EngineCore") for t in titles):
+            hosting.append(node)
+    return rng.choice(hosting) if hosting else None
+
+
+def _strike(
+    trial: int,
+    opts: argparse.Namespace,
+    args: list[str],
+    ids: list[str],
+    folder: Path,
+    out: Path,
+    log: Path,
+    rng: random.Random,
+    cluster: Any,
+) -> dict[str, Any]:
+    from prefect_vllm.testing import engine_processes
+
+    faults = CLUSTER_FAULTS if cluster is not None else FAULTS
     kills: Counter[str] = Counter()
     runs = 1
     started = time.monotonic()
@@ -113,15 +170,23 @@ def run_trial(
         time.sleep(rng.uniform(0.0, opts.max_delay))
         if proc.poll() is not None:
             break
-        fault = rng.choice(FAULTS)
+        fault = rng.choice(faults)
         if fault == "flow":
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            # The dead driver's local Ray cluster and engines go away with it.
-            wait_until(lambda: not engine_processes() and not processes("ray::"), 180)
+            # The dead driver's engines go away with it (and its local Ray cluster, if any).
+            wait_until(lambda: not engine_processes(), 180)
+            if cluster is None:
+                wait_until(lambda: not processes("ray::"), 180)
             proc = start(args, folder / "home", log)
             baseline = committed(out)
             runs += 1
+        elif fault == "node":
+            node = _node_with_an_engine(cluster, rng)
+            if node is None:
+                continue
+            cluster.remove_node(node, allow_graceful=False)
+            cluster.add_node(num_cpus=1)  # the cluster heals, as an autoscaler would
         else:
             pids = (
                 engine_processes(("VLLM::EngineCore",))
@@ -164,6 +229,9 @@ def main() -> int:
     parser.add_argument("--max-delay", type=float, default=6.0, help="most seconds between kills")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the output of passing trials")
+    parser.add_argument(
+        "--cluster", action="store_true", help="run on a multi-raylet cluster and lose worker nodes too"
+    )
     opts = parser.parse_args()
 
     from prefect_vllm.testing import make_tiny_model

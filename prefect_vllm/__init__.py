@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from prefect_vllm._version import __version__
 from prefect_vllm.exceptions import (
     ConfigurationError,
+    EngineCrashedError,
     EngineError,
     EngineStartError,
     EngineUnavailableError,
@@ -28,6 +29,7 @@ from prefect_vllm.exceptions import (
     InputError,
     JobRunningError,
     PrefectVllmError,
+    StorageError,
 )
 
 if TYPE_CHECKING:
@@ -38,6 +40,7 @@ _BLOCKS = ("CheckpointStorage", "RayCluster", "VllmModel")
 __all__ = [
     "CheckpointStorage",
     "ConfigurationError",
+    "EngineCrashedError",
     "EngineError",
     "EngineStartError",
     "EngineUnavailableError",
@@ -47,6 +50,7 @@ __all__ = [
     "JobRunningError",
     "PrefectVllmError",
     "RayCluster",
+    "StorageError",
     "VllmModel",
     "__version__",
 ]

@@ -27,6 +27,9 @@ MODEL = "model"
 #: `n > 1` or logprobs, and is null otherwise: `text` is always the first choice.
 OUTPUT_COLUMNS = (CUSTOM_ID, TEXT, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS, ERROR, KIND, CHOICES)
 
+#: The per-row columns an engine call returns, in order.
+ROW_COLUMNS = (TEXT, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS, ERROR, CHOICES)
+
 #: Prefix of metadata files in the output folder; part files never start with it.
 METADATA_PREFIX = "_"
 

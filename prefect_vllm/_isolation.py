@@ -17,14 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from prefect_vllm._columns import CHOICES, COMPLETION_TOKENS, ERROR, FINISH_REASON, PROMPT_TOKENS, TEXT
+from prefect_vllm._columns import ERROR, ROW_COLUMNS
+from prefect_vllm._engine.protocol import GenerateResult
 from prefect_vllm.exceptions import EngineCrashedError
 
-#: The per-row columns an engine call returns, in order.
-ROW_COLUMNS = (TEXT, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS, ERROR, CHOICES)
+__all__ = ["ROW_COLUMNS", "EngineCall", "IsolationReport", "generate_isolating", "poison_message"]
 
-#: `call(start, stop, exclusive)` generates rows [start, stop) and returns their columns.
-EngineCall = Callable[[int, int, bool], dict[str, Any]]
+#: `call(start, stop, exclusive)` generates rows [start, stop).
+EngineCall = Callable[[int, int, bool], GenerateResult]
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,8 @@ def generate_isolating(
             )
             continue
         for name in ROW_COLUMNS:
-            columns[name][segment.start : segment.stop] = out[name]
-        report.pid = int(out.get("pid", report.pid))
+            columns[name][segment.start : segment.stop] = out.columns[name]
+        report.pid = out.pid
     return columns, report
 
 

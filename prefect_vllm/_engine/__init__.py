@@ -6,6 +6,8 @@ in flight. `VllmActorPool` creates the actors, waits for them to start, spreads
 calls over the healthy ones and counts restarts.
 """
 
-from prefect_vllm._engine.pool import GenerateRequest, VllmActorPool
+from prefect_vllm._engine.client import EngineClient
+from prefect_vllm._engine.pool import VllmActorPool
+from prefect_vllm._engine.protocol import CallParams, GenerateCall, GenerateResult
 
-__all__ = ["GenerateRequest", "VllmActorPool"]
+__all__ = ["CallParams", "EngineClient", "GenerateCall", "GenerateResult", "VllmActorPool"]

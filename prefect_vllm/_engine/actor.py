@@ -25,8 +25,9 @@ from typing import Any, NoReturn
 
 import psutil
 
-from prefect_vllm._columns import CHOICES, COMPLETION_TOKENS, ERROR, FINISH_REASON, PROMPT_TOKENS, TEXT
+from prefect_vllm._columns import ROW_COLUMNS
 from prefect_vllm._engine.cpu import one_process_engine
+from prefect_vllm._engine.protocol import CallParams, GenerateCall, GenerateResult, GenerateStarted
 from prefect_vllm._engine.requests import (
     engine_prompt,
     failed_row,
@@ -201,64 +202,60 @@ class VllmEngineActor:
         except EngineDeadError as exc:
             self._die(f"health check: {exc!r}")
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Generate every row of one request batch, concurrently, bounded in flight.
+    async def generate(self, call: GenerateCall) -> AsyncIterator[GenerateStarted | GenerateResult]:
+        """Generate every row of one call, concurrently, bounded in flight.
 
-        A streaming method: it first yields `{"started": pid}` once the call has
-        its turn on the engine, then the columns. A caller that loses the actor
-        before the first item knows its rows never ran, so they are not blamed.
-        An `exclusive` call waits until the engine is idle and keeps other calls
-        out until it is done, so an engine death during it is its rows' doing. A
-        call that runs past `deadline_s` means the engine hangs: the actor
-        crash-exits, as on an engine death.
+        A streaming method: it first yields `GenerateStarted` once the call has its
+        turn on the engine, then the `GenerateResult`. A caller that loses the actor
+        before the first item knows its rows never ran, so they are not blamed. An
+        `exclusive` call waits until the engine is idle and keeps other calls out
+        until it is done, so an engine death during it is its rows' doing. A call
+        that runs past `deadline_s` means the engine hangs: the actor crash-exits, as
+        on an engine death.
 
         Args:
-            request: `GenerateRequest.to_payload()`: rows, seeds, sampling,
-                response_format, template, exclusive, deadline_s.
+            call: The rows, their seeds, and what the job's calls share.
 
         Yields:
-            `{"started": pid}`, then the columns `text`, `finish_reason`,
-            `prompt_tokens`, `completion_tokens`, `error`, `choices` (one entry
-            per row, in order), plus `pid` and `seconds`.
+            `GenerateStarted`, then the rows' columns (`ROW_COLUMNS`, in row order).
         """
         await self.check_health()
-        rows: list[dict[str, Any]] = request["rows"]
-        seeds: list[int | None] = request["seeds"]
-        deadline_s: float | None = request.get("deadline_s")
         batch = uuid.uuid4().hex[:12]
-        async with self._gate.enter(exclusive=bool(request.get("exclusive"))):
-            yield {"started": self._pid}
+        async with self._gate.enter(exclusive=call.exclusive):
+            yield GenerateStarted(self._pid)
             started = time.monotonic()
-            token_ids = tokenize_prompts(rows, self._engine.get_tokenizer(), self._max_model_len)
-            shared: dict[str, Any] = {}  # one SamplingParams for the rows that only use the job's
+            tokenizer = self._engine.get_tokenizer()
+            token_ids = tokenize_prompts(call.rows, tokenizer, self._max_model_len)
+            # The rows that only use the job's sampling share one SamplingParams, built here
+            # (or the error vLLM raised building it, each such row's error).
+            try:
+                job_params: Any = sampling_params({}, None, call.params.sampling, call.params.response_format)
+            except (ValueError, TypeError) as exc:
+                job_params = exc
             work = asyncio.gather(
                 *(
-                    self._generate_one(f"{batch}-{i}", row, seed, request, ids, shared)
-                    for i, (row, seed, ids) in enumerate(zip(rows, seeds, token_ids, strict=False))
+                    self._generate_one(f"{batch}-{i}", row, seed, call.params, ids, job_params)
+                    for i, (row, seed, ids) in enumerate(zip(call.rows, call.seeds, token_ids, strict=False))
                 )
             )
             try:
-                outputs = await asyncio.wait_for(work, timeout=deadline_s)
+                outputs = await asyncio.wait_for(work, timeout=call.deadline_s)
             except TimeoutError:
                 self._die(
-                    f"hang: {len(rows)} rows not done within the {deadline_s:.0f} s deadline", hang=True
+                    f"hang: {len(call.rows)} rows not done within the {call.deadline_s:.0f} s deadline",
+                    hang=True,
                 )
-        columns: dict[str, Any] = {
-            name: [out[name] for out in outputs]
-            for name in (TEXT, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS, ERROR, CHOICES)
-        }
-        columns["pid"] = self._pid
-        columns["seconds"] = time.monotonic() - started
-        yield columns
+        columns = {name: [out[name] for out in outputs] for name in ROW_COLUMNS}
+        yield GenerateResult(columns=columns, pid=self._pid, seconds=time.monotonic() - started)
 
     async def _generate_one(
         self,
         request_id: str,
         row: dict[str, Any],
         seed: int | None,
-        request: dict[str, Any],
+        params: CallParams,
         token_ids: list[int] | None,
-        shared: dict[str, Any],
+        job_params: Any,
     ) -> dict[str, Any]:
         from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
@@ -266,24 +263,20 @@ class VllmEngineActor:
         if "error" in row:
             return failed_row(row["error"])
         try:
-            prompt = engine_prompt(
-                row, self._engine.get_tokenizer(), request.get("template") or {}, token_ids
-            )
+            prompt = engine_prompt(row, self._engine.get_tokenizer(), params.template, token_ids)
             if seed is None and not row.get("sampling") and not row.get("response_format"):
-                if "params" not in shared:
-                    shared["params"] = sampling_params(
-                        row, None, request["sampling"], request.get("response_format")
-                    )
-                params = shared["params"]
+                if isinstance(job_params, Exception):
+                    raise job_params
+                row_params = job_params
             else:
-                params = sampling_params(row, seed, request["sampling"], request.get("response_format"))
-            lora = lora_request(row, request.get("adapters") or {})
+                row_params = sampling_params(row, seed, params.sampling, params.response_format)
+            lora = lora_request(row, params.adapters)
         except (ValueError, TypeError) as exc:
             return failed_row(_row_error(exc))
         final = None
         async with self._in_flight:
             try:
-                async for out in self._engine.generate(prompt, params, request_id, lora_request=lora):
+                async for out in self._engine.generate(prompt, row_params, request_id, lora_request=lora):
                     final = out
             except EngineDeadError as exc:
                 self._die(repr(exc))
@@ -295,7 +288,7 @@ class VllmEngineActor:
                 return failed_row(_row_error(exc.__cause__ or exc))
         if final is None or not final.outputs:
             return failed_row("the engine returned no output")
-        return output_row(final, params)
+        return output_row(final, row_params)
 
     def __ray_shutdown__(self) -> None:
         """Shut the engine down when Ray kills the actor on purpose."""

@@ -1,32 +1,22 @@
-"""A pool of `VllmEngineActor`s: creation, start-up, failover and restart counts."""
+"""A pool of `VllmEngineActor`s, as the flow owns it: creation, start-up, restart counts,
+the causes of engine deaths, shutdown. Shard tasks get its `client()` instead."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import re
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import SecretStr
 
+from prefect_vllm._engine.client import EngineClient, actor_state, root_cause
 from prefect_vllm.config import ActorPoolConfig, EngineConfig
 from prefect_vllm.exceptions import (
     ConfigurationError,
-    EngineCrashedError,
-    EngineError,
     EngineStartError,
-    EngineUnavailableError,
 )
 
 logger = logging.getLogger("prefect_vllm.pool")
-
-#: How long a caller waits for an actor that Ray is restarting before trying another.
-_UNAVAILABLE_WAIT_S = 600.0
-
-#: A traceback's last line: `package.SomeError: message`.
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Failure): ")
 
 #: The Ray namespace of warm pools' named actors (`<pool>/<index>`).
 WARM_NAMESPACE = "prefect-vllm"
@@ -37,53 +27,12 @@ _START_CRASHES = 2
 #: The cause of a restart no actor recorded: the actor process itself was lost.
 LOST_ACTOR_CAUSE = "actor process lost (killed while stuck, or its node lost)"
 
-#: How often a call lost before it started is sent again before it counts as a death.
-_UNSTARTED_RETRIES = 8
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    """One batch of rows for one actor call (a shard, or part of one).
-
-    Attributes:
-        rows: `RowRequest.payload()` per row: a prompt or messages, the row's own
-            sampling overrides and response format, or an error found already.
-        seeds: Per-row sampling seeds derived from the job seed, `None` for greedy rows.
-        sampling: Job-wide keyword arguments for vLLM's `SamplingParams`, minus `seed`.
-        response_format: Job-wide structured output (`json_schema`), for rows without their own.
-        template: `chat_template` and `chat_template_kwargs` for chat rows.
-        adapters: LoRA adapters by name -> path, for rows that name one.
-        exclusive: Run alone on the engine, so a crash is these rows' doing.
-        deadline_s: Past this, the engine is declared hung and its actor restarted.
-        probe_timeout_s: How long the caller waits for a live actor's liveness probe,
-            and past the deadline (twice over) for an actor whose process is stuck.
-    """
-
-    rows: list[dict[str, Any]]
-    seeds: list[int | None]
-    sampling: dict[str, Any] = field(default_factory=dict)
-    response_format: dict[str, Any] | None = None
-    template: dict[str, Any] = field(default_factory=dict)
-    adapters: dict[str, str] = field(default_factory=dict)
-    exclusive: bool = False
-    deadline_s: float | None = None
-    probe_timeout_s: float = 60.0
-
-    @classmethod
-    def of_prompts(cls, prompts: list[str], **kwargs: Any) -> GenerateRequest:
-        """A request for plain text prompts with the job's sampling, unseeded."""
-        return cls(rows=[{"prompt": p} for p in prompts], seeds=[None] * len(prompts), **kwargs)
-
-    def to_payload(self) -> dict[str, Any]:
-        """The plain dict the actor receives."""
-        return dataclasses.asdict(self)
-
 
 class VllmActorPool:
     """K Ray actors, each hosting one vLLM engine, that recover from engine death.
 
-    The pool object is picklable: shard tasks on Ray workers receive it and call
-    `generate`, which fails over to the next live actor when one is gone for good.
+    The flow owns the pool; shard tasks on Ray workers get its `client()`, which
+    holds the actor handles only and fails over to the next live actor.
 
     A *warm* pool has a name: its actors are named, detached Ray actors that
     outlive the process that started them, so many runs use the same engines
@@ -251,7 +200,7 @@ class VllmActorPool:
                 infos = [ray.get(ref) for ref in ready]  # a failed start raises here
             except ray.exceptions.RayActorError as exc:
                 raise EngineStartError(
-                    f"the vLLM engine for {self.model!r} failed to start: {_root_cause(exc)}"
+                    f"the vLLM engine for {self.model!r} failed to start: {root_cause(exc)}"
                 ) from exc
             if len(infos) == len(refs):  # ray.wait keeps the order of `refs`
                 return infos
@@ -266,109 +215,14 @@ class VllmActorPool:
                     f"vLLM engines for {self.model!r} did not start within {timeout_s:.0f} s"
                 )
 
-    def generate(self, request: GenerateRequest, preferred: int = 0) -> dict[str, Any]:
-        """Run one request batch on `preferred`, or the next live actor if it is gone.
+    def client(self, probe_timeout_s: float = 60.0) -> EngineClient:
+        """What shard tasks get: the actor handles and failover, no settings, no secrets.
 
-        A call lost before it had its turn on the engine (the actor died while it
-        waited behind another call) is sent again: its rows are not to blame.
-
-        Raises:
-            EngineCrashedError: The engine died or hung while the call was running;
-                Ray is restarting its actor. The caller decides how to retry the rows.
-            EngineUnavailableError: Every actor is dead for good.
-            EngineError: The actor raised an unexpected error.
+        Args:
+            probe_timeout_s: Past a call's deadline (twice over), how long a caller waits
+                more before it kills an actor whose process itself is stuck.
         """
-        count = len(self.handles)
-        order = self._by_readiness(preferred)
-        for index in order:
-            for _attempt in range(_UNSTARTED_RETRIES):
-                if not self._wait_alive(index, request.probe_timeout_s):
-                    logger.warning("engine actor %d is dead for good; trying the next one", index)
-                    break
-                result = self._call(index, request)
-                if result is not None:
-                    return result
-            else:
-                raise EngineCrashedError(
-                    f"engine actor {index} died {_UNSTARTED_RETRIES} times before the call started",
-                    actor_index=index,
-                )
-        raise EngineUnavailableError(f"no live vLLM engine actor is left out of {count}")
-
-    def _by_readiness(self, preferred: int) -> list[int]:
-        """Actor indexes to try: `preferred` onwards, those alive now first.
-
-        A call never waits for an actor that Ray is restarting (a lost node, a dead
-        engine) while another one is ready to take it.
-        """
-        count = len(self.handles)
-        order = [(preferred + k) % count for k in range(count)]
-        states = {index: self._state(index) for index in order}
-        return [i for i in order if states[i] == "ALIVE"] + [i for i in order if states[i] != "ALIVE"]
-
-    def _call(self, index: int, request: GenerateRequest) -> dict[str, Any] | None:
-        """One call on actor `index`: its columns, or None if the actor died before it started."""
-        import ray
-
-        handle = self.handles[index]
-        stream = handle.generate.options(num_returns="streaming").remote(request.to_payload())
-        timeout = _backstop_s(request.deadline_s, request.probe_timeout_s)
-        started = False
-        try:
-            started = "started" in _next_item(stream, timeout)
-            return dict(_next_item(stream, timeout))
-        except ray.exceptions.GetTimeoutError as exc:
-            # The actor's own deadline did not fire: its process itself is stuck.
-            logger.error("engine actor %d did not answer in time; killing it for a restart", index)
-            ray.kill(handle, no_restart=False)
-            raise EngineCrashedError(
-                f"engine actor {index} hung past the call's deadline and was restarted",
-                actor_index=index,
-                hung=True,
-            ) from exc
-        except ray.exceptions.RayActorError as exc:
-            if not started:
-                logger.info("engine actor %d died before the call started; sending it again", index)
-                return None
-            raise EngineCrashedError(
-                f"the engine of actor {index} died during the call: {_root_cause(exc)}",
-                actor_index=index,
-            ) from exc
-        except ray.exceptions.RayTaskError as exc:
-            raise EngineError(f"the engine actor failed: {_root_cause(exc)}") from exc
-
-    def _wait_alive(self, index: int, probe_timeout_s: float) -> bool:
-        """Wait until actor `index` answers (it may be restarting); False if dead for good."""
-        import ray
-
-        handle = self.handles[index]
-        deadline = time.monotonic() + _UNAVAILABLE_WAIT_S
-        while time.monotonic() < deadline:
-            try:
-                ray.get(handle.info.remote(), timeout=probe_timeout_s)
-                return True
-            except ray.exceptions.GetTimeoutError:
-                # `info` never waits for the engine: an actor that Ray reports alive but
-                # that cannot answer it is stuck; kill it so Ray restarts it.
-                if self._state(index) == "ALIVE":
-                    logger.error(
-                        "engine actor %d is alive but does not answer; killing it for a restart", index
-                    )
-                    ray.kill(handle, no_restart=False)
-            except ray.exceptions.ActorUnavailableError:
-                pass
-            except ray.exceptions.RayActorError:
-                if self._state(index) == "DEAD":
-                    return False
-            time.sleep(0.5)
-        return False
-
-    def _state(self, index: int) -> str:
-        """The actor's state in Ray's control store: ALIVE, RESTARTING, DEAD, ..."""
-        from ray._private import state
-
-        info = state.actors(actor_id=self.handles[index]._actor_id.hex())
-        return str(info.get("State", "UNKNOWN")) if info else "UNKNOWN"
+        return EngineClient(tuple(self.handles), probe_timeout_s)
 
     def engine_restarts(self) -> int:
         """How often Ray restarted this pool's actors since this run took the pool
@@ -415,7 +269,7 @@ class VllmActorPool:
             except ray.exceptions.GetTimeoutError:
                 return None
             except ray.exceptions.RayActorError:
-                if self._state(index) == "DEAD":
+                if actor_state(self.handles[index]) == "DEAD":
                     return None
                 time.sleep(0.5)
         return None
@@ -460,37 +314,6 @@ def warm_pool_names() -> list[str]:
     return sorted(
         {a["name"].rsplit("/", 1)[0] for a in actors if a["namespace"] == WARM_NAMESPACE and "/" in a["name"]}
     )
-
-
-def _next_item(stream: Any, timeout: float | None) -> dict[str, Any]:
-    """The next item of a streaming actor call, or GetTimeoutError after `timeout`."""
-    import ray
-
-    ready, _ = ray.wait([stream], timeout=timeout)
-    if not ready:
-        raise ray.exceptions.GetTimeoutError(f"no answer within {timeout} s")
-    return dict(ray.get(next(stream)))
-
-
-def _backstop_s(deadline_s: float | None, margin_s: float) -> float | None:
-    """How long a caller waits for an answer: the actor's own deadline fires first,
-    and a call may first wait for an exclusive one to finish."""
-    return None if deadline_s is None else 2 * deadline_s + margin_s
-
-
-def _root_cause(exc: BaseException | None) -> str:
-    """The line of a Ray error that names the real cause: our own start failure's
-    message, else the last line that reads like an exception, else the last line."""
-    if exc is None:
-        return "unknown cause"
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for line in reversed(lines):
-        if "EngineStartFailure: " in line:
-            return line.split("EngineStartFailure: ", 1)[1][:600]
-    for line in reversed(lines):
-        if _EXCEPTION_LINE.match(line):
-            return line[:600]
-    return lines[-1][:600] if lines else type(exc).__name__
 
 
 def _check_fits(cfg: ActorPoolConfig, num_gpus: float, resources: dict[str, float]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect.blocks.core import Block
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from prefect_vllm.blocks._logo import _LOGO_URL
 from prefect_vllm.config import ActorPoolConfig
@@ -19,10 +19,11 @@ class RayCluster(Block):
 
         ```python
         from prefect_vllm.blocks import RayCluster
+        from prefect_vllm.config import ActorPoolConfig
 
-        RayCluster(address="ray://head:10001", num_actors=4, gpus_per_actor=1).save(
-            "gpu-cluster", overwrite=True
-        )
+        RayCluster(
+            address="ray://head:10001", actors=ActorPoolConfig(num_actors=4, num_gpus=1)
+        ).save("gpu-cluster", overwrite=True)
         cluster = RayCluster.load("BLOCK_NAME")
         pool = cluster.pool_config()
         ```
@@ -42,14 +43,10 @@ class RayCluster(Block):
         default_factory=dict,
         description="Ray runtime environment for the job's workers (pip, env_vars, working_dir).",
     )
-    num_actors: int = Field(default=1, ge=1, description="vLLM engine actors, one engine each.")
-    cpus_per_actor: float = Field(default=1.0, ge=0, description="CPUs reserved per engine actor.")
-    gpus_per_actor: float | None = Field(
-        default=None, ge=0, description="GPUs reserved per engine actor; empty means tensor_parallel_size."
-    )
-    max_restarts: int = Field(default=32, ge=0, description="Engine restarts allowed per actor.")
-    resources: dict[str, float] = Field(
-        default_factory=dict, description="Custom Ray resources each actor reserves, e.g. a node label."
+    actors: ActorPoolConfig = Field(
+        default_factory=ActorPoolConfig,
+        description="The vLLM engine actors: how many, the resources each reserves, its restart "
+        "budget, requests and shards in flight, start timeout.",
     )
     warm_pool: str | None = Field(
         default=None,
@@ -57,12 +54,30 @@ class RayCluster(Block):
         "generate on instead of starting engines; empty starts engines per run.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_actor_fields(cls, data: Any) -> Any:
+        """Accept the flat actor fields of blocks saved before `actors` nested them."""
+        if not isinstance(data, dict) or not any(key in data for key in _FLAT_FIELDS):
+            return data
+        data = dict(data)
+        actors = dict(data.get("actors") or {})
+        for old, new in _FLAT_FIELDS.items():
+            if old in data:
+                actors.setdefault(new, data.pop(old))
+        data["actors"] = actors
+        return data
+
     def pool_config(self) -> ActorPoolConfig:
-        """The actor pool settings this block describes."""
-        return ActorPoolConfig(
-            num_actors=self.num_actors,
-            num_cpus=self.cpus_per_actor,
-            num_gpus=self.gpus_per_actor,
-            max_restarts=self.max_restarts,
-            resources=self.resources,
-        )
+        """The actor pool settings this block describes, every one of them."""
+        return self.actors
+
+
+#: Fields of blocks saved before `actors` nested `ActorPoolConfig`, and where they went.
+_FLAT_FIELDS = {
+    "num_actors": "num_actors",
+    "cpus_per_actor": "num_cpus",
+    "gpus_per_actor": "num_gpus",
+    "max_restarts": "max_restarts",
+    "resources": "resources",
+}

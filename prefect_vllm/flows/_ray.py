@@ -113,7 +113,7 @@ def run_on_ray(
                 ray_start_s, engine_start_s = t1 - t0, time.monotonic() - t1
             engine_start_s = round(engine_start_s, 3)  # the log says what the summary says
             _log_engines(pool, infos, engine_start_s)
-            job = dataclasses.replace(job, pool=pool)
+            job = dataclasses.replace(job, engines=pool.client(job.recovery.probe_timeout_s))
             started = time.monotonic()
             try:
                 results, stopped_by = _stream_shards(

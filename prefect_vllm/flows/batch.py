@@ -186,7 +186,7 @@ def batch_inference(
             )
             job = ShardJob(
                 job_id=resolved_id, output=output, columns=columns, has_id_column=manifest.plan.has_id_column,
-                sampling=sampling, requests=requests, recovery=recovery, pool=None, adapters=adapters,
+                sampling=sampling, requests=requests, recovery=recovery, adapters=adapters,
                 storage=storage_block,
             )  # fmt: skip
             plan_s = round(time.monotonic() - started, 3)

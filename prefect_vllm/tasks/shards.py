@@ -12,6 +12,7 @@ from prefect.context import TaskRunContext
 
 from prefect_vllm._checkpoint import CheckpointStore
 from prefect_vllm._columns import COMPLETION_TOKENS, ERROR, PROMPT_TOKENS
+from prefect_vllm._engine import EngineClient, GenerateResult
 from prefect_vllm._isolation import EngineCall, generate_isolating
 from prefect_vllm._planning import InputColumns, ShardSpec
 from prefect_vllm._requests import RowRequest
@@ -36,7 +37,8 @@ class ShardJob:
         adapters: LoRA adapters by name -> path, when the job has a LoRA folder.
         storage: The `CheckpointStorage` block `output` is a path under, if any.
         recovery: Deadlines and poison isolation.
-        pool: The engine actor pool (a `VllmActorPool`; picklable).
+        engines: The engine actors to call (handles and failover only: no settings, no
+            secrets); set by the flow once its pool is up.
     """
 
     job_id: str
@@ -46,7 +48,7 @@ class ShardJob:
     sampling: SamplingConfig
     requests: RequestConfig
     recovery: RecoveryConfig
-    pool: Any
+    engines: EngineClient | None = None
     adapters: dict[str, str] | None = None
     storage: Any = None
 
@@ -56,10 +58,18 @@ class ShardJob:
 
 
 def _engine_call(job: ShardJob, rows: list[RowRequest], actor_index: int) -> EngineCall:
-    """Generate rows [start, stop) of the shard on the pool, with the call's deadline."""
-    from prefect_vllm._engine import GenerateRequest
+    """Generate rows [start, stop) of the shard on the job's engines, with the call's deadline."""
+    from prefect_vllm._engine import CallParams, GenerateCall
 
-    sampling = job.sampling.model_dump(exclude={"seed"})
+    if job.engines is None:
+        raise PrefectVllmError("the shard task was given no engines to call")
+    engines = job.engines
+    params = CallParams(  # what every call of the job shares, built once
+        sampling=job.sampling.model_dump(exclude={"seed"}),
+        response_format=job.requests.response_format(),
+        template=job.requests.template(),
+        adapters=job.adapters or {},
+    )
     greedy = job.sampling.temperature == 0.0
     seeds: list[int | None] = (
         [None] * len(rows) if greedy else list(row_seeds(job.sampling.seed, [r.custom_id for r in rows]))
@@ -68,19 +78,15 @@ def _engine_call(job: ShardJob, rows: list[RowRequest], actor_index: int) -> Eng
     # The most tokens each row may generate: its own max_tokens, times n choices.
     budgets = [r.sampling.get("max_tokens", job.sampling.max_tokens) * r.sampling.get("n", 1) for r in rows]
 
-    def call(start: int, stop: int, exclusive: bool) -> dict[str, Any]:
-        request = GenerateRequest(
+    def call(start: int, stop: int, exclusive: bool) -> GenerateResult:
+        request = GenerateCall(
             rows=payloads[start:stop],
             seeds=seeds[start:stop],
-            sampling=sampling,
-            response_format=job.requests.response_format(),
-            template=job.requests.template(),
-            adapters=job.adapters or {},
+            params=params,
             exclusive=exclusive,
             deadline_s=job.recovery.deadline_s(1, sum(budgets[start:stop])),
-            probe_timeout_s=job.recovery.probe_timeout_s,
         )
-        return dict(job.pool.generate(request, actor_index))
+        return engines.generate(request, actor_index)
 
     return call
 

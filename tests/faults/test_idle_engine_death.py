@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from prefect_vllm._engine import GenerateRequest, VllmActorPool
+from prefect_vllm._engine import CallParams, GenerateCall, VllmActorPool
 from prefect_vllm.config import ActorPoolConfig, EngineConfig
 from tests.helpers import engine_processes, no_engine_left, wait_for
 
@@ -34,10 +34,12 @@ def test_dead_idle_engine_is_replaced_before_the_next_call(tiny_model: Path, loc
         (core,) = engine_processes(("VLLM::EngineCore",))
         os.kill(core, signal.SIGKILL)
         wait_for(lambda: core not in engine_processes(("VLLM::EngineCore",)), 30, "the engine to die")
-        request = GenerateRequest.of_prompts(["Tell me about cats."] * 4, sampling={"max_tokens": 4})
-        out = pool.generate(request)
-        assert out["error"] == [None] * 4 and all(out["text"])
-        assert out["pid"] != info["pid"], "the call was served by the actor whose engine had died"
+        call = GenerateCall.of_prompts(
+            ["Tell me about cats."] * 4, params=CallParams(sampling={"max_tokens": 4})
+        )
+        out = pool.client().generate(call)
+        assert out.columns["error"] == [None] * 4 and all(out.columns["text"])
+        assert out.pid != info["pid"], "the call was served by the actor whose engine had died"
         assert pool.engine_restarts() == 1
     finally:
         pool.shutdown()

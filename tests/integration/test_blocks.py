@@ -44,10 +44,19 @@ def test_model_block_saves_loads_and_yields_engine_settings(prefect_server: str)
 
 
 def test_cluster_and_storage_blocks_round_trip_with_secret_credentials(prefect_server: str) -> None:
-    RayCluster(address="auto", num_actors=3, gpus_per_actor=1, runtime_env={"env_vars": {"A": "1"}}).save(
+    # Every actor setting reaches the pool, the run-side ones too.
+    actors = ActorPoolConfig(
+        num_actors=3, num_cpus=0.5, num_gpus=1, max_restarts=5, resources={"engine": 1},
+        max_in_flight=64, shards_per_actor=3, start_timeout_s=120,
+    )  # fmt: skip
+    assert all(getattr(actors, f) != getattr(ActorPoolConfig(), f) for f in ActorPoolConfig.model_fields)
+    RayCluster(address="auto", actors=actors, runtime_env={"env_vars": {"A": "1"}}).save(
         "gpus", overwrite=True
     )
-    assert RayCluster.load("gpus").pool_config() == ActorPoolConfig(num_actors=3, num_gpus=1)
+    assert RayCluster.load("gpus").pool_config() == actors
+    # A block saved with the flat fields of earlier versions still loads.
+    flat = RayCluster.model_validate({"num_actors": 2, "gpus_per_actor": 1, "cpus_per_actor": 0.5})
+    assert flat.pool_config() == ActorPoolConfig(num_actors=2, num_gpus=1, num_cpus=0.5)
     CheckpointStorage(
         base_uri="s3://bucket/batch", access_key_id="AKIAEXAMPLE", secret_access_key="s3cr3t",
         endpoint_override="http://127.0.0.1:9000",

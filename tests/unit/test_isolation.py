@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from prefect_vllm._columns import ERROR, TEXT
+from prefect_vllm._engine.protocol import GenerateResult
 from prefect_vllm._isolation import ROW_COLUMNS, generate_isolating
 from prefect_vllm.exceptions import EngineCrashedError
 
@@ -19,14 +20,13 @@ class FakeEngine:
         self.unlucky_calls = unlucky_calls or set()
         self.calls: list[tuple[int, int, bool]] = []
 
-    def __call__(self, start: int, stop: int, exclusive: bool) -> dict[str, Any]:
+    def __call__(self, start: int, stop: int, exclusive: bool) -> GenerateResult:
         self.calls.append((start, stop, exclusive))
         if len(self.calls) in self.unlucky_calls or self.poison & set(range(start, stop)):
             raise EngineCrashedError("engine died", actor_index=0)
         out: dict[str, Any] = {name: [None] * (stop - start) for name in ROW_COLUMNS}
         out[TEXT] = [f"text-{i}" for i in range(start, stop)]
-        out["pid"] = 42
-        return out
+        return GenerateResult(columns=out, pid=42, seconds=0.0)
 
 
 @pytest.mark.parametrize("poison", [set(), {0}, {63}, {5, 11}, {0, 1, 2, 3}, set(range(64))])

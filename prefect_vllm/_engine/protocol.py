@@ -1,0 +1,96 @@
+"""What a shard task and an engine actor send each other: typed, picklable and light.
+
+No vLLM and no Ray here: shard tasks import this on Ray workers that host no engine,
+and the actor receives these objects as they were built (Ray pickles them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect_vllm._columns import ROW_COLUMNS
+
+__all__ = ["CallParams", "GenerateCall", "GenerateResult", "GenerateStarted"]
+
+
+@dataclass(frozen=True)
+class CallParams:
+    """What every call of one job shares, built once per shard task.
+
+    Attributes:
+        sampling: Keyword arguments for vLLM's `SamplingParams`, minus `seed`.
+        response_format: Job-wide structured output (`json_schema`), for rows without their own.
+        template: `chat_template` and `chat_template_kwargs` for chat rows.
+        adapters: LoRA adapters by name -> path, for rows that name one.
+    """
+
+    sampling: dict[str, Any] = field(default_factory=dict)
+    response_format: dict[str, Any] | None = None
+    template: dict[str, Any] = field(default_factory=dict)
+    adapters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    """One batch of rows for one actor call (a shard, or part of one).
+
+    Attributes:
+        rows: `RowRequest.payload()` per row: a prompt or messages, the row's own
+            sampling overrides and response format, or an error found already.
+        seeds: Per-row sampling seeds derived from the job seed, `None` for greedy rows.
+        params: What the job's calls share.
+        exclusive: Run alone on the engine, so a crash is these rows' doing.
+        deadline_s: Past this, the engine is declared hung and its actor restarted.
+    """
+
+    rows: list[dict[str, Any]]
+    seeds: list[int | None]
+    params: CallParams = field(default_factory=CallParams)
+    exclusive: bool = False
+    deadline_s: float | None = None
+
+    @classmethod
+    def of_prompts(cls, prompts: list[str], **kwargs: Any) -> GenerateCall:
+        """A call for plain text prompts with the job's sampling, unseeded.
+
+        Examples:
+            ```python
+            from prefect_vllm._engine.protocol import CallParams, GenerateCall
+
+            call = GenerateCall.of_prompts(["Hi."], params=CallParams(sampling={"max_tokens": 4}))
+            assert call.rows == [{"prompt": "Hi."}] and call.seeds == [None]
+            ```
+        """
+        return cls(rows=[{"prompt": p} for p in prompts], seeds=[None] * len(prompts), **kwargs)
+
+
+@dataclass(frozen=True)
+class GenerateStarted:
+    """The first item of a call's stream: the call has its turn on the engine.
+
+    A caller that loses the actor before it knows that the call's rows never ran,
+    so they are not to blame.
+    """
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """The last item of a call's stream: the rows' columns, in row order.
+
+    Attributes:
+        columns: `ROW_COLUMNS`, one entry per row of the call.
+        pid: The actor process that generated them.
+        seconds: Time on the engine.
+    """
+
+    columns: dict[str, list[Any]]
+    pid: int
+    seconds: float
+
+    def __post_init__(self) -> None:
+        missing = set(ROW_COLUMNS) - set(self.columns)
+        if missing:
+            raise ValueError(f"a generate result lacks the columns {sorted(missing)}")
