@@ -95,7 +95,9 @@ def noop_resume(shards: int) -> dict[str, object]:
         "shards_skipped": summary["shards_skipped"],
         "flow_wall_s": summary["wall_s"],
         "process_s": round(process_s, 2),
-        "ray_or_engine_started": "Creating a local Ray instance" in proc.stderr
+        # The command's own lines (other libraries' INFO lines are not shown without --verbose).
+        "ray_or_engine_started": "engine(s) ready" in proc.stderr
+        or "starting the vLLM engine(s)" in proc.stderr
         or "VllmEngineActor" in proc.stderr,
     }
 

@@ -2,10 +2,13 @@
 
     export PREFECT_API_URL=http://127.0.0.1:4200/api
     python examples/serve.py --name nightly --cron "0 2 * * *" \
-        --input "/data/prompts/{yesterday}" --output "/data/out/{yesterday}" --model vllm-model/llama
+        --input "/data/prompts/{yesterday}" --output "nightly/{yesterday}" --model vllm-model/llama \
+        --cluster local --storage local-disk
 
 Each scheduled run reads the folder of the day before its scheduled start; a run from
-the UI's form can override any parameter. Ctrl-C stops serving.
+the UI's form can override any parameter. `--cluster` and `--storage` name saved
+`RayCluster` and `CheckpointStorage` blocks (`output` is then a path under the storage's
+`base_uri`). Ctrl-C stops serving.
 """
 
 from __future__ import annotations
@@ -22,9 +25,13 @@ if __name__ == "__main__":  # vLLM spawns processes: keep the guard
     parser.add_argument("--input", default=None, help="default input; {date} and {yesterday} are filled in")
     parser.add_argument("--output", default=None, help="default output; {date} and {yesterday} are filled in")
     parser.add_argument("--model", default=None, help="default model: id, folder or vllm-model/BLOCK_NAME")
+    parser.add_argument("--cluster", default=None, help="name of a saved RayCluster block")
+    parser.add_argument("--storage", default=None, help="name of a saved CheckpointStorage block")
     parser.add_argument("--limit", type=int, default=None, help="most runs at once")
     args = parser.parse_args()
-    defaults: dict[str, Any] = {
-        k: v for k, v in {"input": args.input, "output": args.output, "model": args.model}.items() if v
-    }
+    given = {
+        "input": args.input, "output": args.output, "model": args.model,
+        "cluster": args.cluster, "storage": args.storage,
+    }  # fmt: skip
+    defaults: dict[str, Any] = {k: v for k, v in given.items() if v}
     batch_inference.serve(name=args.name, cron=args.cron, parameters=defaults, limit=args.limit)

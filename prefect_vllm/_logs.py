@@ -1,15 +1,31 @@
-"""How prefect-vllm's errors appear in logs: one line each, no traceback.
+"""What a run shows: our own lines, our errors in one line each, stdout for the summary.
 
 Prefect logs the exception that ends a flow run with its traceback. Our own errors
 are written for the user to read as they are, so their tracebacks are dropped from
-every handler Prefect has set up (the console and the run's logs on the server).
+every handler Prefect has set up (the console and the run's logs on the server),
+unless `PREFECT_VLLM_DEBUG=1`. On the command line, other libraries' lines below
+WARNING stay out of the terminal unless `--verbose`, and standard output carries the
+summary alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+from collections.abc import Iterator
+from typing import TextIO
 
-__all__ = ["quiet_refusals"]
+__all__ = [
+    "QUIET_ENV",
+    "QUIET_WORKER_ENV",
+    "quiet_worker_env",
+    "debugging",
+    "quiet_console",
+    "quiet_refusals",
+    "summary_stdout",
+]
 
 
 class _RefusalWithoutTraceback(logging.Filter):
@@ -21,7 +37,7 @@ class _RefusalWithoutTraceback(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         from prefect_vllm.exceptions import PrefectVllmError
 
-        if record.exc_info and isinstance(record.exc_info[1], PrefectVllmError):
+        if record.exc_info and isinstance(record.exc_info[1], PrefectVllmError) and not debugging():
             record.exc_info = None
             record.exc_text = None
         return True
@@ -36,3 +52,133 @@ def quiet_refusals() -> None:
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, _RefusalWithoutTraceback) for f in handler.filters):
                 handler.addFilter(quiet)
+
+
+#: Set to 1 to see the tracebacks of prefect-vllm's own errors (they are one line otherwise).
+DEBUG_ENV = "PREFECT_VLLM_DEBUG"
+
+#: Set (by the command, unless `--verbose`) to quiet a run's Ray workers.
+QUIET_ENV = "PREFECT_VLLM_QUIET"
+
+#: What a run's Ray workers (engine actors, shard tasks) are told, unless `--verbose`:
+#: vLLM and torch at warnings, Prefect's console at warnings (the task runs' INFO lines
+#: still reach the Prefect API and the UI), no Python FutureWarnings from libraries.
+QUIET_WORKER_ENV = {
+    QUIET_ENV: "1",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "TORCH_CPP_LOG_LEVEL": "ERROR",
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
+}
+
+#: Ray's own advice lines that a run's user cannot act on.
+_RAY_ADVICE = ("Token authentication is enabled for this Ray cluster",)
+
+
+class _OursAtInfo(logging.Filter):
+    """Below WARNING, only prefect-vllm's own lines: Prefect's engine logs its run's
+    progress through the same run logger (`Beginning flow run`, `Finished in state`)."""
+
+    def __init__(self, keep: tuple[str, ...]) -> None:
+        super().__init__()
+        self._keep = keep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return not any(advice in record.getMessage() for advice in _RAY_ADVICE)
+        if f"{os.sep}prefect_vllm{os.sep}" in record.pathname:
+            return True
+        return any(kept in record.getMessage() for kept in self._keep)
+
+
+def quiet_console(*, keep_run_link: bool) -> None:
+    """Our own lines at INFO, other libraries' at WARNING, on every console handler.
+
+    Args:
+        keep_run_link: Keep Prefect's `View at <url>` line (the server outlives the
+            command); a temporary server's link would be dead once the command ends.
+    """
+    import ray  # noqa: F401 - Ray's console handler must exist to be quieted
+
+    kept = ("Starting temporary server", "View at") if keep_run_link else ("Starting temporary server",)
+    quiet = _OursAtInfo(kept)
+    names = ["", "ray", *(name for name in logging.root.manager.loggerDict if name.startswith("prefect"))]
+    for name in names:
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not any(
+                isinstance(f, _OursAtInfo) for f in handler.filters
+            ):
+                handler.addFilter(quiet)
+
+
+@contextlib.contextmanager
+def summary_stdout() -> Iterator[TextIO]:
+    """Standard output for the summary alone: everything else this process and its
+    children write to file descriptor 1 (Ray prints its workers' output there) goes to
+    standard error while the block runs.
+
+    Yields:
+        A stream on the original standard output.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with os.fdopen(os.dup(saved), "w", encoding="utf-8", closefd=True) as out:
+            yield out
+            out.flush()
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def debugging() -> bool:
+    """Whether the user asked for our errors' tracebacks (`PREFECT_VLLM_DEBUG=1`)."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def quiet() -> bool:
+    """Whether this run keeps other libraries' lines below WARNING out (`QUIET_ENV`)."""
+    return os.environ.get(QUIET_ENV, "") not in ("", "0")
+
+
+def quiet_worker_env() -> dict[str, str]:
+    """The environment a run's Ray workers get to keep quiet, when the command asked
+    for it (`QUIET_ENV`); a value set in this process's environment wins."""
+    if not quiet():
+        return {}
+    return {key: os.environ.get(key, value) for key, value in QUIET_WORKER_ENV.items()}
+
+
+#: vLLM warnings that say what prefect-vllm chose on purpose (CPU engines run eager, prefill
+#: whole, one process) or that no user of the CPU wheel can act on, by the logger that emits
+#: them. Filters on these loggers outlive vLLM's own logging set-up, which it redoes as an
+#: engine starts (handlers are replaced; its module loggers are not).
+VLLM_NOTICES: dict[str, tuple[str, ...]] = {
+    "vllm.engine.arg_utils": ("does not officially support disabling chunked prefill",),
+    "vllm.config.vllm": ("Enforce eager set", "Inductor compilation was disabled", "requires Triton"),
+    "vllm.platforms.cpu": ("Triton is not installed", "Reset SSM cache type"),
+    "vllm.triton_utils.importing": ("Triton is installed, but doesn't include CPU backend",),
+    "vllm.v1.worker.cpu_worker": ("is not found in LD_PRELOAD",),
+}
+
+
+class _WithoutNotices(logging.Filter):
+    def __init__(self, notices: tuple[str, ...]) -> None:
+        super().__init__()
+        self._notices = notices
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(notice in record.getMessage() for notice in self._notices)
+
+
+def quiet_vllm_notices() -> None:
+    """Drop `VLLM_NOTICES` when the run is quiet. Call before importing vLLM (it warns
+    while it is imported); the engine process forked from this one keeps the filters."""
+    if not quiet():
+        return
+    for name, notices in VLLM_NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _WithoutNotices) for f in logger.filters):
+            logger.addFilter(_WithoutNotices(notices))

@@ -114,9 +114,9 @@ def discover_inputs(spec: str) -> list[InputFile]:
     elif os.path.isfile(spec):
         paths = [spec]
     else:
-        raise InputError("input file or folder does not exist", path=spec)
+        raise InputError(f"input: {spec} is no file, folder or glob that exists")
     if not paths:
-        raise InputError("no input files (.jsonl, .parquet, .csv) found", path=spec)
+        raise InputError(f"input: {spec} holds no input files (.jsonl, .parquet, .csv)")
     files = []
     for p in paths:
         fmt = _SUFFIXES.get(os.path.splitext(p)[1].lower())

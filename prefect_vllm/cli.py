@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from prefect_vllm._cli_common import (
     EXIT_INCOMPLETE,
@@ -95,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
         help="also check every committed part file's sha256 before skipping it (its size always is)",
     )  # fmt: skip
     run.add_argument("--json", action="store_true", help="print the summary as JSON, last line")
+    run.add_argument(
+        "--verbose", action="store_true",
+        help="show vLLM's, Ray's and Prefect's own INFO lines too (tracebacks: PREFECT_VLLM_DEBUG=1)",
+    )  # fmt: skip
 
     status = sub.add_parser("status", help="progress of a job, from its checkpoints alone")
     status.add_argument("output", help="the job's output folder or URI")
@@ -164,9 +169,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     from prefect_vllm.exceptions import (
         ConfigurationError,
-        IncompleteJobError,
         JobRunningError,
-        PrefectVllmError,
     )
 
     started = time.monotonic()
@@ -204,8 +207,16 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     from prefect_vllm._cli_common import interrupts_end_the_run, quiet_refusals
-    from prefect_vllm._server import prefect_api
+    from prefect_vllm._logs import QUIET_ENV, quiet_console, summary_stdout
+    from prefect_vllm._server import configured_api_url, prefect_api
     from prefect_vllm.flows import _headstart, batch_inference
+
+    if not args.verbose:
+        # Our lines at INFO, other libraries' at WARNING; the Ray workers are told too.
+        os.environ.setdefault(QUIET_ENV, "1")
+        if not sys.stderr.isatty():
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in log files
+        quiet_console(keep_run_link=configured_api_url() is not None)
 
     head_started_for: list[str] = []
 
@@ -218,7 +229,8 @@ def _run(args: argparse.Namespace) -> int:
             _headstart.connect_early(args.pool, args.ray_address, api_url, shards_per_actor)
 
     quiet_refusals()
-    with interrupts_end_the_run() as interrupt_status:
+    with interrupts_end_the_run() as interrupt_status, summary_stdout() as stdout:
+        failure: tuple[str, int] | None = None
         try:
             server_starting = time.monotonic()
             # Ray and the engines start while the server does (see flows/_headstart.py).
@@ -235,31 +247,47 @@ def _run(args: argparse.Namespace) -> int:
                     warm_pool=args.pool,
                 )  # fmt: skip
         except BaseException as exc:
-            # An interrupt surfaces as whatever was running when it came (KeyboardInterrupt,
-            # or an error wrapping it, such as pydantic's): the signal decides.
-            status = interrupt_status()
-            if status is not None:
-                return _fail(
-                    "interrupted: the shards in flight were abandoned, every committed shard is kept; "
-                    "run the same command again to resume",
-                    status,
-                )
-            if isinstance(exc, (ConfigurationError, JobRunningError)):
-                return _fail(str(exc), EXIT_USAGE)
-            if isinstance(exc, IncompleteJobError):
-                if exc.result is not None:
-                    _print_summary(exc.result, args.json)
-                return _fail(str(exc), EXIT_INCOMPLETE)
-            if isinstance(exc, PrefectVllmError):
-                return _fail(str(exc), EXIT_INCOMPLETE)
-            raise
+            failure = _failure(exc, interrupt_status(), args.json, stdout)
         finally:
-            _headstart.abandon()  # a run that was refused, failed early or had nothing to run
-    result = result.model_copy(
-        update={"timings": {"prefect_server_start_s": server_start_s, **result.timings}}
-    )
-    _print_summary(result, args.json)
+            # A run that was refused, failed early or had nothing to run; and Ray disconnected
+            # before the last line, which no worker's late log line then follows.
+            _headstart.abandon()
+        if failure is not None:
+            return _fail(*failure)
+        result = result.model_copy(
+            update={"timings": {"prefect_server_start_s": server_start_s, **result.timings}}
+        )
+        _print_summary(result, args.json, stdout)
     return EXIT_OK
+
+
+def _failure(exc: BaseException, interrupted: int | None, as_json: bool, stdout: TextIO) -> tuple[str, int]:
+    """The last line and exit status of a run that ended with `exc` (re-raised when it is
+    not ours: a bug's traceback is worth seeing)."""
+    from prefect_vllm.exceptions import (
+        ConfigurationError,
+        IncompleteJobError,
+        JobRunningError,
+        PrefectVllmError,
+    )
+
+    # An interrupt surfaces as whatever was running when it came (KeyboardInterrupt, or an
+    # error wrapping it, such as pydantic's): the signal decides.
+    if interrupted is not None:
+        return (
+            "interrupted: the shards in flight were abandoned, every committed shard is kept; "
+            "run the same command again to resume",
+            interrupted,
+        )
+    if isinstance(exc, (ConfigurationError, JobRunningError)):
+        return str(exc), EXIT_USAGE
+    if isinstance(exc, IncompleteJobError):
+        if exc.result is not None:
+            _print_summary(exc.result, as_json, stdout)
+        return str(exc), EXIT_INCOMPLETE
+    if isinstance(exc, PrefectVllmError):
+        return str(exc), EXIT_INCOMPLETE
+    raise exc
 
 
 def _precheck(args: argparse.Namespace) -> None:
@@ -351,15 +379,17 @@ def _answer_from_checkpoints(
     )
 
 
-def _print_summary(result: Any, as_json: bool) -> None:
+def _print_summary(result: Any, as_json: bool, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
     if as_json:
-        print(json.dumps(result.model_dump(mode="json")), flush=True)
+        print(json.dumps(result.model_dump(mode="json")), file=out, flush=True)
         return
     print(
         f"job {result.job_id}: {result.rows_ok} rows ok, {result.rows_failed} row errors, "
         f"{result.shards_run} shards run, {result.shards_skipped} skipped, "
         f"{result.engine_restarts} engine restarts, {result.wall_s:.1f} s, "
         f"{result.tokens_per_s:.0f} tokens/s\noutput: {result.output}",
+        file=out,
         flush=True,
     )
     if result.request_counts is not None:
@@ -367,6 +397,7 @@ def _print_summary(result: Any, as_json: bool) -> None:
         print(
             f"OpenAI export: {counts['completed']} completed, {counts['failed']} failed of "
             f"{counts['total']} in {result.output}/_openai/output.jsonl and errors.jsonl",
+            file=out,
             flush=True,
         )
 

@@ -18,10 +18,12 @@ Examples:
     ```python
     from prefect_vllm.config import EngineConfig
     from prefect_vllm.pools import list_pools, start_pool, stop_pool
+    from prefect_vllm.testing import make_tiny_model
 
     if __name__ == "__main__":
         address = "auto"  # the cluster `ray start --head` started on this machine
-        start_pool("tiny", "/tmp/tiny-llama", engine=EngineConfig(), ray_address=address)
+        model = str(make_tiny_model("/tmp/tiny-llama"))
+        start_pool("tiny", model, engine=EngineConfig(), ray_address=address)
         print(list_pools(ray_address=address))  # [{'name': 'tiny', 'model': ..., 'actors': [...]}]
         stop_pool("tiny", ray_address=address)
     ```
@@ -193,6 +195,8 @@ def connected(ray_address: str | None, **init_kwargs: Any) -> Iterator[None]:
     """
     import ray
 
+    from prefect_vllm._signals import keeping_sigterm
+
     if ray.is_initialized():
         yield
         return
@@ -203,7 +207,8 @@ def connected(ray_address: str | None, **init_kwargs: Any) -> Iterator[None]:
             "and name it with --ray-address (ray_address) or RAY_ADDRESS"
         )
     try:
-        ray.init(address, **init_kwargs)
+        with keeping_sigterm():
+            ray.init(address, **init_kwargs)
     except ConnectionError as exc:
         raise ConfigurationError(
             f"pool: cannot reach the Ray cluster at {address!r}: {exc}; on the head node itself use "

@@ -92,6 +92,10 @@ class VllmEngineActor:
         hf_token: Any = None,
         pool_config: dict[str, Any] | None = None,
     ) -> None:
+        from prefect_vllm._logs import quiet, quiet_vllm_notices
+
+        quiet_vllm_notices()  # before vLLM's import, which warns already
+
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.usage.usage_lib import UsageContext
@@ -106,6 +110,8 @@ class VllmEngineActor:
         kwargs = EngineConfig.model_validate(engine_config).engine_kwargs(model, on_cpu=on_cpu)
         if on_cpu:
             kwargs = one_process_engine(kwargs)
+        if quiet():
+            kwargs.setdefault("use_tqdm_on_load", False)  # a progress bar in every actor's log
         started = time.monotonic()
         try:
             # Offline batch defaults (vLLM's `LLM` class): on CPU twice the running
@@ -167,7 +173,11 @@ class VllmEngineActor:
 
         vLLM notices a dead engine process from a monitor thread, a moment later; a
         call arriving in that moment would run on a dead engine and be blamed for it.
+        The engine process is this actor's child (its exit is seen whatever its title);
+        a multiprocess engine's workers are found by their `VLLM::` titles.
         """
+        if not all(child.is_alive() for child in self._engine_children):
+            return False
         for proc in self._engine_processes:
             try:
                 if proc.status() == psutil.STATUS_ZOMBIE:
@@ -263,7 +273,9 @@ class VllmEngineActor:
         if "error" in row:
             return failed_row(row["error"])
         try:
-            prompt = engine_prompt(row, self._engine.get_tokenizer(), params.template, token_ids)
+            prompt = engine_prompt(
+                row, self._engine.get_tokenizer(), params.template, token_ids, self._max_model_len
+            )
             if seed is None and not row.get("sampling") and not row.get("response_format"):
                 if isinstance(job_params, Exception):
                     raise job_params

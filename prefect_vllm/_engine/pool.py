@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import SecretStr
@@ -20,6 +21,12 @@ logger = logging.getLogger("prefect_vllm.pool")
 
 #: The Ray namespace of warm pools' named actors (`<pool>/<index>`).
 WARM_NAMESPACE = "prefect-vllm"
+
+#: How often a start that is still waiting for its engines says so.
+PROGRESS_EVERY_S = 10.0
+
+#: `progress(ready, total, seconds)`: engines ready of all, seconds since the wait began.
+Progress = Callable[[int, int, float], None]
 
 #: Engine processes crashing while they start, over the pool, that end the start.
 _START_CRASHES = 2
@@ -101,13 +108,15 @@ class VllmActorPool:
         )
         return pool
 
-    def start(self, *, fixed_cluster: bool = False) -> list[dict[str, Any]]:
+    def start(self, *, fixed_cluster: bool = False, progress: Progress | None = None) -> list[dict[str, Any]]:
         """Create the actors and wait until every engine has started.
 
         Args:
             fixed_cluster: The cluster never grows (a local one this run started):
                 actors that do not fit its resources fail at once instead of
                 waiting `start_timeout_s` for nodes that never come.
+            progress: Told every `PROGRESS_EVERY_S` how many engines are ready and for
+                how long the start has run, so a long start is never silent.
 
         Returns:
             Each actor's `info()`: pid, engine start seconds, context length.
@@ -117,7 +126,7 @@ class VllmActorPool:
             ConfigurationError: With `fixed_cluster`, the actors cannot all fit.
         """
         self.launch(fixed_cluster=fixed_cluster)
-        return self.finish_start()
+        return self.finish_start(progress)
 
     def launch(self, *, fixed_cluster: bool = False) -> None:
         """Create the actors and return at once; their engines start in the background
@@ -162,15 +171,18 @@ class VllmActorPool:
                 )
             )
 
-    def finish_start(self) -> list[dict[str, Any]]:
+    def finish_start(self, progress: Progress | None = None) -> list[dict[str, Any]]:
         """Wait for the engines of `launch`: each actor's `info()`.
+
+        Args:
+            progress: As in `start`.
 
         Raises:
             EngineStartError: An engine failed to start, or not within
                 `start_timeout_s`; the actors are shut down.
         """
         try:
-            return self._wait_started(self.config.start_timeout_s)
+            return self._wait_started(self.config.start_timeout_s, progress)
         except EngineStartError:
             self.shutdown()
             raise
@@ -183,7 +195,7 @@ class VllmActorPool:
         """
         return self._wait_started(self.config.start_timeout_s)
 
-    def _wait_started(self, timeout_s: float) -> list[dict[str, Any]]:
+    def _wait_started(self, timeout_s: float, progress: Progress | None = None) -> list[dict[str, Any]]:
         """Every actor's `info()` once all engines run; EngineStartError otherwise.
 
         An exception in the constructor is final (Ray never retries it). A process
@@ -193,9 +205,18 @@ class VllmActorPool:
         import ray
 
         refs = [h.info.remote() for h in self.handles]
-        deadline = time.monotonic() + timeout_s
+        began = time.monotonic()
+        deadline = began + timeout_s
+        told = began
         while True:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0)
+            if (
+                progress is not None
+                and len(ready) < len(refs)
+                and time.monotonic() - told >= PROGRESS_EVERY_S
+            ):
+                told = time.monotonic()
+                progress(len(ready), len(refs), told - began)
             try:
                 infos = [ray.get(ref) for ref in ready]  # a failed start raises here
             except ray.exceptions.RayActorError as exc:

@@ -40,9 +40,17 @@ def tokenize_prompts(
 
 
 def engine_prompt(
-    row: dict[str, Any], tokenizer: Any, template: dict[str, Any], token_ids: list[int] | None = None
+    row: dict[str, Any],
+    tokenizer: Any,
+    template: dict[str, Any],
+    token_ids: list[int] | None = None,
+    max_model_len: int | None = None,
 ) -> Any:
-    """The engine's prompt for a row: its token ids, its text, or its messages rendered to token ids.
+    """The engine's input for a row: its token ids (tokenized here, or its messages rendered
+    with the chat template), else its text.
+
+    Token ids go to the engine as its own `TokensInput`, already rendered: vLLM renders
+    (and warns about) only what it gets as raw prompts.
 
     Args:
         row: `RowRequest.payload()`.
@@ -50,12 +58,14 @@ def engine_prompt(
         template: `chat_template` (a Jinja string or None for the model's own) and
             `chat_template_kwargs` (extra variables, e.g. `enable_thinking`).
         token_ids: The row's prompt already tokenized (`tokenize_prompts`), if it was.
+        max_model_len: The engine's context length: a longer prompt is this row's error.
 
     Raises:
-        ValueError: The model has no chat template, or rendering failed.
+        ValueError: The prompt is longer than the context, the model has no chat
+            template, or rendering failed.
     """
     if token_ids is not None:
-        return {"prompt_token_ids": token_ids}
+        return _tokens_input(token_ids, max_model_len)
     messages = row.get("messages")
     if messages is None:
         return {"prompt": row["prompt"]}
@@ -70,7 +80,21 @@ def engine_prompt(
     except Exception as exc:
         raise ValueError(f"chat template: {type(exc).__name__}: {str(exc)[:300]}") from None
     ids = rendered if isinstance(rendered, list) else rendered["input_ids"]
-    return {"prompt_token_ids": list(ids)}
+    return _tokens_input(list(ids), max_model_len)
+
+
+def _tokens_input(token_ids: list[int], max_model_len: int | None) -> Any:
+    """vLLM's `TokensInput` for a prompt, after the context-length check its renderer makes."""
+    from vllm.inputs import tokens_input
+
+    if max_model_len is not None and len(token_ids) > max_model_len:
+        # `tokenize_prompts` cuts at one token over the context: "at least" that many.
+        raise ValueError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
+            f"contains at least {len(token_ids)} input tokens, which exceeds this limit even "
+            "without any output tokens. Please reduce the length of the input prompt."
+        )
+    return tokens_input(token_ids)
 
 
 def lora_request(row: dict[str, Any], adapters: dict[str, str]) -> Any:

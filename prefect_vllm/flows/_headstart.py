@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefect_vllm._engine.pool import VllmActorPool
+from prefect_vllm._signals import keeping_sigterm
 
 logger = logging.getLogger("prefect_vllm.headstart")
 
@@ -69,7 +70,8 @@ def start_early(pool: VllmActorPool, address: str | None, api_url: str) -> None:
     init_kwargs = ray_init_kwargs(address, api_url=api_url)
     began = time.monotonic()
     try:
-        ray.init(address, **init_kwargs)
+        with keeping_sigterm():
+            ray.init(address, **init_kwargs)
         ray_start_s = time.monotonic() - began
         warm_shard_workers(pool.config.num_actors * pool.config.shards_per_actor)
         pool.launch(fixed_cluster=local_cluster(address))
@@ -96,7 +98,8 @@ def connect_early(warm_pool: str, address: str | None, api_url: str, shards_per_
     init_kwargs = ray_init_kwargs(address, api_url=api_url)
     began = time.monotonic()
     try:
-        ray.init(address, **init_kwargs)
+        with keeping_sigterm():
+            ray.init(address, **init_kwargs)
         ray_start_s = time.monotonic() - began
         warm_shard_workers(max(1, len(warm_pool_handles(warm_pool))) * shards_per_actor)
     except Exception as exc:  # the flow connects itself, and reports what goes wrong

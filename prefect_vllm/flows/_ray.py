@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -27,11 +28,16 @@ def ray_init_kwargs(
 ) -> dict[str, Any]:
     """Every Ray worker reaches the same Prefect server (`api_url`, default: the one the
     flow run reports to): never its own ephemeral one."""
+    from prefect_vllm._logs import quiet_worker_env
     from prefect_vllm._server import run_api_url
 
     api_url = api_url or run_api_url()
     env = dict(runtime_env or {})
-    env_vars = {**env.get("env_vars", {}), **({"PREFECT_API_URL": api_url} if api_url else {})}
+    env_vars = {
+        **quiet_worker_env(),
+        **env.get("env_vars", {}),
+        **({"PREFECT_API_URL": api_url} if api_url else {}),
+    }
     kwargs: dict[str, Any] = {"runtime_env": {**env, "env_vars": env_vars}}
     if not ray_address:
         kwargs["include_dashboard"] = False
@@ -92,23 +98,30 @@ def run_on_ray(
     import ray
     from prefect_ray import RayTaskRunner
 
+    from prefect_vllm._signals import keeping_sigterm
     from prefect_vllm.flows import _headstart
 
     init_kwargs = ray_init_kwargs(ray_address, runtime_env)
     head = None if pool.warm else _headstart.claim(pool, ray_address, init_kwargs)
     t0 = time.monotonic()
     try:
-        with RayTaskRunner(address=ray_address, init_kwargs=init_kwargs) as runner:
+        with contextlib.ExitStack() as runner_context:
+            with keeping_sigterm():  # a Prefect cancellation, or the command's SIGTERM, stays theirs
+                runner = runner_context.enter_context(
+                    RayTaskRunner(address=ray_address, init_kwargs=init_kwargs)
+                )
             t1 = time.monotonic()
             if head is not None and head.pool is not None:  # started beside the Prefect server
                 pool = head.pool
-                infos = pool.finish_start()
+                infos = pool.finish_start(_starting(head.launched_at))
                 ray_start_s, engine_start_s = head.ray_start_s, time.monotonic() - head.launched_at
             else:
                 warm_shard_workers(pool.config.num_actors * pool.config.shards_per_actor)
                 # A cluster this run started never grows: actors that cannot fit fail at once.
                 infos = (
-                    pool.wait_ready() if pool.warm else pool.start(fixed_cluster=local_cluster(ray_address))
+                    pool.wait_ready()
+                    if pool.warm
+                    else pool.start(fixed_cluster=local_cluster(ray_address), progress=_starting(t1))
                 )
                 ray_start_s, engine_start_s = t1 - t0, time.monotonic() - t1
             engine_start_s = round(engine_start_s, 3)  # the log says what the summary says
@@ -134,6 +147,20 @@ def run_on_ray(
         "shutdown_s": round(time.monotonic() - started - generation_s, 3),
     }
     return RayRun(results, restarts, causes, generation_s, timings, stopped_by)
+
+
+def _starting(since: float) -> Any:
+    """A start's progress, as a log line: how many engines are ready, for how long it has run."""
+    logger = get_run_logger()
+
+    def say(ready: int, total: int, _waited_s: float) -> None:
+        logger.info(
+            "starting the vLLM engine(s): %d of %d ready, %.0f s since their actors were created "
+            "(imports, model load, KV cache)",
+            ready, total, time.monotonic() - since,
+        )  # fmt: skip
+
+    return say
 
 
 def _log_engines(pool: VllmActorPool, infos: list[dict[str, Any]], ready_s: float) -> None:

@@ -44,7 +44,8 @@ class Progress:
             "create the progress artifact",
             lambda: _create_progress(job_id, 100.0 * done / self._total, self._describe()),
         )
-        self._bar = _terminal_bar(total, done)
+        self._bar: Any = None  # drawn from the first commit: its rate and ETA count from there
+        self._unpatch: list[tuple[logging.Handler, Any]] = []
         self._updated = time.monotonic()
 
     def _describe(self) -> str:
@@ -52,6 +53,10 @@ class Progress:
 
     def commit(self, result: ShardResult) -> None:
         """Count one more committed shard."""
+        if self._bar is None and not self._unpatch:
+            self._bar = _terminal_bar(self._total, self._done)
+            if self._bar is not None:
+                self._unpatch = _log_above(self._bar)
         self._done += 1
         if self._bar is not None:
             self._bar.update(1)
@@ -67,8 +72,33 @@ class Progress:
 
     def close(self) -> None:
         """End the terminal bar."""
+        for handler, emit in self._unpatch:
+            handler.emit = emit  # type: ignore[method-assign]
         if self._bar is not None:
             self._bar.close()
+
+
+def _log_above(bar: Any) -> list[tuple[logging.Handler, Any]]:
+    """Log lines go above the bar: each console handler clears it, writes, redraws it.
+
+    Returns:
+        The handlers changed and their own `emit`, to put back.
+    """
+    changed: list[tuple[logging.Handler, Any]] = []
+    names = ["", *(name for name in logging.root.manager.loggerDict if name.startswith("prefect"))]
+    for name in names:
+        for handler in logging.getLogger(name).handlers:
+            if not isinstance(handler, logging.StreamHandler) or any(h is handler for h, _ in changed):
+                continue
+            emit = handler.emit
+
+            def above(record: logging.LogRecord, emit: Any = emit) -> None:
+                with bar.external_write_mode():
+                    emit(record)
+
+            handler.emit = above  # type: ignore[method-assign]
+            changed.append((handler, emit))
+    return changed
 
 
 def publish_results(summary: BatchResult, results: dict[str, ShardResult], rerun: str) -> None:

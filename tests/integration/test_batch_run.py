@@ -36,6 +36,13 @@ def test_cli_run_generates_every_row_against_one_local_prefect_server(
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "database is locked" not in proc.stderr
+    # A quiet, honest terminal: stdout is the summary alone, stderr our own lines.
+    assert json.loads(proc.stdout)["rows_ok"] == 150, "stdout holds more than the JSON summary"
+    assert "Initializing a V1 LLM engine" not in proc.stderr, "vLLM's config dump"
+    assert "Ray deduplicates logs" not in proc.stderr and "repeated" not in proc.stderr
+    assert "Passing raw prompts" not in proc.stderr and "LD_PRELOAD" not in proc.stderr
+    assert "\x1b[" not in proc.stderr, "colour codes in a log file"
+    assert "Beginning flow run" not in proc.stderr, "Prefect's own progress lines"
     summary = summary_of(proc)
     assert summary["shards_total"] == 3 and summary["shards_run"] == 3 and summary["shards_skipped"] == 0
     assert summary["rows_ok"] == 150 and summary["rows_failed"] == 0

@@ -33,7 +33,7 @@ def usage_error(tmp_path: Path, *args: str, api_url: str | None = None) -> str:
 
 def test_missing_input_file(tmp_path: Path, tiny_model: Path) -> None:
     err = usage_error(tmp_path, str(tmp_path / "nope.jsonl"), "--model", str(tiny_model))
-    assert "nope.jsonl: input file or folder does not exist" in err
+    assert f"input: {tmp_path}/nope.jsonl is no file, folder or glob that exists" in err
 
 
 def test_missing_prompt_column(tmp_path: Path, prompts: Path, tiny_model: Path) -> None:

@@ -4,6 +4,7 @@ the API as the UI does, with artifacts, bad parameters and two triggers of one j
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from uuid import UUID
 import pytest
 
 from prefect_vllm.testing import write_sample_prompts
-from tests.helpers import REPO, input_ids, no_engine_left, read_output, wait_for
+from tests.helpers import REPO, engine_processes, input_ids, markers, no_engine_left, read_output, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -159,7 +160,7 @@ def test_bad_parameters_fail_the_run_at_once_naming_the_parameter(
     messages = [s.message or "" for s in states]
     assert all(s.is_failed() for s in states), messages
     assert "cluster: no vLLM Ray Cluster block named 'no-such-cluster'" in messages[0]
-    assert "prompts.jsonl: input file or folder does not exist" in messages[1]
+    assert f"input: {tmp_path}/missing/prompts.jsonl is no file" in messages[1], "the parameter is named"
     assert "storage: no vLLM Checkpoint Storage block named 'no-such-storage'" in messages[2]
     assert time.monotonic() - started < 240, "bad parameters must fail before any engine starts"
     assert not list((tmp_path / "out").glob("part-*"))
@@ -196,3 +197,42 @@ def test_prefect_yaml_registers_the_nightly_schedule_and_dated_parameters(prefec
     schema = deployment.parameter_openapi_schema["properties"]
     assert schema["shard_size"]["minimum"] == 1 and "unit of commit" in schema["shard_size"]["description"]
     assert set(schema) >= {"input", "output", "model", "sampling", "cluster", "storage", "export"}
+
+
+async def _cancel(run_id: UUID) -> None:
+    """Cancel a flow run through the API, as the UI's Cancel button does."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    async with get_client() as client:
+        await client.set_flow_run_state(run_id, Cancelling())
+
+
+def test_a_run_cancelled_from_the_api_stops_within_seconds_and_the_next_run_resumes_exactly(
+    tmp_path: Path, tiny_model: Path, served: Any
+) -> None:
+    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=480, seed=31)
+    out = tmp_path / "out"
+    params = {
+        "input": str(prompts), "output": str(out), "model": str(tiny_model), "shard_size": 16,
+        "sampling": {"max_tokens": 48, "temperature": 0.0, "ignore_eos": True},
+    }  # fmt: skip
+    first = trigger(params)
+    wait_for(lambda: len(markers(out)) >= 2, 600, "two committed shards")
+    cancelled_at = time.monotonic()
+    asyncio.run(_cancel(first))
+    (state,) = final_states([first], timeout=120)
+    took = time.monotonic() - cancelled_at
+    assert state.is_cancelled(), state
+    assert took < 30, f"the run took {took:.0f} s to stop"
+    wait_for(lambda: not engine_processes(), 30, "the cancelled run's engines to exit")
+    committed = len(markers(out))
+    assert 2 <= committed < 30, committed
+
+    second = trigger(params)
+    (state,) = final_states([second], timeout=600)
+    assert state.is_completed(), state.message
+    summary = json.loads((out / "_summary.json").read_text())
+    assert (summary["shards_skipped"], summary["shards_run"]) == (committed, 30 - committed)
+    assert Counter(read_output(out).column("custom_id").to_pylist()) == Counter(input_ids(prompts))
+    no_engine_left()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from prefect_vllm._engine.requests import engine_prompt, tokenize_prompts
 
 
@@ -25,8 +27,11 @@ def test_batched_tokenization_matches_one_call_per_row_and_skips_other_rows(tiny
     # Cut one token past the context, as vLLM cuts, so the engine still rejects it as too long.
     assert len(tok("word " * 200)["input_ids"]) > 65 and len(ids[2] or []) == 65
     assert ids[4] == tok("")["input_ids"]
-    assert engine_prompt(rows[0], tok, {}, ids[0]) == {"prompt_token_ids": ids[0]}
+    # Token ids reach the engine already rendered: vLLM's own input, not a raw prompt.
+    assert engine_prompt(rows[0], tok, {}, ids[0], 64) == {"type": "token", "prompt_token_ids": ids[0]}
     assert engine_prompt(rows[0], tok, {}, None) == {"prompt": "Tell me about the model."}
+    with pytest.raises(ValueError, match=r"maximum context length is 64 tokens.*at least 65 input tokens"):
+        engine_prompt(rows[2], tok, {}, ids[2], 64)
 
 
 def test_a_tokenizer_that_fails_on_the_batch_leaves_every_row_to_vllm() -> None:

@@ -73,7 +73,9 @@ def test_empty_input_is_an_input_error(tmp_path: Path) -> None:
 
 
 def test_missing_input_and_nonpositive_shard_size_are_configuration_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigurationError, match="does not exist"):
+    with pytest.raises(
+        ConfigurationError, match=r"input: .*nope\.jsonl is no file, folder or glob that exists"
+    ):
         plan_job(str(tmp_path / "nope.jsonl"), COLUMNS, 10)
     write_jsonl(tmp_path / "in.jsonl", rows(1))
     with pytest.raises(ConfigurationError, match="shard size"):
