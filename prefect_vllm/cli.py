@@ -206,17 +206,17 @@ def _run(args: argparse.Namespace) -> int:
         _print_summary(done, args.json)
         return EXIT_OK
 
+    from prefect_vllm import _headstart
     from prefect_vllm._cli_common import interrupts_end_the_run, quiet_refusals
     from prefect_vllm._logs import QUIET_ENV, quiet_console, summary_stdout
-    from prefect_vllm._server import configured_api_url, prefect_api
-    from prefect_vllm.flows import _headstart, batch_inference
 
+    known_api_url = os.environ.get("PREFECT_API_URL")
     if not args.verbose:
         # Our lines at INFO, other libraries' at WARNING; the Ray workers are told too.
         os.environ.setdefault(QUIET_ENV, "1")
         if not sys.stderr.isatty():
             os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in log files
-        quiet_console(keep_run_link=configured_api_url() is not None)
+        quiet_console(keep_run_link=known_api_url is not None)
 
     head_started_for: list[str] = []
 
@@ -228,15 +228,22 @@ def _run(args: argparse.Namespace) -> int:
             shards_per_actor = (pool or ActorPoolConfig()).shards_per_actor
             _headstart.connect_early(args.pool, args.ray_address, api_url, shards_per_actor)
 
-    quiet_refusals()
     with interrupts_end_the_run() as interrupt_status, summary_stdout() as stdout:
         failure: tuple[str, int] | None = None
         try:
+            if known_api_url:  # the server is known before Prefect loads: Ray starts at once
+                start_engines(known_api_url)
+            from prefect_vllm._server import configured_api_url, prefect_api
+            from prefect_vllm.flows import batch_inference
+
+            if not args.verbose:
+                quiet_console(keep_run_link=configured_api_url() is not None)  # Prefect's handlers
+            quiet_refusals()
             server_starting = time.monotonic()
-            # Ray and the engines start while the server does (see flows/_headstart.py).
-            with prefect_api(while_starting=start_engines) as api_url:
+            # Ray and the engines start while the server does (see prefect_vllm/_headstart.py).
+            with prefect_api(while_starting=None if known_api_url else start_engines) as api_url:
                 server_start_s = round(time.monotonic() - server_starting, 3)
-                if head_started_for != [api_url]:  # the server's port was taken: another address
+                if [u.rstrip("/") for u in head_started_for] != [api_url.rstrip("/")]:  # another server
                     _headstart.abandon()
                 result = batch_inference(
                     input=args.input, output=args.output, model=args.model,

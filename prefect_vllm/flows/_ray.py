@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -15,38 +14,13 @@ from prefect import get_run_logger
 
 from prefect_vllm._engine.pool import VllmActorPool
 from prefect_vllm._planning import ShardSpec
+from prefect_vllm._ray_start import local_cluster, ray_init_kwargs, warm_shard_workers
 from prefect_vllm.exceptions import StorageError
 from prefect_vllm.results import ShardResult
 from prefect_vllm.tasks import ShardJob, run_shard
 
 #: How often the flow looks at the engine restart count while shards run.
 _BUDGET_CHECK_S = 2.0
-
-
-def ray_init_kwargs(
-    ray_address: str | None, runtime_env: dict[str, Any] | None = None, api_url: str | None = None
-) -> dict[str, Any]:
-    """Every Ray worker reaches the same Prefect server (`api_url`, default: the one the
-    flow run reports to): never its own ephemeral one."""
-    from prefect_vllm._logs import quiet_worker_env
-    from prefect_vllm._server import run_api_url
-
-    api_url = api_url or run_api_url()
-    env = dict(runtime_env or {})
-    env_vars = {
-        **quiet_worker_env(),
-        **env.get("env_vars", {}),
-        **({"PREFECT_API_URL": api_url} if api_url else {}),
-    }
-    kwargs: dict[str, Any] = {"runtime_env": {**env, "env_vars": env_vars}}
-    if not ray_address:
-        kwargs["include_dashboard"] = False
-    return kwargs
-
-
-def local_cluster(ray_address: str | None) -> bool:
-    """Whether the run starts a Ray cluster of its own, which never grows."""
-    return ray_address is None and not os.environ.get("RAY_ADDRESS")
 
 
 OnCommit = Callable[[ShardResult], None]
@@ -92,14 +66,14 @@ def run_on_ray(
     """Start the engine pool, stream the pending shards through it, stop it.
 
     A warm pool is neither started nor stopped: its engines are up already and
-    stay up for the next run. A pool the command started early (`_headstart`) is
+    stay up for the next run. A pool the command started early (`prefect_vllm._headstart`) is
     claimed instead of started.
     """
     import ray
     from prefect_ray import RayTaskRunner
 
+    from prefect_vllm import _headstart
     from prefect_vllm._signals import keeping_sigterm
-    from prefect_vllm.flows import _headstart
 
     init_kwargs = ray_init_kwargs(ray_address, runtime_env)
     head = None if pool.warm else _headstart.claim(pool, ray_address, init_kwargs)
@@ -174,37 +148,6 @@ def _log_engines(pool: VllmActorPool, infos: list[dict[str, Any]], ready_s: floa
         len(infos), ready_s, ", ".join(f"{i['start_s']:.1f}" for i in infos),
         "set" if all(i["hf_token_set"] for i in infos) else "not set",
     )  # fmt: skip
-
-
-def _import_shard_task() -> int:
-    import prefect.task_engine  # noqa: F401 - the imports are the point: what a shard task runs
-
-    import prefect_vllm.tasks.shards  # noqa: F401
-
-    return os.getpid()
-
-
-#: The Ray job whose shard workers were started, so that a second call starts none.
-_warmed_job: list[str] = []
-
-
-def warm_shard_workers(count: int) -> None:
-    """Start the Ray workers for shard tasks while the engines start, not after.
-
-    A fresh Ray worker spends seconds importing Prefect; paid during engine start-up,
-    that time no longer leaves a ready engine idle before its first shard. Once per
-    Ray job (connection): warming again while the first ones still import would only
-    start more processes that compete for the same cores.
-    """
-    import ray
-
-    job = ray.get_runtime_context().get_job_id()
-    if job in _warmed_job:
-        return
-    _warmed_job[:] = [job]
-    warm = ray.remote(num_cpus=0)(_import_shard_task)
-    for _ in range(count):
-        warm.remote()
 
 
 def _stream_shards(
