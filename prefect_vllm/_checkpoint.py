@@ -117,50 +117,56 @@ class CheckpointStore:
 
         Raises:
             StorageError: The location refused the write (full, no permission, the
-                store's error); nothing is left under `name`.
+                store's error). On a local disk nothing is left under `name`; an object
+                store may keep part of it, which no commit marker ever points to.
         """
+        with self._writing(name) as out:
+            out.write(data)
+
+    @contextlib.contextmanager
+    def open_output(self, name: str) -> Iterator[Any]:
+        """A file written as a stream and in place only once closed without error
+        (its folder made first).
+
+        Raises:
+            StorageError: As in `write_bytes`.
+        """
+        with self.storage_errors(name):
+            self.fs.create_dir(self.path(name).rsplit("/", 1)[0], recursive=True)
+        with self._writing(name) as out:
+            yield out
+
+    @contextlib.contextmanager
+    def _writing(self, name: str) -> Iterator[Any]:
+        """Local disks: a temp name, fsync, rename. Object stores: one upload on close."""
         dest = self.path(name)
-        try:
+        with self.storage_errors(name):
             if not self._local:
                 with self.fs.open_output_stream(dest) as out:
-                    out.write(data)
+                    yield out
                 return
             tmp = f"{os.path.dirname(dest)}/.tmp-{uuid.uuid4().hex}"
             try:
                 with open(tmp, "wb") as fh:
-                    fh.write(data)
+                    yield fh
                     fh.flush()
                     os.fsync(fh.fileno())
                 os.replace(tmp, dest)
-            except BaseException:
+            finally:
                 with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-        except OSError as exc:
-            raise StorageError(f"{self.uri.rstrip('/')}/{name}", _os_reason(exc)) from exc
+                    os.unlink(tmp)  # gone already once renamed
 
     @contextlib.contextmanager
-    def open_output(self, name: str) -> Iterator[Any]:
-        """A file written as a stream and in place only once closed without error.
-
-        Local disks get a temp name and a rename; object stores upload on close.
-        """
-        dest = self.path(name)
-        self.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
-        if not self._local:
-            with self.fs.open_output_stream(dest) as out:
-                yield out
-            return
-        tmp = f"{os.path.dirname(dest)}/.tmp-{uuid.uuid4().hex}"
+    def storage_errors(self, name: str = "") -> Iterator[None]:
+        """The OS's or the store's errors of the block, as one `StorageError` naming the
+        location (`name` under it) and the error."""
         try:
-            with open(tmp, "wb") as fh:
-                yield fh
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            yield
+        except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
+            location = f"{self.uri.rstrip('/')}/{name}" if name else self.uri
+            raise StorageError(location, _os_reason(exc)) from exc
 
     def read_part(self, shard_id: str) -> pa.Table:
         """A committed shard's output table."""
@@ -202,8 +208,9 @@ class CheckpointStore:
             self.clear()
             existing = None
         if existing is None:
-            self.fs.create_dir(self.root, recursive=True)
-            self.fs.create_dir(self.path(COMMITS), recursive=True)
+            with self.storage_errors():
+                self.fs.create_dir(self.root, recursive=True)
+                self.fs.create_dir(self.path(COMMITS), recursive=True)
             self.write_manifest(manifest)
             return manifest
         self.check_same_job(existing, manifest.job_id, manifest.fingerprint)

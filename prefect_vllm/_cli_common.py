@@ -13,10 +13,6 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-from prefect_vllm._logs import quiet_refusals
-
-__all__ = ["quiet_refusals"]  # re-exported: the commands install it before the flow runs
-
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 
 #: How long the run's own clean-up (its engines, its Ray cluster, its Prefect server) may

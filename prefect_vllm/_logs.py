@@ -20,10 +20,13 @@ from typing import TextIO
 __all__ = [
     "QUIET_ENV",
     "QUIET_WORKER_ENV",
-    "quiet_worker_env",
+    "VLLM_NOTICES",
     "debugging",
+    "quiet",
     "quiet_console",
     "quiet_refusals",
+    "quiet_vllm_notices",
+    "quiet_worker_env",
     "summary_stdout",
 ]
 
@@ -35,19 +38,34 @@ class _RefusalWithoutTraceback(logging.Filter):
     command prints last; forty lines of traceback above it only bury it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from prefect_vllm.exceptions import PrefectVllmError
+        from prefect_vllm.exceptions import (
+            ConfigurationError,
+            IncompleteJobError,
+            JobRunningError,
+            StorageError,
+        )
 
-        if record.exc_info and isinstance(record.exc_info[1], PrefectVllmError) and not debugging():
+        # Not EngineError: an engine actor that fails unexpectedly is worth its traceback.
+        quiet = (ConfigurationError, IncompleteJobError, JobRunningError, StorageError)
+        if record.exc_info and isinstance(record.exc_info[1], quiet) and not debugging():
             record.exc_info = None
             record.exc_text = None
         return True
 
 
-def quiet_refusals() -> None:
+def quiet_refusals(*, root: bool = True) -> None:
     """Keep refusals' tracebacks out of every log handler Prefect has set up (the console
-    and the run's logs on the server): each refusal is still logged, as its message."""
+    and the run's logs on the server): each refusal is still logged, as its message.
+
+    Args:
+        root: The root logger's handlers too (the command's own process); a flow called
+            from a user's program leaves the user's handlers alone.
+    """
     quiet = _RefusalWithoutTraceback()
-    names = ["", *(name for name in logging.root.manager.loggerDict if name.startswith("prefect"))]
+    names = [
+        *([""] if root else []),
+        *(n for n in logging.root.manager.loggerDict if n.startswith("prefect")),
+    ]
     for name in names:
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, _RefusalWithoutTraceback) for f in handler.filters):

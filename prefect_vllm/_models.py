@@ -37,6 +37,7 @@ CHAT_TEMPLATE = (
 
 _SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 
+#: Words of the tokenizer's training corpus and of the sample prompts, in this order.
 CORPUS_WORDS = [
     "the",
     "a",

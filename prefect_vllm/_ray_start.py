@@ -60,7 +60,8 @@ def warm_shard_workers(count: int) -> None:
     """
     import ray
 
-    job = ray.get_runtime_context().get_job_id()
+    context = ray.get_runtime_context()
+    job = f"{context.gcs_address}/{context.get_job_id()}"  # a new local cluster reuses job ids
     if job in _warmed_job:
         return
     _warmed_job[:] = [job]

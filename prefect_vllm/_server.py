@@ -7,7 +7,6 @@ process (flow, Ray workers) reaches it through `PREFECT_API_URL`.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
@@ -24,11 +23,23 @@ logger = logging.getLogger("prefect_vllm.server")
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM the server when the process that started it dies (even by SIGKILL)."""
+def _load_prctl() -> Any:
     # Not Linux: no prctl, and the atexit hook still stops the server on a normal exit.
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+#: Resolved here, not in the forked child before it runs the server: the child of a
+#: process with other threads running must not load libraries (a `dlopen` may deadlock).
+_PRCTL = _load_prctl()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM the server when the thread that started it ends (even by SIGKILL)."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def configured_api_url() -> str | None:

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
-from typing import TYPE_CHECKING, Any, TextIO
 
 from prefect_vllm._cli_common import (
     EXIT_INCOMPLETE,
@@ -20,16 +17,9 @@ from prefect_vllm._cli_common import (
     EXIT_USAGE,
     add_actor_flags,
     add_engine_flags,
-    engine_config,
-    pool_config,
-    validation_message,
 )
 from prefect_vllm._cli_common import fail as _fail
-from prefect_vllm._cli_common import json_object as _json_object
 from prefect_vllm._cli_pool import add_pool_parser, run_pool_command
-
-if TYPE_CHECKING:
-    from prefect_vllm._engine.pool import VllmActorPool
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
         "--probe-timeout",
         type=float,
         default=60.0,
-        help="seconds before a frozen actor is killed (default 60)",
+        help="seconds a call waits to start before it asks whether its actor answers, and "
+        "that long again for the answer before a frozen actor is killed (default 60)",
     )
     run.add_argument("--max-tokens", type=int, default=256)
     run.add_argument("--temperature", type=float, default=1.0)
@@ -123,292 +114,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _template(raw: str | None) -> str | None:
-    """`--chat-template`: a file's content when it names a file, else the template itself."""
-    from prefect_vllm.exceptions import ConfigurationError
-
-    if raw is None or "{" in raw:
-        return raw
-    try:
-        with open(raw, encoding="utf-8") as f:
-            return f.read()
-    except OSError as exc:
-        raise ConfigurationError(
-            f"--chat-template: {raw!r} is not a template and cannot be read ({exc})"
-        ) from None
-
-
-def _json_file(path: str | None) -> dict[str, Any] | None:
-    """`--json-schema FILE`: a JSON object read from a file, errors naming file and line."""
-    from prefect_vllm.exceptions import ConfigurationError, InputError
-
-    if path is None:
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except OSError as exc:
-        raise ConfigurationError(f"--json-schema: cannot read {path!r} ({exc.strerror})") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(
-            f"not valid JSON ({exc.msg}, column {exc.colno})", path=path, line=exc.lineno
-        ) from None
-    if not isinstance(value, dict):
-        raise InputError(f"a JSON schema must be an object, not {type(value).__name__}", path=path)
-    return value
-
-
-def _run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from prefect_vllm.config import (
-        ActorPoolConfig,
-        RecoveryConfig,
-        RequestConfig,
-        SamplingConfig,
-    )
-    from prefect_vllm.exceptions import (
-        ConfigurationError,
-        JobRunningError,
-    )
-
-    started = time.monotonic()
-    try:
-        sampling: SamplingConfig | None = SamplingConfig(
-            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-            seed=args.seed, ignore_eos=args.ignore_eos,
-        )  # fmt: skip
-        if args.model.startswith("vllm-model/") and sampling == SamplingConfig():
-            sampling = None  # no sampling flags: the model block's defaults apply
-        engine = engine_config(args)
-        pool = pool_config(args)
-        requests = RequestConfig(
-            chat_template=_template(args.chat_template),
-            chat_template_kwargs=_json_object(args.chat_template_kwargs, "--chat-template-kwargs"),
-            json_schema=_json_file(args.json_schema),
-            lora_dir=args.lora_dir,
-        )
-        recovery = RecoveryConfig(
-            max_job_restarts=args.max_job_restarts, poison_after=args.poison_after,
-            hang_timeout_s=args.hang_timeout, hang_timeout_per_token_s=args.hang_timeout_per_token,
-            probe_timeout_s=args.probe_timeout,
-        )  # fmt: skip
-        _precheck(args)
-        done = _answer_from_checkpoints(args, sampling, engine, requests, started)
-        own_pool = None if done is not None else _own_pool(args, sampling, engine, pool, requests)
-    except ValidationError as exc:
-        return _fail(validation_message(exc), EXIT_USAGE)
-    except ConfigurationError as exc:
-        return _fail(str(exc), EXIT_USAGE)
-    except JobRunningError as exc:
-        return _fail(str(exc), EXIT_USAGE)
-    if done is not None:
-        _print_summary(done, args.json)
-        return EXIT_OK
-
-    from prefect_vllm import _headstart
-    from prefect_vllm._cli_common import interrupts_end_the_run, quiet_refusals
-    from prefect_vllm._logs import QUIET_ENV, quiet_console, summary_stdout
-
-    known_api_url = os.environ.get("PREFECT_API_URL")
-    if not args.verbose:
-        # Our lines at INFO, other libraries' at WARNING; the Ray workers are told too.
-        os.environ.setdefault(QUIET_ENV, "1")
-        if not sys.stderr.isatty():
-            os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in log files
-        quiet_console(keep_run_link=known_api_url is not None)
-
-    head_started_for: list[str] = []
-
-    def start_engines(api_url: str) -> None:
-        head_started_for.append(api_url)
-        if own_pool is not None:
-            _headstart.start_early(own_pool, args.ray_address, api_url)
-        elif args.pool and not args.cluster:
-            shards_per_actor = (pool or ActorPoolConfig()).shards_per_actor
-            _headstart.connect_early(args.pool, args.ray_address, api_url, shards_per_actor)
-
-    with interrupts_end_the_run() as interrupt_status, summary_stdout() as stdout:
-        failure: tuple[str, int] | None = None
-        try:
-            if known_api_url:  # the server is known before Prefect loads: Ray starts at once
-                start_engines(known_api_url)
-            from prefect_vllm._server import configured_api_url, prefect_api
-            from prefect_vllm.flows import batch_inference
-
-            if not args.verbose:
-                quiet_console(keep_run_link=configured_api_url() is not None)  # Prefect's handlers
-            quiet_refusals()
-            server_starting = time.monotonic()
-            # Ray and the engines start while the server does (see prefect_vllm/_headstart.py).
-            with prefect_api(while_starting=None if known_api_url else start_engines) as api_url:
-                server_start_s = round(time.monotonic() - server_starting, 3)
-                if [u.rstrip("/") for u in head_started_for] != [api_url.rstrip("/")]:  # another server
-                    _headstart.abandon()
-                result = batch_inference(
-                    input=args.input, output=args.output, model=args.model,
-                    prompt_column=args.prompt_column, messages_column=args.messages_column, id_column=args.id_column,
-                    shard_size=args.shard_size, sampling=sampling, requests=requests, engine=engine, pool=pool,
-                    recovery=recovery, ray_address=args.ray_address, job_id=args.job_id, restart=args.restart,
-                    verify=args.verify, export=args.export, cluster=args.cluster, storage=args.storage,
-                    warm_pool=args.pool,
-                )  # fmt: skip
-        except BaseException as exc:
-            failure = _failure(exc, interrupt_status(), args.json, stdout)
-        finally:
-            # A run that was refused, failed early or had nothing to run; and Ray disconnected
-            # before the last line, which no worker's late log line then follows.
-            _headstart.abandon()
-        if failure is not None:
-            return _fail(*failure)
-        result = result.model_copy(
-            update={"timings": {"prefect_server_start_s": server_start_s, **result.timings}}
-        )
-        _print_summary(result, args.json, stdout)
-    return EXIT_OK
-
-
-def _failure(exc: BaseException, interrupted: int | None, as_json: bool, stdout: TextIO) -> tuple[str, int]:
-    """The last line and exit status of a run that ended with `exc` (re-raised when it is
-    not ours: a bug's traceback is worth seeing)."""
-    from prefect_vllm.exceptions import (
-        ConfigurationError,
-        IncompleteJobError,
-        JobRunningError,
-        PrefectVllmError,
-    )
-
-    # An interrupt surfaces as whatever was running when it came (KeyboardInterrupt, or an
-    # error wrapping it, such as pydantic's): the signal decides.
-    if interrupted is not None:
-        return (
-            "interrupted: the shards in flight were abandoned, every committed shard is kept; "
-            "run the same command again to resume",
-            interrupted,
-        )
-    if isinstance(exc, (ConfigurationError, JobRunningError)):
-        return str(exc), EXIT_USAGE
-    if isinstance(exc, IncompleteJobError):
-        if exc.result is not None:
-            _print_summary(exc.result, as_json, stdout)
-        return str(exc), EXIT_INCOMPLETE
-    if isinstance(exc, PrefectVllmError):
-        return str(exc), EXIT_INCOMPLETE
-    raise exc
-
-
-def _precheck(args: argparse.Namespace) -> None:
-    """The checks that need no server and no engine: input files and the model folder."""
-    from prefect_vllm._job import check_model
-    from prefect_vllm._planning import InputColumns, check_columns
-    from prefect_vllm.exceptions import ConfigurationError
-
-    if args.shard_size < 1:
-        raise ConfigurationError(f"--shard-size must be at least 1, got {args.shard_size}")
-    check_columns(
-        args.input, InputColumns(prompt=args.prompt_column, messages=args.messages_column, id=args.id_column)
-    )
-    check_model(args.model)
-
-
-def _own_pool(
-    args: argparse.Namespace, sampling: Any, engine: Any, pool: Any, requests: Any
-) -> VllmActorPool | None:
-    """The engine pool the flow will start for this run, when the command alone can tell.
-
-    Not with settings that live in Prefect blocks or a warm pool (the flow reads them
-    from the server), nor with a dated input (the flow fills in the date).
-    """
-    from prefect_vllm._engine.pool import VllmActorPool
-    from prefect_vllm._job import job_identity
-    from prefect_vllm._planning import InputColumns, discover_inputs
-    from prefect_vllm.config import ActorPoolConfig, EngineConfig
-
-    if args.model.startswith("vllm-model/") or args.cluster or args.pool or "{" in args.input:
-        return None
-    columns = InputColumns(prompt=args.prompt_column, messages=args.messages_column, id=args.id_column)
-    identity = job_identity(
-        args.model, discover_inputs(args.input), columns, args.shard_size, sampling,
-        engine or EngineConfig(), requests, args.job_id,
-    )  # fmt: skip
-    return VllmActorPool(args.model, identity.engine, pool or ActorPoolConfig())
-
-
-def _answer_from_checkpoints(
-    args: argparse.Namespace, sampling: Any, engine: Any, requests: Any, started: float
-) -> Any:
-    """Decide a refusal or a no-op resume from the checkpoints alone: no server, Ray or engine.
-
-    A run whose output holds this job with every shard committed has nothing to do:
-    its summary (a `BatchResult`) is returned. A run that the flow would refuse
-    raises here, sooner. Anything else (a fresh job, shards to run, an export to
-    write, settings that live in Prefect blocks or a warm pool, dated paths) returns
-    None: the flow decides it.
-
-    Raises:
-        FingerprintMismatchError: The output holds another job, or this one with
-            other settings.
-        JobRunningError: A live run holds the job's lock.
-    """
-    from prefect_vllm._checkpoint import CheckpointStore
-    from prefect_vllm._job import job_identity, job_summary
-    from prefect_vllm._lock import check_not_running
-    from prefect_vllm._planning import InputColumns, discover_inputs
-    from prefect_vllm.config import EngineConfig, SamplingConfig
-
-    uses_blocks = args.model.startswith("vllm-model/") or args.cluster or args.storage or args.pool
-    dated = "{" in args.input or "{" in args.output
-    if args.restart or uses_blocks or dated:
-        return None
-    store = CheckpointStore(args.output)
-    manifest = store.read_manifest()
-    if manifest is None:
-        return None
-    columns = InputColumns(prompt=args.prompt_column, messages=args.messages_column, id=args.id_column)
-    identity = job_identity(
-        args.model, discover_inputs(args.input), columns, args.shard_size, sampling or SamplingConfig(),
-        engine or EngineConfig(), requests, args.job_id,
-    )  # fmt: skip
-    store.check_same_job(manifest, identity.job_id, identity.fingerprint)
-    check_not_running(store)
-    committed = store.committed()
-    if args.export or any(s.shard_id not in committed for s in manifest.plan.shards):
-        return None  # shards to run, or an export to write: the flow's work
-    if store.damaged(committed, checksums=args.verify):
-        return None  # committed parts to repair: the flow names them and runs them again
-    print(
-        f"prefect-vllm: job {manifest.job_id}: every shard is already committed in {store.uri}; "
-        "nothing to run",
-        file=sys.stderr,
-    )
-    return job_summary(
-        manifest.job_id, manifest.plan, committed, {}, store.uri, wall_s=time.monotonic() - started
-    )
-
-
-def _print_summary(result: Any, as_json: bool, out: TextIO | None = None) -> None:
-    out = out or sys.stdout
-    if as_json:
-        print(json.dumps(result.model_dump(mode="json")), file=out, flush=True)
-        return
-    print(
-        f"job {result.job_id}: {result.rows_ok} rows ok, {result.rows_failed} row errors, "
-        f"{result.shards_run} shards run, {result.shards_skipped} skipped, "
-        f"{result.engine_restarts} engine restarts, {result.wall_s:.1f} s, "
-        f"{result.tokens_per_s:.0f} tokens/s\noutput: {result.output}",
-        file=out,
-        flush=True,
-    )
-    if result.request_counts is not None:
-        counts = result.request_counts
-        print(
-            f"OpenAI export: {counts['completed']} completed, {counts['failed']} failed of "
-            f"{counts['total']} in {result.output}/_openai/output.jsonl and errors.jsonl",
-            file=out,
-            flush=True,
-        )
-
-
 def _status(args: argparse.Namespace) -> int:
     from prefect_vllm._checkpoint import CheckpointStore
 
@@ -450,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `prefect-vllm` console script."""
     args = _parser().parse_args(argv)
     if args.command == "run":
-        return _run(args)
+        from prefect_vllm._cli_run import run
+
+        return run(args)
     if args.command == "status":
         return _status(args)
     if args.command == "pool":

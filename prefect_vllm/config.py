@@ -273,10 +273,12 @@ class RecoveryConfig(_Config):
     probe_timeout_s: float = Field(
         default=60.0,
         gt=0,
-        description="Seconds a live engine actor may take to answer a liveness probe, and "
-        "the margin past a call's deadline before the caller itself kills an actor whose "
-        "process is stuck (its own deadline cannot fire then). Default 60; lower it to "
-        "replace a frozen actor sooner.",
+        description="How often a call that has not started yet asks its actor whether it "
+        "answers at all (an actor silent for this long too is frozen: it is killed for a "
+        "restart and the call goes elsewhere, its rows not blamed), and the margin past twice "
+        "a running call's deadline before the caller kills an actor whose process is stuck "
+        "(its own deadline cannot fire then). Default 60; lower it to replace a frozen actor "
+        "sooner.",
     )
 
     def deadline_s(self, rows: int, max_tokens: int) -> float:

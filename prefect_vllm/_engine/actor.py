@@ -9,24 +9,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import multiprocessing
 import os
-import re
-import signal
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any, NoReturn
 
 import psutil
 
 from prefect_vllm._columns import ROW_COLUMNS
 from prefect_vllm._engine.cpu import one_process_engine
+from prefect_vllm._engine.deaths import (
+    HANG_CAUSE,
+    actor_id,
+    deaths_dir,
+    engine_log_cause,
+    exit_status,
+    log_offsets,
+    record_death,
+    recorded_deaths,
+    signal_name,
+)
 from prefect_vllm._engine.protocol import CallParams, GenerateCall, GenerateResult, GenerateStarted
 from prefect_vllm._engine.requests import (
     engine_prompt,
@@ -48,16 +54,6 @@ ENGINE_DEAD_EXIT_CODE = 1
 #: idle dead engine is noticed by nobody: the watchdog crash-exits in both cases.
 WATCHDOG_INTERVAL_S = 0.5
 
-#: Where an actor records why its engine died, one JSON line per death, for the
-#: process Ray restarts it as (the reason would die with the process otherwise).
-DEATHS_DIR = Path(tempfile.gettempdir()) / "prefect-vllm-deaths"
-
-#: The cause of a death that hit its call's deadline.
-HANG_CAUSE = "hang: no progress within the call's deadline"
-
-#: How long a dying actor waits for its engine process's exit status.
-_EXIT_WAIT_S = 2.0
-
 
 def crash_exit(reason: str) -> NoReturn:
     """Leave the actor process at once, so Ray restarts it and retries its calls.
@@ -76,8 +72,8 @@ class VllmEngineActor:
 
     Args:
         model: Hugging Face id or local folder.
-        engine_kwargs: Keyword arguments for `AsyncEngineArgs`, minus `model`;
-            CPU defaults are filled in by `EngineConfig.engine_kwargs`.
+        engine_config: `EngineConfig.model_dump()`; CPU defaults are filled in by
+            `EngineConfig.engine_kwargs` in the actor, where the platform is known.
         max_in_flight: Most requests handed to the engine at once.
         hf_token: A `SecretStr` Hugging Face token, or None.
         pool_config: The `ActorPoolConfig` it was created with, reported by `info`
@@ -121,13 +117,16 @@ class VllmEngineActor:
             )
         except Exception as exc:
             # Ray never retries a constructor that raises: one clear line is all the user gets.
-            raise EngineStartFailure(_engine_log_cause() or _start_failure(exc)) from None
+            raise EngineStartFailure(engine_log_cause() or _start_failure(exc)) from None
         self._start_s = time.monotonic() - started
         # With a forked or spawned engine alike, the engine process is this process's child.
-        self._engine_children = multiprocessing.active_children()
-        self._actor_id = _actor_id()
-        self._deaths = _recorded_deaths(self._actor_id)
-        self._log_offsets = _log_offsets()
+        self._engine_children = [
+            child for child in multiprocessing.active_children() if child.name.startswith("EngineCore")
+        ]
+        self._actor_id = actor_id()
+        self._deaths_dir = deaths_dir()
+        self._deaths = recorded_deaths(self._deaths_dir, self._actor_id)
+        self._log_offsets = log_offsets()
         self._in_flight = asyncio.Semaphore(max_in_flight)
         self._pid = os.getpid()
         self._identity = {"model": model, "engine": engine_config, "pool": pool_config or {}}
@@ -152,17 +151,17 @@ class VllmEngineActor:
     def _die(self, reason: str, *, hang: bool = False) -> NoReturn:
         """Record why the engine died, for the restarted actor to report, and crash-exit."""
         cause = HANG_CAUSE if hang else self._death_cause()
-        _record_death(self._actor_id, cause)
+        record_death(self._deaths_dir, self._actor_id, cause)
         crash_exit(f"{reason}; cause: {cause}")
 
     def _death_cause(self) -> str:
         """What ended the engine: the signal that killed its process, or the error it
         raised (the last exception line the engine logged), or its exit status."""
-        codes = [_exit_status(child) for child in self._engine_children]
+        codes = [exit_status(child) for child in self._engine_children]
         for code in codes:
             if code is not None and code < 0:
-                return f"killed by {_signal_name(-code)}"
-        logged = _engine_log_cause(self._log_offsets, engine_only=True)
+                return f"killed by {signal_name(-code)}"
+        logged = engine_log_cause(self._log_offsets, engine_only=True)
         if logged:
             return f"crashed: {logged}"
         status = ", ".join("still running" if c is None else str(c) for c in codes) or "unknown"
@@ -250,7 +249,7 @@ class VllmEngineActor:
             )
             try:
                 outputs = await asyncio.wait_for(work, timeout=call.deadline_s)
-            except TimeoutError:
+            except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11 on
                 self._die(
                     f"hang: {len(call.rows)} rows not done within the {call.deadline_s:.0f} s deadline",
                     hang=True,
@@ -316,111 +315,6 @@ def _is_engine_process(proc: psutil.Process) -> bool:
 
 class EngineStartFailure(RuntimeError):
     """The engine did not start; the message is one line the pool passes on as is."""
-
-
-#: An error line vLLM logged: `... ERROR 11-25 03:43:24 [core.py:1510] RuntimeError: ...`.
-_LOGGED_ERROR = re.compile(r"\bERROR \S+ \S+ \[[^\]]+\] ([A-Za-z_][\w.]*(?:Error|Exception): .+)$")
-
-
-def _log_files() -> list[str]:
-    """The files this actor's stdout and stderr go to (Ray sends a worker's there)."""
-    paths = []
-    for fd in (1, 2):
-        with contextlib.suppress(OSError):
-            path = os.readlink(f"/proc/self/fd/{fd}")
-            if os.path.isfile(path):
-                paths.append(path)
-    return paths
-
-
-def _log_offsets() -> dict[str, int]:
-    """How far this actor's log files reach now: a later look reads only what follows."""
-    offsets = {}
-    for path in _log_files():
-        with contextlib.suppress(OSError):
-            offsets[path] = os.path.getsize(path)
-    return offsets
-
-
-def _engine_log_cause(since: dict[str, int] | None = None, *, engine_only: bool = False) -> str | None:
-    """The last exception line that the engine's processes logged into this actor's log.
-
-    When the engine process fails to start, vLLM raises "Engine core initialization
-    failed. See root cause above", and when it dies while running, the front end
-    raises `EngineDeadError` ("see stack trace above"): the cause is only in the log
-    that the engine processes share with this actor.
-
-    Args:
-        since: Read each file from this offset (`_log_offsets()`), else its last 256 KiB.
-        engine_only: Only lines the engine process logged, never the front end's.
-    """
-    causes: list[str] = []
-    for path in _log_files():
-        try:
-            size = os.path.getsize(path)
-            start = (since or {}).get(path, max(0, size - (256 << 10)))
-            with open(path, "rb") as f:
-                f.seek(max(start, size - (256 << 10)))
-                tail = f.read().decode("utf-8", "replace")
-        except OSError:
-            continue
-        for line in tail.splitlines():
-            match = _LOGGED_ERROR.search(line)
-            if not match or "Engine core initialization failed" in match.group(1):
-                continue
-            if engine_only and ("(EngineCore" not in line or "EngineDeadError" in line):
-                continue
-            causes.append(match.group(1).strip())
-    return causes[-1][:600] if causes else None
-
-
-def _actor_id() -> str:
-    import ray
-
-    return str(ray.get_runtime_context().get_actor_id())
-
-
-def _recorded_deaths(actor_id: str) -> list[str]:
-    """The causes recorded by this actor's earlier processes, oldest first."""
-    try:
-        lines = (DEATHS_DIR / f"{actor_id}.jsonl").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    causes = []
-    for line in lines:
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            causes.append(str(json.loads(line)["cause"]))
-    return causes
-
-
-def _record_death(actor_id: str, cause: str) -> None:
-    """Append one death's cause to the actor's record (best effort: the actor is dying)."""
-    with contextlib.suppress(OSError):
-        DEATHS_DIR.mkdir(parents=True, exist_ok=True)
-        with open(DEATHS_DIR / f"{actor_id}.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"cause": cause, "pid": os.getpid(), "at": time.time()}) + "\n")
-
-
-def _exit_status(child: Any) -> int | None:
-    """A child process's exit status (negative: the signal that killed it), waiting up
-    to `_EXIT_WAIT_S` for it to exit; None if it still runs.
-
-    vLLM's own threads may reap the process first: the status then appears on the
-    shared `Process` object a moment later, so it is read until it does.
-    """
-    deadline = time.monotonic() + _EXIT_WAIT_S
-    child.join(timeout=_EXIT_WAIT_S)
-    while child.exitcode is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    code = child.exitcode
-    return int(code) if code is not None else None
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
 
 
 def _start_failure(exc: BaseException) -> str:

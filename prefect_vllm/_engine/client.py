@@ -46,8 +46,8 @@ class EngineClient:
 
         An actor that Ray is restarting is skipped for another, and waited for when
         none can take the call; one that is dead for good is left out. A call lost
-        before it had its turn on the engine (the actor died while the call waited
-        behind another) is sent again: its rows are not to blame.
+        before it had its turn on the engine (the actor died, or froze and was killed,
+        while the call waited) is sent again: its rows are not to blame.
 
         Raises:
             EngineCrashedError: The engine died or hung while the call was running;
@@ -92,18 +92,23 @@ class EngineClient:
 
     def _call(self, index: int, call: GenerateCall) -> GenerateResult | str:
         """One call on actor `index`: its result, or why there is none (`unavailable`:
-        restarting, `lost`: the actor died before the call started, `dead`: for good)."""
+        restarting, `lost`: the call never started and the actor is gone or was killed
+        as frozen, `dead`: for good)."""
         import ray
 
         handle = self.handles[index]
         stream = handle.generate.options(num_returns="streaming").remote(call)
-        timeout = _backstop_s(call.deadline_s, self.probe_timeout_s)
+        backstop = _backstop_s(call.deadline_s, self.probe_timeout_s)
         started = False
         try:
-            started = isinstance(_next_item(stream, timeout), GenerateStarted)
-            result = _next_item(stream, timeout)
+            waited = self._wait_start(index, stream, backstop)
+            if waited is not None:
+                return waited
+            started = True
+            result = _next_item(stream, backstop)
         except ray.exceptions.GetTimeoutError as exc:
-            # The actor's own deadline did not fire: its process itself is stuck.
+            # The call ran past twice its deadline, and the actor's own deadline did not
+            # fire: its process itself is stuck.
             logger.error("engine actor %d did not answer in time; killing it for a restart", index)
             ray.kill(handle, no_restart=False)
             raise EngineCrashedError(
@@ -117,19 +122,72 @@ class EngineClient:
                     f"the engine of actor {index} died during the call: {root_cause(exc)}",
                     actor_index=index,
                 ) from exc
-            # Liveness is asked for here only, after a failure: never before a call.
-            state = actor_state(handle)
-            if state == "DEAD":
-                return "dead"
-            if state == "ALIVE":  # it died and came back while the call waited for its turn
-                logger.info("engine actor %d died before the call started; sending it again", index)
-                return "lost"
-            return "unavailable"  # Ray is restarting it: the call never reached the engine
+            return self._unstarted(index)
         except ray.exceptions.RayTaskError as exc:
             raise EngineError(f"the engine actor failed: {root_cause(exc)}") from exc
         if not isinstance(result, GenerateResult):
             raise EngineError(f"engine actor {index} answered with {type(result).__name__}, not its rows")
         return result
+
+    def _wait_start(self, index: int, stream: Any, backstop: float | None) -> str | None:
+        """Wait for the call's `GenerateStarted`: None once it came, else why it will not.
+
+        A call may wait its turn behind others (an exclusive call keeps the engine to
+        itself). Every `probe_timeout_s` without a start, the actor is asked whether it
+        answers at all (the only liveness probe, and only for a call slow to start): an
+        actor that is alive but silent is frozen and is killed for a restart; the call's
+        rows never ran, so they are not to blame.
+
+        Raises:
+            ray.exceptions.RayActorError: The actor died before the call started.
+        """
+        import ray
+
+        deadline = None if backstop is None else time.monotonic() + backstop
+        while True:
+            slice_s = self.probe_timeout_s
+            if deadline is not None:
+                slice_s = max(0.1, min(slice_s, deadline - time.monotonic()))
+            try:
+                first = _next_item(stream, slice_s)
+            except ray.exceptions.GetTimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return self._frozen(index, "the call did not start in time")
+                if not self._answers(index):
+                    return self._unstarted(index, silent=True)
+                continue
+            if not isinstance(first, GenerateStarted):
+                raise EngineError(f"engine actor {index} did not say the call started")
+            return None
+
+    def _answers(self, index: int) -> bool:
+        """Whether actor `index` answers `info` within `probe_timeout_s`."""
+        import ray
+
+        try:
+            ray.get(self.handles[index].info.remote(), timeout=self.probe_timeout_s)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            return False
+        return True
+
+    def _unstarted(self, index: int, *, silent: bool = False) -> str:
+        """What to do with a call that did not start on actor `index`, from Ray's view of it."""
+        state = actor_state(self.handles[index])
+        if state == "DEAD":
+            return "dead"
+        if state == "ALIVE":
+            if silent:  # alive, and no answer to anything: frozen
+                return self._frozen(index, "it is alive but does not answer")
+            logger.info("engine actor %d died before the call started; sending it again", index)
+            return "lost"
+        return "unavailable"  # Ray is restarting it: the call never reached the engine
+
+    def _frozen(self, index: int, why: str) -> str:
+        import ray
+
+        logger.error("engine actor %d: %s; killing it for a restart", index, why)
+        ray.kill(self.handles[index], no_restart=False)
+        return "lost"
 
 
 def actor_state(handle: Any) -> str:

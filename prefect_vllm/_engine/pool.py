@@ -34,6 +34,38 @@ _START_CRASHES = 2
 #: The cause of a restart no actor recorded: the actor process itself was lost.
 LOST_ACTOR_CAUSE = "actor process lost (killed while stuck, or its node lost)"
 
+#: Restarts whose cause was not read: an actor was still restarting when the run ended.
+UNREPORTED_CAUSE = "not reported (its actor was restarting when the run ended)"
+
+
+def count_causes(reported: list[list[str] | None], before: list[int], restarts: int) -> dict[str, int]:
+    """Engine deaths by cause, from each actor's record (None: the actor did not answer).
+
+    Args:
+        reported: Each actor's causes, oldest first, as its `info()` gave them.
+        before: How many of each actor's causes predate the run (a warm pool's).
+        restarts: The run's engine restarts, which the causes should account for.
+
+    Examples:
+        ```python
+        from prefect_vllm._engine.pool import LOST_ACTOR_CAUSE, count_causes
+
+        causes = count_causes([["killed by SIGKILL", "hang"], None], [1, 0], restarts=3)
+        assert causes == {"hang": 1, "not reported (its actor was restarting when the run ended)": 2}
+        assert count_causes([[]], [0], restarts=1) == {LOST_ACTOR_CAUSE: 1}
+        ```
+    """
+    causes: dict[str, int] = {}
+    for index, deaths in enumerate(reported):
+        if deaths is None:
+            continue
+        for cause in deaths[before[index] if index < len(before) else 0 :]:
+            causes[cause] = causes.get(cause, 0) + 1
+    unaccounted = restarts - sum(causes.values())
+    if unaccounted > 0:
+        causes[UNREPORTED_CAUSE if None in reported else LOST_ACTOR_CAUSE] = unaccounted
+    return causes
+
 
 class VllmActorPool:
     """K Ray actors, each hosting one vLLM engine, that recover from engine death.
@@ -250,29 +282,24 @@ class VllmActorPool:
         (each restart is a new engine)."""
         return self._total_restarts() - self._restarts_before
 
-    def deaths_by_cause(self, timeout_s: float = 180.0) -> dict[str, int]:
+    def deaths_by_cause(self, timeout_s: float = 30.0) -> dict[str, int]:
         """Why this pool's engines died since this run took the pool: cause -> count.
 
         Each actor records the cause of its engine's death before it crash-exits
         (`killed by SIGKILL`, `crashed: RuntimeError: ...`, a hang) and reports it once
         restarted, so an actor that Ray is restarting now is waited for (up to
-        `timeout_s` in all). A restart that no actor recorded (the actor process itself
-        was lost: killed from outside while stuck, or its node lost) is counted as
-        `LOST_ACTOR_CAUSE`.
+        `timeout_s` in all). Restarts that no actor reported are counted as
+        `UNREPORTED_CAUSE` when an actor did not answer in time, else as
+        `LOST_ACTOR_CAUSE` (the actor process itself was lost: killed from outside
+        while stuck, or its node lost).
         """
-        causes: dict[str, int] = {}
         deadline = time.monotonic() + timeout_s
-        for index in range(len(self.handles)):
-            info = self._info_when_up(index, deadline)
-            if info is None:  # dead for good, or not back in time: its record is not read
-                continue
-            before = self._deaths_before[index] if index < len(self._deaths_before) else 0
-            for cause in info.get("deaths", [])[before:]:
-                causes[cause] = causes.get(cause, 0) + 1
-        unrecorded = self.engine_restarts() - sum(causes.values())
-        if unrecorded > 0:
-            causes[LOST_ACTOR_CAUSE] = unrecorded
-        return causes
+        reports = [self._info_when_up(index, deadline) for index in range(len(self.handles))]
+        return count_causes(
+            [None if info is None else list(info.get("deaths", [])) for info in reports],
+            self._deaths_before,
+            self.engine_restarts(),
+        )
 
     def _info_when_up(self, index: int, deadline: float) -> dict[str, Any] | None:
         """Actor `index`'s `info()`, waiting while Ray restarts it; None if it is dead for

@@ -19,6 +19,10 @@ from prefect_vllm.exceptions import StorageError
 from prefect_vllm.results import ShardResult
 from prefect_vllm.tasks import ShardJob, run_shard
 
+#: How long the end of a run waits for actors that Ray is restarting to say why their
+#: engines died; one that has not answered by then counts its deaths as not reported.
+CAUSES_WAIT_S = 30.0
+
 #: How often the flow looks at the engine restart count while shards run.
 _BUDGET_CHECK_S = 2.0
 
@@ -77,6 +81,8 @@ def run_on_ray(
 
     init_kwargs = ray_init_kwargs(ray_address, runtime_env)
     head = None if pool.warm else _headstart.claim(pool, ray_address, init_kwargs)
+    if head is not None and head.pool is not None:  # started beside the Prefect server
+        pool = head.pool
     t0 = time.monotonic()
     try:
         with contextlib.ExitStack() as runner_context:
@@ -85,8 +91,9 @@ def run_on_ray(
                     RayTaskRunner(address=ray_address, init_kwargs=init_kwargs)
                 )
             t1 = time.monotonic()
-            if head is not None and head.pool is not None:  # started beside the Prefect server
-                pool = head.pool
+            if not pool.warm:  # from here on, whatever happens, the run's engines end with it
+                runner_context.callback(pool.shutdown)
+            if head is not None and head.pool is not None:
                 infos = pool.finish_start(_starting(head.launched_at))
                 ray_start_s, engine_start_s = head.ray_start_s, time.monotonic() - head.launched_at
             else:
@@ -108,10 +115,10 @@ def run_on_ray(
                 )
             finally:
                 generation_s = time.monotonic() - started
-                restarts = pool.engine_restarts()
-                causes = pool.deaths_by_cause() if restarts else {}
-                if not pool.warm:
-                    pool.shutdown()
+            # Only a run that ended by itself asks why engines died: an interrupted or
+            # cancelled one stops at once (its restarts are lost with it).
+            restarts = pool.engine_restarts()
+            causes = pool.deaths_by_cause(timeout_s=CAUSES_WAIT_S) if restarts else {}
     finally:
         if head is not None:  # Ray was started by the head start, not by the task runner
             ray.shutdown()

@@ -128,7 +128,7 @@ def batch_inference(
         ```
     """
     logger = get_run_logger()
-    quiet_refusals()  # our errors are one line each: no traceback in the run's logs
+    quiet_refusals(root=False)  # our refusals are one line each: no traceback in the run's logs
     started = time.monotonic()
     when = scheduled_time()
     input, output = render_dated(input, when), render_dated(output, when)
@@ -178,7 +178,8 @@ def batch_inference(
         )
         # The run's own engines are built with the job's engine settings (LoRA slots included).
         actor_pool = warm or VllmActorPool(model, engine, pool, hf_token)
-        store.fs.create_dir(store.root, recursive=True)
+        with store.storage_errors():
+            store.fs.create_dir(store.root, recursive=True)
         with JobLock(store, resolved_id, owner=_run_name()):
             manifest = store.prepare(
                 JobManifest(job_id=resolved_id, fingerprint=fingerprint, plan=plan, created_at=time.time()),

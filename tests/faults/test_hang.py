@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from prefect_vllm._engine.actor import HANG_CAUSE
+from prefect_vllm._engine.deaths import HANG_CAUSE
 from prefect_vllm._engine.pool import LOST_ACTOR_CAUSE
 from prefect_vllm.testing import write_sample_prompts
 from tests.helpers import (
@@ -94,7 +94,7 @@ def test_a_stuck_actor_process_is_killed_by_the_caller_and_restarted(
 
     done = finish(proc, log)
     assert done.returncode == 0, done.stderr[-4000:]
-    # Stopped during a call, the call's backstop fires; between calls, the health probe's.
+    # Stopped during a call, the call's backstop fires; between calls, the next call's probe.
     assert "engine hung with rows" in done.stderr or "is alive but does not answer" in done.stderr
     summary = summary_of(done)
     assert summary["engine_restarts"] >= 1 and summary["rows_ok"] == 200

@@ -99,3 +99,23 @@ def test_parts_missing_or_of_another_size_are_found_and_checksums_only_when_aske
     assert store.damaged(old_marker) == {}
     store.uncommit("a")
     assert set(store.committed()) == {"b", "c", "d"}
+
+
+def test_a_write_the_location_refuses_is_one_storage_error_naming_the_file_and_leaves_no_file(
+    tmp_path: Path,
+) -> None:
+    """Any OS error of a write (here: a file where a folder should be) names location and cause."""
+    from prefect_vllm._checkpoint import CheckpointStore
+    from prefect_vllm.exceptions import StorageError
+
+    (tmp_path / "out").write_text("a file, not a folder")
+    store = CheckpointStore(str(tmp_path / "out"))
+    with pytest.raises(StorageError) as refused:
+        store.write_bytes("part-000001.parquet", b"rows")
+    assert str(refused.value).startswith(f"cannot write {tmp_path}/out/part-000001.parquet: [Errno 20] ")
+    with (
+        pytest.raises(StorageError, match=r"cannot write .*/out/_openai/output.jsonl: \[Errno"),
+        store.open_output("_openai/output.jsonl") as out,
+    ):
+        out.write(b"{}")
+    assert (tmp_path / "out").read_text() == "a file, not a folder"

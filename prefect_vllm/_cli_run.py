@@ -1,0 +1,330 @@
+"""`prefect-vllm run`: the checks and answers that need no server, then the flow.
+
+Exit status: 0 when every row has a committed result, 1 when shards remain incomplete
+(a re-run resumes them) or the engines failed, 2 for bad usage or configuration,
+reported before any engine starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import TYPE_CHECKING, Any, TextIO
+
+from prefect_vllm._cli_common import (
+    EXIT_INCOMPLETE,
+    EXIT_OK,
+    EXIT_USAGE,
+    engine_config,
+    pool_config,
+    validation_message,
+)
+from prefect_vllm._cli_common import fail as _fail
+from prefect_vllm._cli_common import json_object as _json_object
+
+if TYPE_CHECKING:
+    from prefect_vllm._engine.pool import VllmActorPool
+
+__all__ = ["run"]
+
+
+def _template(raw: str | None) -> str | None:
+    """`--chat-template`: a file's content when it names a file, else the template itself."""
+    from prefect_vllm.exceptions import ConfigurationError
+
+    if raw is None or "{" in raw:
+        return raw
+    try:
+        with open(raw, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"--chat-template: {raw!r} is not a template and cannot be read ({exc})"
+        ) from None
+
+
+def _json_file(path: str | None) -> dict[str, Any] | None:
+    """`--json-schema FILE`: a JSON object read from a file, errors naming file and line."""
+    from prefect_vllm.exceptions import ConfigurationError, InputError
+
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except OSError as exc:
+        raise ConfigurationError(f"--json-schema: cannot read {path!r} ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"not valid JSON ({exc.msg}, column {exc.colno})", path=path, line=exc.lineno
+        ) from None
+    if not isinstance(value, dict):
+        raise InputError(f"a JSON schema must be an object, not {type(value).__name__}", path=path)
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    """`prefect-vllm run`: answer from the checkpoints, or run the flow; the exit status."""
+    from pydantic import ValidationError
+
+    from prefect_vllm.config import (
+        ActorPoolConfig,
+        RecoveryConfig,
+        RequestConfig,
+        SamplingConfig,
+    )
+    from prefect_vllm.exceptions import (
+        ConfigurationError,
+        JobRunningError,
+    )
+
+    started = time.monotonic()
+    try:
+        sampling: SamplingConfig | None = SamplingConfig(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+            seed=args.seed, ignore_eos=args.ignore_eos,
+        )  # fmt: skip
+        if args.model.startswith("vllm-model/") and sampling == SamplingConfig():
+            sampling = None  # no sampling flags: the model block's defaults apply
+        engine = engine_config(args)
+        pool = pool_config(args)
+        requests = RequestConfig(
+            chat_template=_template(args.chat_template),
+            chat_template_kwargs=_json_object(args.chat_template_kwargs, "--chat-template-kwargs"),
+            json_schema=_json_file(args.json_schema),
+            lora_dir=args.lora_dir,
+        )
+        recovery = RecoveryConfig(
+            max_job_restarts=args.max_job_restarts, poison_after=args.poison_after,
+            hang_timeout_s=args.hang_timeout, hang_timeout_per_token_s=args.hang_timeout_per_token,
+            probe_timeout_s=args.probe_timeout,
+        )  # fmt: skip
+        _precheck(args)
+        done, engines_needed = _answer_from_checkpoints(args, sampling, engine, requests, started)
+        own_pool = _own_pool(args, sampling, engine, pool, requests) if engines_needed else None
+    except ValidationError as exc:
+        return _fail(validation_message(exc), EXIT_USAGE)
+    except ConfigurationError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except JobRunningError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    if done is not None:
+        _print_summary(done, args.json)
+        return EXIT_OK
+
+    from prefect_vllm import _headstart
+    from prefect_vllm._cli_common import interrupts_end_the_run
+    from prefect_vllm._logs import QUIET_ENV, quiet_console, quiet_refusals, summary_stdout
+
+    known_api_url = os.environ.get("PREFECT_API_URL")
+    if not args.verbose:
+        # Our lines at INFO, other libraries' at WARNING; the Ray workers are told too.
+        os.environ.setdefault(QUIET_ENV, "1")
+        if not sys.stderr.isatty():
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in log files
+        quiet_console(keep_run_link=known_api_url is not None)
+
+    head_started_for: list[str] = []
+
+    def start_engines(api_url: str) -> None:
+        head_started_for.append(api_url)
+        if own_pool is not None:
+            _headstart.start_early(own_pool, args.ray_address, api_url)
+        elif args.pool and not args.cluster:
+            shards_per_actor = (pool or ActorPoolConfig()).shards_per_actor
+            _headstart.connect_early(args.pool, args.ray_address, api_url, shards_per_actor)
+
+    with interrupts_end_the_run() as interrupt_status, summary_stdout() as stdout:
+        failure: tuple[str, int] | None = None
+        try:
+            if known_api_url:  # the server is known before Prefect loads: Ray starts at once
+                start_engines(known_api_url)
+            from prefect_vllm._server import configured_api_url, prefect_api
+            from prefect_vllm.flows import batch_inference
+
+            if not args.verbose:
+                quiet_console(keep_run_link=configured_api_url() is not None)  # Prefect's handlers
+            quiet_refusals()
+            server_starting = time.monotonic()
+            # Ray and the engines start while the server does (see prefect_vllm/_headstart.py).
+            with prefect_api(while_starting=None if known_api_url else start_engines) as api_url:
+                server_start_s = round(time.monotonic() - server_starting, 3)
+                if [u.rstrip("/") for u in head_started_for] != [api_url.rstrip("/")]:  # another server
+                    _headstart.abandon()
+                result = batch_inference(
+                    input=args.input, output=args.output, model=args.model,
+                    prompt_column=args.prompt_column, messages_column=args.messages_column, id_column=args.id_column,
+                    shard_size=args.shard_size, sampling=sampling, requests=requests, engine=engine, pool=pool,
+                    recovery=recovery, ray_address=args.ray_address, job_id=args.job_id, restart=args.restart,
+                    verify=args.verify, export=args.export, cluster=args.cluster, storage=args.storage,
+                    warm_pool=args.pool,
+                )  # fmt: skip
+        except BaseException as exc:
+            failure = _failure(exc, interrupt_status(), args.json, stdout)
+        finally:
+            # A run that was refused, failed early or had nothing to run; and Ray disconnected
+            # before the last line, which no worker's late log line then follows.
+            _headstart.abandon()
+        if failure is not None:
+            return _fail(*failure)
+        result = result.model_copy(
+            update={"timings": {"prefect_server_start_s": server_start_s, **result.timings}}
+        )
+        _print_summary(result, args.json, stdout)
+    return EXIT_OK
+
+
+def _failure(exc: BaseException, interrupted: int | None, as_json: bool, stdout: TextIO) -> tuple[str, int]:
+    """The last line and exit status of a run that ended with `exc` (re-raised when it is
+    not ours: a bug's traceback is worth seeing)."""
+    from prefect_vllm.exceptions import (
+        ConfigurationError,
+        IncompleteJobError,
+        JobRunningError,
+        PrefectVllmError,
+    )
+
+    # An interrupt surfaces as whatever was running when it came (KeyboardInterrupt, or an
+    # error wrapping it, such as pydantic's): the signal decides.
+    if interrupted is not None:
+        return (
+            "interrupted: the shards in flight were abandoned, every committed shard is kept; "
+            "run the same command again to resume",
+            interrupted,
+        )
+    if isinstance(exc, (ConfigurationError, JobRunningError)):
+        return str(exc), EXIT_USAGE
+    if isinstance(exc, IncompleteJobError):
+        if exc.result is not None:
+            _print_summary(exc.result, as_json, stdout)
+        return str(exc), EXIT_INCOMPLETE
+    if isinstance(exc, PrefectVllmError):
+        return str(exc), EXIT_INCOMPLETE
+    raise exc
+
+
+def _precheck(args: argparse.Namespace) -> None:
+    """The checks that need no server and no engine: input files and the model folder."""
+    from prefect_vllm._job import check_model
+    from prefect_vllm._planning import InputColumns, check_columns
+    from prefect_vllm.exceptions import ConfigurationError
+
+    if args.shard_size < 1:
+        raise ConfigurationError(f"--shard-size must be at least 1, got {args.shard_size}")
+    check_columns(
+        args.input, InputColumns(prompt=args.prompt_column, messages=args.messages_column, id=args.id_column)
+    )
+    check_model(args.model)
+
+
+def _own_pool(
+    args: argparse.Namespace, sampling: Any, engine: Any, pool: Any, requests: Any
+) -> VllmActorPool | None:
+    """The engine pool the flow will start for this run, when the command alone can tell.
+
+    Not with settings that live in Prefect blocks or a warm pool (the flow reads them
+    from the server), nor with a dated input (the flow fills in the date).
+    """
+    from prefect_vllm._engine.pool import VllmActorPool
+    from prefect_vllm.config import ActorPoolConfig
+
+    if _decided_by_the_flow(args):
+        return None
+    identity = _identity(args, sampling, engine, requests)
+    return VllmActorPool(args.model, identity.engine, pool or ActorPoolConfig())
+
+
+def _decided_by_the_flow(args: argparse.Namespace) -> bool:
+    """Whether the job's settings live in Prefect blocks or a warm pool, or its paths are
+    dated: only the flow can tell what it is."""
+    blocks = args.model.startswith("vllm-model/") or args.cluster or args.storage or args.pool
+    return bool(blocks) or "{" in args.input or "{" in args.output
+
+
+def _identity(args: argparse.Namespace, sampling: Any, engine: Any, requests: Any) -> Any:
+    """The job's identity (`JobIdentity`) from the command's arguments and the input files."""
+    from prefect_vllm._job import job_identity
+    from prefect_vllm._planning import InputColumns, discover_inputs
+    from prefect_vllm.config import EngineConfig, SamplingConfig
+
+    columns = InputColumns(prompt=args.prompt_column, messages=args.messages_column, id=args.id_column)
+    return job_identity(
+        args.model, discover_inputs(args.input), columns, args.shard_size, sampling or SamplingConfig(),
+        engine or EngineConfig(), requests, args.job_id,
+    )  # fmt: skip
+
+
+def _answer_from_checkpoints(
+    args: argparse.Namespace, sampling: Any, engine: Any, requests: Any, started: float
+) -> tuple[Any, bool]:
+    """Decide a refusal or a no-op resume from the checkpoints alone: no server, Ray or engine.
+
+    Returns:
+        The summary (a `BatchResult`) of a job with nothing to do (every shard of it
+        committed in the output), else None: the flow decides; and whether the flow will
+        need engines (not for an export of a finished job), so that none start early in vain.
+
+    Raises:
+        FingerprintMismatchError: The output holds another job, or this one with
+            other settings.
+        JobRunningError: A live run holds the job's lock (with --restart too: a restart
+            discards the checkpoints of a job nobody is writing).
+    """
+    from prefect_vllm._checkpoint import CheckpointStore
+    from prefect_vllm._job import job_summary
+    from prefect_vllm._lock import check_not_running
+
+    if _decided_by_the_flow(args):
+        return None, True
+    store = CheckpointStore(args.output)
+    manifest = store.read_manifest()
+    if manifest is None:
+        return None, True
+    if args.restart:
+        check_not_running(store)
+        return None, True
+    identity = _identity(args, sampling, engine, requests)
+    store.check_same_job(manifest, identity.job_id, identity.fingerprint)
+    check_not_running(store)
+    committed = store.committed()
+    if any(s.shard_id not in committed for s in manifest.plan.shards):
+        return None, True  # shards to run: the flow's work
+    if store.damaged(committed, checksums=args.verify):
+        return None, True  # committed parts to repair: the flow names them and runs them again
+    if args.export:
+        return None, False  # the flow writes the export again, from the part files alone
+    print(
+        f"prefect-vllm: job {manifest.job_id}: every shard is already committed in {store.uri}; "
+        "nothing to run",
+        file=sys.stderr,
+    )
+    done = job_summary(
+        manifest.job_id, manifest.plan, committed, {}, store.uri, wall_s=time.monotonic() - started
+    )
+    return done, False
+
+
+def _print_summary(result: Any, as_json: bool, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    if as_json:
+        print(json.dumps(result.model_dump(mode="json")), file=out, flush=True)
+        return
+    print(
+        f"job {result.job_id}: {result.rows_ok} rows ok, {result.rows_failed} row errors, "
+        f"{result.shards_run} shards run, {result.shards_skipped} skipped, "
+        f"{result.engine_restarts} engine restarts, {result.wall_s:.1f} s, "
+        f"{result.tokens_per_s:.0f} tokens/s\noutput: {result.output}",
+        file=out,
+        flush=True,
+    )
+    if result.request_counts is not None:
+        counts = result.request_counts
+        print(
+            f"OpenAI export: {counts['completed']} completed, {counts['failed']} failed of "
+            f"{counts['total']} in {result.output}/_openai/output.jsonl and errors.jsonl",
+            file=out,
+            flush=True,
+        )
