@@ -13,7 +13,9 @@ vLLM on the tiny model) and, while it runs, SIGKILLs at random moments one of:
 When the kills of a trial are spent, the job is let finish (re-running it after a
 flow kill). The trial passes when every input `custom_id` is in the output
 exactly once and every row has generated text (no row was wrongly condemned).
-One JSON line per trial, then a summary line; exit 1 if any trial failed.
+An engine process still alive a minute after its run's flow process was killed is
+an orphan; it is counted (and killed) and fails the trial. One JSON line per trial, then
+a summary line; exit 1 if any trial failed.
 
     .venv/bin/python benchmarks/chaos.py --trials 3 --kills 4          # ~10 min here
     .venv/bin/python benchmarks/chaos.py --trials 50 --kills 6 --rows 5000   # a long soak
@@ -160,6 +162,7 @@ def _strike(
     faults = CLUSTER_FAULTS if cluster is not None else FAULTS
     kills: Counter[str] = Counter()
     runs = 1
+    orphans = 0
     started = time.monotonic()
     proc = start(args, folder / "home", log)
     baseline = committed(out)
@@ -174,8 +177,12 @@ def _strike(
         if fault == "flow":
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            # The dead driver's engines go away with it (and its local Ray cluster, if any).
-            wait_until(lambda: not engine_processes(), 180)
+            # The dead driver's engines go away with it (and its local Ray cluster, if any);
+            # one still there a minute later is an orphan, and is counted.
+            if not wait_until(lambda: not engine_processes(), 60):
+                orphans += len(engine_processes())
+                for pid in engine_processes():
+                    os.kill(pid, signal.SIGKILL)
             if cluster is None:
                 wait_until(lambda: not processes("ray::"), 180)
             proc = start(args, folder / "home", log)
@@ -209,10 +216,11 @@ def _strike(
         "runs": runs,
         "kills": dict(kills),
         "seconds": round(time.monotonic() - started, 1),
+        "orphan_engines": orphans,
         **check_output(out, ids),
     }
     result["ok"] = code == 0 and result["missing"] == result["duplicated"] == result["unexpected"] == 0
-    result["ok"] = result["ok"] and result["row_errors"] == 0
+    result["ok"] = result["ok"] and result["row_errors"] == 0 and orphans == 0
     if result["ok"] and not opts.keep:
         shutil.rmtree(folder)
     return result
@@ -257,6 +265,7 @@ def main() -> int:
         "missing": sum(r["missing"] for r in results),
         "duplicated": sum(r["duplicated"] for r in results),
         "row_errors": sum(r["row_errors"] for r in results),
+        "orphan_engines": sum(r["orphan_engines"] for r in results),
         "seconds": round(sum(r["seconds"] for r in results), 1),
         "work": str(work),
     }

@@ -22,7 +22,9 @@ engine given `distributed_executor_backend="mp"` gets vLLM's own processes, spaw
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +55,7 @@ def one_process_engine(kwargs: dict[str, Any]) -> dict[str, Any]:
     _keep_uni_executor()
     _fork_uni_engine()
     _title_forked_engine()
+    _forked_engine_dies_with_its_actor()
     return {EXECUTOR_ARG: "uni", **kwargs}
 
 
@@ -97,6 +100,36 @@ def _fork_uni_engine() -> None:
 
     setattr(maybe_force_spawn, _PATCHED, True)
     system_utils._maybe_force_spawn = maybe_force_spawn
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+#: Resolved in the actor: a child forked from a process with threads must not load libraries.
+_PRCTL = _load_prctl()
+_FORK_HOOKED: list[bool] = []
+
+
+def _forked_engine_dies_with_its_actor() -> None:
+    """The engine process is SIGKILLed by the kernel when its actor dies, however it dies.
+
+    Ray reaps an actor's children when the actor exits while its node lives on; when the
+    whole local cluster goes at once (the run's own process killed), nobody is left to
+    do it, and a forked engine would outlive everything (a fork does not inherit the
+    parent's own parent-death signal). Set in every child this actor forks: the engine
+    is the only one.
+    """
+    if _PRCTL is None or _FORK_HOOKED:
+        return
+    _FORK_HOOKED.append(True)
+    os.register_at_fork(after_in_child=lambda: _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL))
 
 
 def _title_forked_engine() -> None:
