@@ -140,9 +140,12 @@ def job_summary(
     engine_restarts: int = 0,
     deaths_by_cause: dict[str, int] | None = None,
     repaired: int = 0,
+    stopped_by: str | None = None,
+    timings: dict[str, float] | None = None,
+    request_counts: dict[str, int] | None = None,
 ) -> BatchResult:
     """A run's summary: the shards committed before it (`committed`) and by it (`new`),
-    `repaired` of which replace damaged ones."""
+    `repaired` of which replace damaged ones; the other fields as in `BatchResult`."""
     results = {**committed, **new}
     tokens = sum(r.output_tokens for r in new.values())
     return BatchResult(
@@ -165,6 +168,9 @@ def job_summary(
         tokens_per_s=round(tokens / wall_s, 1) if wall_s else 0.0,
         generation_tokens_per_s=round(tokens / generation_s, 1) if generation_s else 0.0,
         output=output,
+        stopped_by=stopped_by,
+        timings=timings or {},
+        request_counts=request_counts,
     )
 
 

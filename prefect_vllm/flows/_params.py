@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 from prefect.blocks.core import Block
 
-from prefect_vllm.blocks import RayCluster, VllmModel
+from prefect_vllm.blocks import VllmModel
 from prefect_vllm.exceptions import ConfigurationError
 
 B = TypeVar("B", bound=Block)
@@ -40,21 +40,6 @@ def model_block(model: VllmModel | str) -> VllmModel | None:
     if model.startswith(MODEL_BLOCK_PREFIX):
         return load_block(VllmModel, model[len(MODEL_BLOCK_PREFIX) :], "model")
     return None
-
-
-def cluster_settings(
-    cluster: RayCluster | None, ray_address: str | None
-) -> tuple[str | None, dict[str, Any]]:
-    """The Ray address and runtime environment: the cluster block's, or the parameter's.
-
-    Raises:
-        ConfigurationError: Both a cluster block and `ray_address` are given.
-    """
-    if cluster is None:
-        return ray_address, {}
-    if ray_address is not None and ray_address != cluster.address:
-        raise ConfigurationError("ray_address: give the address in the RayCluster block or here, not both")
-    return cluster.address, dict(cluster.runtime_env)
 
 
 def render_dated(path: str, when: dt.datetime) -> str:

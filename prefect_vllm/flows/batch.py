@@ -5,6 +5,7 @@
 # be objects in the signature, not names to look up (pydantic builds the form from them).
 
 import contextlib
+import dataclasses
 import time
 from typing import Annotated, Any, Literal
 
@@ -21,10 +22,11 @@ from prefect_vllm._planning import InputColumns, plan_job
 from prefect_vllm.blocks import CheckpointStorage, RayCluster, VllmModel
 from prefect_vllm.blocks.storage import open_store
 from prefect_vllm.config import ActorPoolConfig, EngineConfig, RecoveryConfig, RequestConfig, SamplingConfig
-from prefect_vllm.exceptions import ConfigurationError, IncompleteJobError, StorageError
-from prefect_vllm.flows._params import cluster_settings, load_block, model_block, render_dated, scheduled_time
+from prefect_vllm.exceptions import IncompleteJobError, StorageError
+from prefect_vllm.flows._params import load_block, model_block, scheduled_time
 from prefect_vllm.flows._ray import RayRun, ray_connection, run_on_ray
 from prefect_vllm.flows._report import Progress, publish_results
+from prefect_vllm.flows._resolve import resolve_settings
 from prefect_vllm.results import BatchResult, ShardResult
 from prefect_vllm.tasks import ShardJob
 
@@ -130,80 +132,73 @@ def batch_inference(
     logger = get_run_logger()
     quiet_refusals(root=False)  # our refusals are one line each: no traceback in the run's logs
     started = time.monotonic()
-    when = scheduled_time()
-    input, output = render_dated(input, when), render_dated(output, when)
-    block = model_block(model)
-    hf_token = None
-    if block is not None:
-        if engine is not None:
-            raise ConfigurationError(
-                "engine: give engine settings in the VllmModel block or in `engine`, not both"
-            )
-        engine, hf_token, model = block.engine_config(), block.hf_token, block.model
-        sampling = sampling or block.sampling
-    assert isinstance(model, str)
-    sampling = sampling or SamplingConfig()
-    ray_cluster = load_block(RayCluster, cluster, "cluster")
-    if ray_cluster is not None:
-        if pool is not None:
-            raise ConfigurationError(
-                "pool: give actor settings in the RayCluster block or in `pool`, not both"
-            )
-        pool = ray_cluster.pool_config()
-        warm_pool = warm_pool or ray_cluster.warm_pool
-    pool = pool or ActorPoolConfig()
-    address, runtime_env = cluster_settings(ray_cluster, ray_address)
+    settings = resolve_settings(
+        input=input, output=output, model=model if isinstance(model, str) else model.model,
+        model_block=model_block(model), engine=engine, sampling=sampling, requests=requests,
+        columns=InputColumns(prompt=prompt_column, messages=messages_column, id=id_column),
+        pool=pool, cluster=load_block(RayCluster, cluster, "cluster"), ray_address=ray_address,
+        warm_pool=warm_pool, when=scheduled_time(),
+    )  # fmt: skip
     storage_block = load_block(CheckpointStorage, storage, "storage")
     with contextlib.ExitStack() as connection:
         warm = None
-        if warm_pool is not None:
-            if requests.lora_dir is not None:
-                raise ConfigurationError(
-                    "pool: LoRA adapters (lora_dir) need engines started for them; run without a warm pool"
-                )
-            connection.enter_context(ray_connection(address, runtime_env))  # until the run ends
-            warm = VllmActorPool.attach(warm_pool, pool)
-            model, engine = adopt_pool_settings(warm_pool, warm.model, warm.engine, model, engine)
-        engine = engine or EngineConfig()
-        check_model(model)
-        columns = InputColumns(prompt=prompt_column, messages=messages_column, id=id_column)
-        plan = plan_job(input, columns, shard_size)
-        store = open_store(output, storage_block)
-        identity = job_identity(model, plan.files, columns, shard_size, sampling, engine, requests, job_id)
-        resolved_id, fingerprint, engine, adapters = (
-            identity.job_id,
-            identity.fingerprint,
-            identity.engine,
-            identity.adapters,
-        )
+        if settings.warm_pool is not None:
+            connection.enter_context(
+                ray_connection(settings.ray_address, settings.runtime_env)
+            )  # until the end
+            warm = VllmActorPool.attach(settings.warm_pool, settings.pool)
+            model, engine = adopt_pool_settings(
+                settings.warm_pool, warm.model, warm.engine, settings.model, settings.engine
+            )
+            settings = dataclasses.replace(settings, model=model, engine=engine)
+        assert settings.engine is not None  # a warm pool's, or resolved to the defaults
+        check_model(settings.model)
+        plan = plan_job(settings.input, settings.columns, shard_size)
+        store = open_store(settings.output, storage_block)
+        identity = job_identity(
+            settings.model, plan.files, settings.columns, shard_size, settings.sampling, settings.engine,
+            settings.requests, job_id,
+        )  # fmt: skip
         # The run's own engines are built with the job's engine settings (LoRA slots included).
-        actor_pool = warm or VllmActorPool(model, engine, pool, hf_token)
+        actor_pool = warm or VllmActorPool(settings.model, identity.engine, settings.pool, settings.hf_token)
         with store.storage_errors():
             store.fs.create_dir(store.root, recursive=True)
-        with JobLock(store, resolved_id, owner=_run_name()):
+        with JobLock(store, identity.job_id, owner=_run_name()):
             manifest = store.prepare(
-                JobManifest(job_id=resolved_id, fingerprint=fingerprint, plan=plan, created_at=time.time()),
+                JobManifest(
+                    job_id=identity.job_id,
+                    fingerprint=identity.fingerprint,
+                    plan=plan,
+                    created_at=time.time(),
+                ),
                 restart=restart,
             )
             job = ShardJob(
-                job_id=resolved_id, output=output, columns=columns, has_id_column=manifest.plan.has_id_column,
-                sampling=sampling, requests=requests, recovery=recovery, adapters=adapters,
+                job_id=identity.job_id, output=settings.output, columns=settings.columns,
+                has_id_column=manifest.plan.has_id_column, sampling=settings.sampling,
+                requests=settings.requests, recovery=recovery, adapters=identity.adapters,
                 storage=storage_block,
             )  # fmt: skip
             plan_s = round(time.monotonic() - started, 3)
-            summary, results = _run_job(
-                manifest, store, job, actor_pool, address, runtime_env, started, verify=verify
+            committed, run, repaired = _run_pending(
+                manifest, store, job, actor_pool, settings.ray_address, settings.runtime_env, verify=verify
             )
             finalising = time.monotonic()
-            if export == "openai" and not summary.shards_incomplete:
+            results = {**committed, **run.results}
+            counts = None
+            if export == "openai" and len(results) == len(manifest.plan.shards):
                 shards = [results[s.shard_id] for s in manifest.plan.shards]
-                counts = export_openai(store, shards, job_id=resolved_id, model=model)
-                summary = summary.model_copy(update={"request_counts": counts})
+                counts = export_openai(store, shards, job_id=identity.job_id, model=settings.model)
                 logger.info("exported %d requests (%d completed, %d failed) to %s/%s", counts["total"],
                             counts["completed"], counts["failed"], store.uri, EXPORTS)  # fmt: skip
-            timings = {"plan_s": plan_s, **summary.timings}
-            finalise_s = timings.pop("shutdown_s", 0.0) + time.monotonic() - finalising
-            summary = summary.model_copy(update={"timings": {**timings, "finalise_s": round(finalise_s, 3)}})
+            timings = {"plan_s": plan_s, **run.timings}
+            timings["finalise_s"] = round(timings.pop("shutdown_s", 0.0) + time.monotonic() - finalising, 3)
+            summary = job_summary(
+                identity.job_id, manifest.plan, committed, run.results, store.uri,
+                wall_s=time.monotonic() - started, generation_s=run.generation_s,
+                engine_restarts=run.engine_restarts, deaths_by_cause=run.engine_deaths_by_cause,
+                repaired=repaired, stopped_by=run.stopped_by, timings=timings, request_counts=counts,
+            )  # fmt: skip
             try:
                 store.write_summary(summary)
             except StorageError as exc:  # the run's outcome matters more than its copy on disk
@@ -220,7 +215,7 @@ def batch_inference(
         )
     logger.info(
         "job %s complete: %d rows ok, %d row errors, %d engine restarts, %.1f s",
-        resolved_id, summary.rows_ok, summary.rows_failed, summary.engine_restarts, summary.wall_s,
+        identity.job_id, summary.rows_ok, summary.rows_failed, summary.engine_restarts, summary.wall_s,
     )  # fmt: skip
     return summary
 
@@ -235,18 +230,18 @@ def _run_name() -> str:
     return f"flow run {flow_run.name!r}" if flow_run.name else "a prefect-vllm run"
 
 
-def _run_job(
+def _run_pending(
     manifest: JobManifest,
     store: CheckpointStore,
     job: ShardJob,
     pool: VllmActorPool,
     ray_address: str | None,
     runtime_env: dict[str, Any],
-    started: float,
     *,
     verify: bool,
-) -> tuple[BatchResult, dict[str, ShardResult]]:
-    """Run the job's uncommitted shards; the job's summary and every committed shard.
+) -> tuple[dict[str, ShardResult], RayRun, int]:
+    """Run the job's uncommitted shards: the shards committed before, what the run did,
+    and how many damaged commits it repaired.
 
     A committed shard whose part file is missing or does not match its marker is
     uncommitted and run again.
@@ -273,11 +268,4 @@ def _run_job(
             progress.close()
     for cause, count in run.engine_deaths_by_cause.items():
         logger.warning("%d engine death(s): %s", count, cause)
-    summary = job_summary(
-        job.job_id, manifest.plan, committed, run.results, store.uri,
-        wall_s=time.monotonic() - started, generation_s=run.generation_s,
-        engine_restarts=run.engine_restarts, deaths_by_cause=run.engine_deaths_by_cause,
-        repaired=sum(1 for shard_id in damaged if shard_id in run.results),
-    )  # fmt: skip
-    summary = summary.model_copy(update={"timings": run.timings, "stopped_by": run.stopped_by})
-    return summary, {**committed, **run.results}
+    return committed, run, sum(1 for shard_id in damaged if shard_id in run.results)

@@ -1,0 +1,110 @@
+"""From a flow run's parameters and blocks to the one set of settings the job runs with.
+
+Pure: the blocks are loaded before (`flows/_params.py`), so every rule about which
+source wins, and which combinations are refused, is here and unit-tested.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import SecretStr
+
+from prefect_vllm._planning import InputColumns
+from prefect_vllm.blocks import RayCluster, VllmModel
+from prefect_vllm.config import ActorPoolConfig, EngineConfig, RequestConfig, SamplingConfig
+from prefect_vllm.exceptions import ConfigurationError
+from prefect_vllm.flows._params import render_dated
+
+__all__ = ["JobSettings", "resolve_settings"]
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """What one run of a job is given, every source (parameters, blocks) resolved."""
+
+    input: str
+    output: str
+    model: str
+    #: None: the warm pool's engine settings when a pool is named, else `EngineConfig()`.
+    engine: EngineConfig | None
+    sampling: SamplingConfig
+    requests: RequestConfig
+    columns: InputColumns
+    pool: ActorPoolConfig
+    warm_pool: str | None
+    ray_address: str | None
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    hf_token: SecretStr | None = field(default=None, repr=False)
+
+
+def resolve_settings(
+    *,
+    input: str,
+    output: str,
+    model: str,
+    model_block: VllmModel | None = None,
+    engine: EngineConfig | None = None,
+    sampling: SamplingConfig | None = None,
+    requests: RequestConfig | None = None,
+    columns: InputColumns | None = None,
+    pool: ActorPoolConfig | None = None,
+    cluster: RayCluster | None = None,
+    ray_address: str | None = None,
+    warm_pool: str | None = None,
+    when: dt.datetime,
+) -> JobSettings:
+    """The settings a run uses: parameters given win over a block's defaults.
+
+    - A `VllmModel` block gives the model, the engine settings and the Hugging Face
+      token; its sampling is the default when `sampling` is not given.
+    - A `RayCluster` block gives the address, the runtime environment and the engine
+      actors; its warm pool is the default when `warm_pool` is not given.
+    - `{date}` and `{yesterday}` in `input` and `output` are the day of `when`.
+
+    Raises:
+        ConfigurationError: One setting is given twice (`engine` beside a model block,
+            `pool` or another `ray_address` beside a cluster block), LoRA adapters are
+            asked of a warm pool, or a path has another `{...}` field.
+    """
+    hf_token = None
+    if model_block is not None:
+        if engine is not None:
+            raise ConfigurationError(
+                "engine: give engine settings in the VllmModel block or in `engine`, not both"
+            )
+        model, engine, hf_token = model_block.model, model_block.engine_config(), model_block.hf_token
+        sampling = sampling or model_block.sampling
+    runtime_env: dict[str, Any] = {}
+    if cluster is not None:
+        if pool is not None:
+            raise ConfigurationError(
+                "pool: give actor settings in the RayCluster block or in `pool`, not both"
+            )
+        if ray_address is not None and ray_address != cluster.address:
+            raise ConfigurationError(
+                "ray_address: give the address in the RayCluster block or here, not both"
+            )
+        pool, ray_address, runtime_env = cluster.pool_config(), cluster.address, dict(cluster.runtime_env)
+        warm_pool = warm_pool or cluster.warm_pool
+    requests = requests or RequestConfig()
+    if warm_pool is not None and requests.lora_dir is not None:
+        raise ConfigurationError(
+            "pool: LoRA adapters (lora_dir) need engines started for them; run without a warm pool"
+        )
+    return JobSettings(
+        input=render_dated(input, when),
+        output=render_dated(output, when),
+        model=model,
+        engine=engine if engine is not None or warm_pool is not None else EngineConfig(),
+        sampling=sampling or SamplingConfig(),
+        requests=requests,
+        columns=columns or InputColumns(),
+        pool=pool or ActorPoolConfig(),
+        warm_pool=warm_pool,
+        ray_address=ray_address,
+        runtime_env=runtime_env,
+        hf_token=hf_token,
+    )
