@@ -66,6 +66,11 @@ def _json_file(path: str | None) -> dict[str, Any] | None:
     return value
 
 
+def _typed(args: argparse.Namespace, flags: tuple[str, ...]) -> dict[str, Any]:
+    """The flags among `flags` given on the command line (argparse leaves the others None)."""
+    return {flag: getattr(args, flag) for flag in flags if getattr(args, flag) is not None}
+
+
 def run(args: argparse.Namespace) -> int:
     """`prefect-vllm run`: answer from the checkpoints, or run the flow; the exit status."""
     from pydantic import ValidationError
@@ -83,12 +88,10 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     try:
-        sampling: SamplingConfig | None = SamplingConfig(
-            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-            seed=args.seed, ignore_eos=args.ignore_eos,
-        )  # fmt: skip
-        if args.model.startswith("vllm-model/") and sampling == SamplingConfig():
-            sampling = None  # no sampling flags: the model block's defaults apply
+        typed = _typed(args, ("max_tokens", "temperature", "top_p", "seed", "ignore_eos"))
+        # A model block's sampling is the default; the flags typed are set over it.
+        block_model = args.model.startswith("vllm-model/")
+        sampling: SamplingConfig | None = SamplingConfig(**typed) if typed or not block_model else None
         engine = engine_config(args)
         pool = pool_config(args)
         requests = RequestConfig(
@@ -98,9 +101,9 @@ def run(args: argparse.Namespace) -> int:
             lora_dir=args.lora_dir,
         )
         recovery = RecoveryConfig(
-            max_job_restarts=args.max_job_restarts, poison_after=args.poison_after,
-            hang_timeout_s=args.hang_timeout, hang_timeout_per_token_s=args.hang_timeout_per_token,
-            probe_timeout_s=args.probe_timeout,
+            **_typed(args, ("max_job_restarts", "poison_after")),
+            **{f"{flag}_s": value for flag, value in
+               _typed(args, ("hang_timeout", "hang_timeout_per_token", "probe_timeout")).items()},
         )  # fmt: skip
         _precheck(args)
         done, engines_needed = _answer_from_checkpoints(args, sampling, engine, requests, started)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING, Any
 
 from prefect_vllm._cli_common import (
     EXIT_INCOMPLETE,
@@ -21,9 +22,19 @@ from prefect_vllm._cli_common import (
 from prefect_vllm._cli_common import fail as _fail
 from prefect_vllm._cli_pool import add_pool_parser, run_pool_command
 
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+
+def _default(model: type[BaseModel], field: str) -> Any:
+    """A config model's default for `field`: the one place it is declared."""
+    return model.model_fields[field].default
+
 
 def _parser() -> argparse.ArgumentParser:
     from prefect_vllm._version import __version__
+    from prefect_vllm.config import RecoveryConfig as recovery
+    from prefect_vllm.config import SamplingConfig as sampling
 
     parser = argparse.ArgumentParser(prog="prefect-vllm", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"prefect-vllm {__version__}")
@@ -41,28 +52,37 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--shard-size", type=int, default=512, help="rows per shard (default 512)")
     add_actor_flags(run)
     add_engine_flags(run)
-    run.add_argument("--max-job-restarts", type=int, default=64, help="engine restarts per run (default 64)")
+    # Sampling and recovery flags are None unless typed: the config models own the
+    # defaults, and a typed default is honoured (over a model block's sampling, too).
     run.add_argument(
-        "--poison-after", type=int, default=2, help="deaths alone that condemn a row (default 2)"
+        "--max-job-restarts",
+        type=int,
+        help=f"engine restarts per run (default {_default(recovery, 'max_job_restarts')})",
     )
     run.add_argument(
-        "--hang-timeout", type=float, default=300.0, help="call deadline floor, seconds (default 300)"
+        "--poison-after",
+        type=int,
+        help=f"deaths alone that condemn a row (default {_default(recovery, 'poison_after')})",
     )
     run.add_argument(
-        "--hang-timeout-per-token", type=float, default=0.02, help="deadline seconds per token (default 0.02)"
-    )
+        "--hang-timeout", type=float,
+        help=f"call deadline floor, seconds (default {_default(recovery, 'hang_timeout_s')})",
+    )  # fmt: skip
+    run.add_argument(
+        "--hang-timeout-per-token", type=float,
+        help=f"deadline seconds per token (default {_default(recovery, 'hang_timeout_per_token_s')})",
+    )  # fmt: skip
     run.add_argument(
         "--probe-timeout",
         type=float,
-        default=60.0,
         help="seconds a call waits to start before it asks whether its actor answers, and "
-        "that long again for the answer before a frozen actor is killed (default 60)",
+        f"that long again for the answer before a frozen actor is killed (default {_default(recovery, 'probe_timeout_s')})",
     )
-    run.add_argument("--max-tokens", type=int, default=256)
-    run.add_argument("--temperature", type=float, default=1.0)
-    run.add_argument("--top-p", type=float, default=1.0)
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-tokens")
+    run.add_argument("--max-tokens", type=int, help=f"default {_default(sampling, 'max_tokens')}")
+    run.add_argument("--temperature", type=float, help=f"default {_default(sampling, 'temperature')}")
+    run.add_argument("--top-p", type=float, help=f"default {_default(sampling, 'top_p')}")
+    run.add_argument("--seed", type=int, help=f"default {_default(sampling, 'seed')}")
+    run.add_argument("--ignore-eos", action="store_true", default=None, help="generate exactly --max-tokens")
     run.add_argument(
         "--chat-template", default=None, help="Jinja chat template: a file, or the template itself"
     )

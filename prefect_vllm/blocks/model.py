@@ -45,7 +45,7 @@ class VllmModel(Block):
     )
     sampling: SamplingConfig = Field(
         default_factory=SamplingConfig,
-        description="Default sampling for jobs on this model; a job's own sampling wins.",
+        description="Default sampling for jobs on this model; the fields a job's sampling sets win.",
     )
     hf_token: SecretStr | None = Field(
         default=None, description="Hugging Face token for gated models; never logged."

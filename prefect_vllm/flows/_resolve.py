@@ -59,7 +59,8 @@ def resolve_settings(
     """The settings a run uses: parameters given win over a block's defaults.
 
     - A `VllmModel` block gives the model, the engine settings and the Hugging Face
-      token; its sampling is the default when `sampling` is not given.
+      token; its sampling is the default, and the fields that `sampling` sets (its
+      `model_fields_set`: defaults typed out included) are set over it.
     - A `RayCluster` block gives the address, the runtime environment and the engine
       actors; its warm pool is the default when `warm_pool` is not given.
     - `{date}` and `{yesterday}` in `input` and `output` are the day of `when`.
@@ -76,7 +77,7 @@ def resolve_settings(
                 "engine: give engine settings in the VllmModel block or in `engine`, not both"
             )
         model, engine, hf_token = model_block.model, model_block.engine_config(), model_block.hf_token
-        sampling = sampling or model_block.sampling
+        sampling = _over(model_block.sampling, sampling)
     runtime_env: dict[str, Any] = {}
     if cluster is not None:
         if pool is not None:
@@ -107,4 +108,13 @@ def resolve_settings(
         ray_address=ray_address,
         runtime_env=runtime_env,
         hf_token=hf_token,
+    )
+
+
+def _over(default: SamplingConfig, given: SamplingConfig | None) -> SamplingConfig:
+    """`default` with the fields that `given` was built with set over it."""
+    if given is None:
+        return default
+    return SamplingConfig.model_validate(
+        {**default.model_dump(), **given.model_dump(include=given.model_fields_set)}
     )

@@ -77,9 +77,9 @@ def batch_inference(
             or its JSON text); a row with messages is rendered with the chat template.
         id_column: Column holding each row's id (`custom_id`); positions when absent.
         shard_size: Rows per shard: the unit of commit and of retry (at least 1).
-        sampling: Job-wide sampling parameters (default: the model block's, else
-            `SamplingConfig()`); a `sampling_params` column (struct or JSON text)
-            overrides them per row.
+        sampling: Job-wide sampling parameters (default `SamplingConfig()`); with a
+            model block, the fields set here are set over the block's sampling. A
+            `sampling_params` column (struct or JSON text) overrides them per row.
         requests: Chat template and its kwargs, a job-wide JSON schema, and a folder of
             LoRA adapters that rows name by `model`.
         engine: How each vLLM engine is built.

@@ -42,6 +42,26 @@ def test_command_line_engine_and_actor_flags_are_given_only_when_typed() -> None
     assert "num_actors" in pool_config(typed).model_fields_set
 
 
+def test_sampling_and_recovery_flags_are_given_only_when_typed_and_the_models_own_the_defaults() -> None:
+    from prefect_vllm._cli_run import _typed
+    from prefect_vllm.cli import _parser
+    from prefect_vllm.config import RecoveryConfig, SamplingConfig
+
+    flags = ("max_tokens", "temperature", "top_p", "seed", "ignore_eos", "max_job_restarts", "poison_after",
+             "hang_timeout", "hang_timeout_per_token", "probe_timeout")  # fmt: skip
+    bare = _parser().parse_args(["run", "in.jsonl", "--output", "out", "--model", "m"])
+    assert _typed(bare, flags) == {}
+    typed = _parser().parse_args(
+        ["run", "in.jsonl", "--output", "out", "--model", "m", "--temperature", "1.0", "--ignore-eos",
+         "--probe-timeout", "60"]
+    )  # fmt: skip
+    assert _typed(typed, flags) == {"temperature": 1.0, "ignore_eos": True, "probe_timeout": 60.0}
+    assert SamplingConfig(**_typed(typed, ("temperature",))).model_fields_set == {"temperature"}
+    help_text = _parser()._subparsers._group_actions[0].choices["run"].format_help()  # type: ignore[union-attr]
+    assert f"(default {RecoveryConfig().max_job_restarts})" in help_text
+    assert f"default {SamplingConfig().max_tokens}" in help_text
+
+
 def test_the_same_folder_by_another_path_is_the_same_model(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "m")

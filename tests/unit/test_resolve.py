@@ -52,6 +52,27 @@ def test_a_model_block_gives_model_engine_and_token_and_its_sampling_is_only_a_d
     assert own.sampling.max_tokens == 3
 
 
+def test_the_sampling_fields_given_are_set_over_a_model_blocks_an_explicit_default_too() -> None:
+    block = VllmModel(model="m", sampling=SamplingConfig(max_tokens=7, temperature=0.2, seed=5))
+    given = resolve_settings(
+        input="i", output="o", model="m", model_block=block, sampling=SamplingConfig(max_tokens=3), when=WHEN
+    )
+    assert (given.sampling.max_tokens, given.sampling.temperature, given.sampling.seed) == (3, 0.2, 5)
+    typed_default = resolve_settings(
+        input="i",
+        output="o",
+        model="m",
+        model_block=block,
+        sampling=SamplingConfig(temperature=1.0),
+        when=WHEN,
+    )
+    assert (typed_default.sampling.max_tokens, typed_default.sampling.temperature) == (7, 1.0)
+    from_json = SamplingConfig.model_validate({"seed": 0})  # a deployment's parameters arrive as JSON
+    assert resolve_settings(
+        input="i", output="o", model="m", model_block=block, sampling=from_json, when=WHEN
+    ).sampling == SamplingConfig(max_tokens=7, temperature=0.2, seed=0)
+
+
 def test_engine_settings_beside_a_model_block_are_refused() -> None:
     with pytest.raises(ConfigurationError, match=r"^engine: give engine settings in the VllmModel block"):
         resolve_settings(
