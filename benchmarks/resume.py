@@ -35,9 +35,9 @@ def write_prompts(path: Path, rows: int) -> Path:
 
 def committed_job(work: Path, shards: int) -> tuple[Path, Path, str]:
     """A job of `shards` one-row shards, every one committed, as the CLI would plan it."""
-    from prefect_vllm._checkpoint import CheckpointStore, JobManifest, fingerprint_id
+    from prefect_vllm._input.planning import InputColumns, plan_job
     from prefect_vllm._job import job_fingerprint
-    from prefect_vllm._planning import InputColumns, plan_job
+    from prefect_vllm._store.checkpoint import CheckpointStore, JobManifest, fingerprint_id
     from prefect_vllm.config import EngineConfig, RequestConfig, SamplingConfig
     from prefect_vllm.results import ShardResult
     from prefect_vllm.testing import make_tiny_model
@@ -105,7 +105,7 @@ def noop_resume(shards: int) -> dict[str, object]:
 def planning_child(path: str) -> None:
     """In a fresh process: plan the file, report time and peak RSS."""
     import prefect_vllm.flows  # noqa: F401 - what a flow process has imported before planning
-    from prefect_vllm._planning import InputColumns, plan_job
+    from prefect_vllm._input.planning import InputColumns, plan_job
 
     def status_mb(field: str) -> float:
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forked parent.

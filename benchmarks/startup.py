@@ -145,7 +145,7 @@ def main() -> None:
 
     from ray.cluster_utils import Cluster
 
-    from prefect_vllm._server import prefect_api
+    from prefect_vllm._launch.server import prefect_api
     from prefect_vllm.testing import make_tiny_model, write_sample_prompts
 
     work = Path(tempfile.mkdtemp(prefix="startup-"))

@@ -8,9 +8,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from prefect_vllm._checkpoint import check_safe_id, fingerprint_id
-from prefect_vllm._lora import find_adapters, lora_engine_args
-from prefect_vllm._planning import InputColumns, InputFile, JobPlan
+from prefect_vllm._input.lora import find_adapters, lora_engine_args
+from prefect_vllm._input.planning import InputColumns, InputFile, JobPlan
+from prefect_vllm._store.checkpoint import check_safe_id, fingerprint_id
 from prefect_vllm.config import EngineConfig, RequestConfig, SamplingConfig
 from prefect_vllm.exceptions import ConfigurationError, InputError
 from prefect_vllm.results import BatchResult, ShardResult

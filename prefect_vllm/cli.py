@@ -12,15 +12,15 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from prefect_vllm._cli_common import (
+from prefect_vllm._cli.common import (
     EXIT_INCOMPLETE,
     EXIT_OK,
     EXIT_USAGE,
     add_actor_flags,
     add_engine_flags,
 )
-from prefect_vllm._cli_common import fail as _fail
-from prefect_vllm._cli_pool import add_pool_parser, run_pool_command
+from prefect_vllm._cli.common import fail as _fail
+from prefect_vllm._cli.pool import add_pool_parser, run_pool_command
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -135,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from prefect_vllm._checkpoint import CheckpointStore
+    from prefect_vllm._store.checkpoint import CheckpointStore
 
     store = CheckpointStore(args.output)
     manifest = store.read_manifest()
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `prefect-vllm` console script."""
     args = _parser().parse_args(argv)
     if args.command == "run":
-        from prefect_vllm._cli_run import run
+        from prefect_vllm._cli.run import run
 
         return run(args)
     if args.command == "status":

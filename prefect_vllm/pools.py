@@ -195,7 +195,7 @@ def connected(ray_address: str | None, **init_kwargs: Any) -> Iterator[None]:
     """
     import ray
 
-    from prefect_vllm._signals import keeping_sigterm
+    from prefect_vllm._launch.signals import keeping_sigterm
 
     if ray.is_initialized():
         yield

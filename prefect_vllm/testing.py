@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prefect_vllm._engine.markers import POISON_MARKER, POISON_RAISE_MARKER
 from prefect_vllm._models import CHAT_TEMPLATE, CORPUS_WORDS, make_tiny_lora, make_tiny_model
 
 if TYPE_CHECKING:
@@ -40,13 +41,6 @@ __all__ = [
     "write_sample_batch",
     "write_sample_prompts",
 ]
-
-#: A prompt containing this kills the engine (SIGKILL) when `POISON_ENGINE_ARGS` are in use.
-POISON_MARKER = "POISONPILL"
-
-#: A prompt containing this makes the engine raise a `RuntimeError` (a crash with a Python
-#: error) when `POISON_ENGINE_ARGS` are in use.
-POISON_RAISE_MARKER = "POISONRAISE"
 
 #: Engine arguments that load `PoisonLogitsProcessor` into every engine, e.g.
 #: `prefect-vllm run ... --engine-args '{"logits_processors": ["prefect_vllm.testing:PoisonLogitsProcessor"]}'`.

@@ -4,10 +4,6 @@
 engine dies, so Ray restarts it with a fresh engine. `VllmActorPool` (the flow's) creates
 the actors, waits for them to start, counts restarts and names the causes of engine
 deaths; `EngineClient` (the shard tasks') sends `GenerateCall`s and fails over.
+
+Nothing is imported here, so that a light module of this package (`markers`) stays light.
 """
-
-from prefect_vllm._engine.client import EngineClient
-from prefect_vllm._engine.pool import VllmActorPool
-from prefect_vllm._engine.protocol import CallParams, GenerateCall, GenerateResult
-
-__all__ = ["CallParams", "EngineClient", "GenerateCall", "GenerateResult", "VllmActorPool"]

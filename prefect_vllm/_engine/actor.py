@@ -20,7 +20,6 @@ from typing import Any, NoReturn
 
 import psutil
 
-from prefect_vllm._columns import ROW_COLUMNS
 from prefect_vllm._engine.cpu import one_process_engine
 from prefect_vllm._engine.deaths import (
     HANG_CAUSE,
@@ -34,7 +33,7 @@ from prefect_vllm._engine.deaths import (
     signal_name,
 )
 from prefect_vllm._engine.protocol import CallParams, GenerateCall, GenerateResult, GenerateStarted
-from prefect_vllm._engine.requests import (
+from prefect_vllm._engine.vllm_io import (
     engine_prompt,
     failed_row,
     lora_request,
@@ -42,6 +41,7 @@ from prefect_vllm._engine.requests import (
     sampling_params,
     tokenize_prompts,
 )
+from prefect_vllm._input.columns import ROW_COLUMNS
 
 logger = logging.getLogger("prefect_vllm.engine")
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-from prefect_vllm.testing import POISON_MARKER, POISON_RAISE_MARKER
+from prefect_vllm._engine.markers import POISON_MARKER, POISON_RAISE_MARKER
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

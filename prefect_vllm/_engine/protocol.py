@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefect_vllm._columns import ROW_COLUMNS
+from prefect_vllm._input.columns import ROW_COLUMNS
 
 __all__ = ["CallParams", "GenerateCall", "GenerateResult", "GenerateStarted"]
 

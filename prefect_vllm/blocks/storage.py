@@ -12,7 +12,7 @@ from prefect_vllm.blocks._logo import _LOGO_URL
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
 
-    from prefect_vllm._checkpoint import CheckpointStore
+    from prefect_vllm._store.checkpoint import CheckpointStore
 
 
 class CheckpointStorage(Block):
@@ -77,7 +77,7 @@ class CheckpointStorage(Block):
 
 def open_store(output: str, storage: CheckpointStorage | None) -> CheckpointStore:
     """A job's output location: `output` itself, or a path under a storage block."""
-    from prefect_vllm._checkpoint import CheckpointStore
+    from prefect_vllm._store.checkpoint import CheckpointStore
 
     if storage is None:
         return CheckpointStore(output)

@@ -13,8 +13,8 @@ from typing import Any
 from prefect import get_run_logger
 
 from prefect_vllm._engine.pool import VllmActorPool
-from prefect_vllm._planning import ShardSpec
-from prefect_vllm._ray_start import local_cluster, ray_init_kwargs, warm_shard_workers
+from prefect_vllm._input.planning import ShardSpec
+from prefect_vllm._launch.ray_start import local_cluster, ray_init_kwargs, warm_shard_workers
 from prefect_vllm.exceptions import StorageError
 from prefect_vllm.results import ShardResult
 from prefect_vllm.tasks import ShardJob, run_shard
@@ -70,14 +70,14 @@ def run_on_ray(
     """Start the engine pool, stream the pending shards through it, stop it.
 
     A warm pool is neither started nor stopped: its engines are up already and
-    stay up for the next run. A pool the command started early (`prefect_vllm._headstart`) is
+    stay up for the next run. A pool the command started early (`prefect_vllm._launch.headstart`) is
     claimed instead of started.
     """
     import ray
     from prefect_ray import RayTaskRunner
 
-    from prefect_vllm import _headstart
-    from prefect_vllm._signals import keeping_sigterm
+    from prefect_vllm._launch import headstart as _headstart
+    from prefect_vllm._launch.signals import keeping_sigterm
 
     init_kwargs = ray_init_kwargs(ray_address, runtime_env)
     head = None if pool.warm else _headstart.claim(pool, ray_address, init_kwargs)

@@ -12,13 +12,13 @@ from typing import Annotated, Any, Literal
 from prefect import flow, get_run_logger
 from pydantic import Field
 
-from prefect_vllm._checkpoint import EXPORTS, CheckpointStore, JobManifest
 from prefect_vllm._engine.pool import VllmActorPool
-from prefect_vllm._export import export_openai
+from prefect_vllm._input.planning import InputColumns, plan_job
 from prefect_vllm._job import adopt_pool_settings, check_model, job_identity, job_summary
-from prefect_vllm._lock import JobLock
 from prefect_vllm._logs import quiet_refusals
-from prefect_vllm._planning import InputColumns, plan_job
+from prefect_vllm._store.checkpoint import EXPORTS, CheckpointStore, JobManifest
+from prefect_vllm._store.export import export_openai
+from prefect_vllm._store.lock import JobLock
 from prefect_vllm.blocks import CheckpointStorage, RayCluster, VllmModel
 from prefect_vllm.blocks.storage import open_store
 from prefect_vllm.config import ActorPoolConfig, EngineConfig, RecoveryConfig, RequestConfig, SamplingConfig

@@ -10,13 +10,14 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
-from prefect_vllm._checkpoint import CheckpointStore
-from prefect_vllm._columns import COMPLETION_TOKENS, ERROR, PROMPT_TOKENS
-from prefect_vllm._engine import EngineClient, GenerateResult
-from prefect_vllm._isolation import EngineCall, generate_isolating
-from prefect_vllm._planning import InputColumns, ShardSpec
-from prefect_vllm._requests import RowRequest
-from prefect_vllm._shards import output_table, read_shard, row_seeds
+from prefect_vllm._engine.client import EngineClient
+from prefect_vllm._engine.isolation import EngineCall, generate_isolating
+from prefect_vllm._engine.protocol import GenerateResult
+from prefect_vllm._input.columns import COMPLETION_TOKENS, ERROR, PROMPT_TOKENS
+from prefect_vllm._input.planning import InputColumns, ShardSpec
+from prefect_vllm._input.requests import RowRequest
+from prefect_vllm._input.shard_rows import output_table, read_shard, row_seeds
+from prefect_vllm._store.checkpoint import CheckpointStore
 from prefect_vllm.blocks.storage import open_store
 from prefect_vllm.config import RecoveryConfig, RequestConfig, SamplingConfig
 from prefect_vllm.exceptions import PrefectVllmError
@@ -59,7 +60,7 @@ class ShardJob:
 
 def _engine_call(job: ShardJob, rows: list[RowRequest], actor_index: int) -> EngineCall:
     """Generate rows [start, stop) of the shard on the job's engines, with the call's deadline."""
-    from prefect_vllm._engine import CallParams, GenerateCall
+    from prefect_vllm._engine.protocol import CallParams, GenerateCall
 
     if job.engines is None:
         raise PrefectVllmError("the shard task was given no engines to call")

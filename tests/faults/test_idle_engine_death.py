@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from prefect_vllm._engine import CallParams, GenerateCall, VllmActorPool
+from prefect_vllm._engine.pool import VllmActorPool
+from prefect_vllm._engine.protocol import CallParams, GenerateCall
 from prefect_vllm.config import ActorPoolConfig, EngineConfig
 from tests.helpers import engine_processes, no_engine_left, wait_for
 

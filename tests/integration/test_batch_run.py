@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from prefect_vllm._columns import OUTPUT_COLUMNS
+from prefect_vllm._input.columns import OUTPUT_COLUMNS
 from prefect_vllm.testing import write_sample_prompts
 from tests.helpers import (
     SharedPool,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from prefect_vllm._checkpoint import CheckpointStore
-from prefect_vllm._lock import JobLock
+from prefect_vllm._store.checkpoint import CheckpointStore
+from prefect_vllm._store.lock import JobLock
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.integration
@@ -121,9 +121,9 @@ def committed_job(tmp_path: Path, prompts: Path, model: Path, max_tokens: int) -
     with every shard committed, as a finished run leaves it (no engine needed)."""
     import pyarrow as pa
 
-    from prefect_vllm._checkpoint import CheckpointStore, JobManifest
+    from prefect_vllm._input.planning import InputColumns, plan_job
     from prefect_vllm._job import job_identity
-    from prefect_vllm._planning import InputColumns, plan_job
+    from prefect_vllm._store.checkpoint import CheckpointStore, JobManifest
     from prefect_vllm.config import EngineConfig, RequestConfig, SamplingConfig
     from prefect_vllm.results import ShardResult
 

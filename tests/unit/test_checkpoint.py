@@ -7,8 +7,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from prefect_vllm._checkpoint import CheckpointStore, JobManifest, check_safe_id, fingerprint_id
-from prefect_vllm._planning import JobPlan
+from prefect_vllm._input.planning import JobPlan
+from prefect_vllm._store.checkpoint import CheckpointStore, JobManifest, check_safe_id, fingerprint_id
 from prefect_vllm.exceptions import ConfigurationError, FingerprintMismatchError
 from prefect_vllm.results import ShardResult
 
@@ -105,7 +105,7 @@ def test_a_write_the_location_refuses_is_one_storage_error_naming_the_file_and_l
     tmp_path: Path,
 ) -> None:
     """Any OS error of a write (here: a file where a folder should be) names location and cause."""
-    from prefect_vllm._checkpoint import CheckpointStore
+    from prefect_vllm._store.checkpoint import CheckpointStore
     from prefect_vllm.exceptions import StorageError
 
     (tmp_path / "out").write_text("a file, not a folder")

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from prefect_vllm._columns import ROW_COLUMNS
 from prefect_vllm._engine import client as client_module
 from prefect_vllm._engine.client import UNSTARTED_RETRIES, EngineClient
 from prefect_vllm._engine.protocol import GenerateCall, GenerateResult, GenerateStarted
+from prefect_vllm._input.columns import ROW_COLUMNS
 from prefect_vllm.exceptions import EngineCrashedError, EngineUnavailableError
 
 CALL = GenerateCall.of_prompts(["hi"], deadline_s=10.0)

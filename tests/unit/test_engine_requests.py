@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from prefect_vllm._engine.requests import engine_prompt, tokenize_prompts
+from prefect_vllm._engine.vllm_io import engine_prompt, tokenize_prompts
 
 
 def test_batched_tokenization_matches_one_call_per_row_and_skips_other_rows(tiny_model: Path) -> None:

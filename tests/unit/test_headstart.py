@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from prefect_vllm import _headstart
 from prefect_vllm._engine.pool import VllmActorPool
+from prefect_vllm._launch import headstart as _headstart
 from prefect_vllm.config import ActorPoolConfig, EngineConfig
 
 

@@ -28,7 +28,7 @@ def test_engine_settings_given_as_the_defaults_are_honoured_not_replaced_by_the_
 
 
 def test_command_line_engine_and_actor_flags_are_given_only_when_typed() -> None:
-    from prefect_vllm._cli_common import engine_config, pool_config
+    from prefect_vllm._cli.common import engine_config, pool_config
     from prefect_vllm.cli import _parser
     from prefect_vllm.config import ActorPoolConfig
 
@@ -43,7 +43,7 @@ def test_command_line_engine_and_actor_flags_are_given_only_when_typed() -> None
 
 
 def test_sampling_and_recovery_flags_are_given_only_when_typed_and_the_models_own_the_defaults() -> None:
-    from prefect_vllm._cli_run import _typed
+    from prefect_vllm._cli.run import _typed
     from prefect_vllm.cli import _parser
     from prefect_vllm.config import RecoveryConfig, SamplingConfig
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from prefect_vllm._checkpoint import CheckpointStore
-from prefect_vllm._lock import LOCK, STALE_S, JobLock, check_not_running
+from prefect_vllm._store.checkpoint import CheckpointStore
+from prefect_vllm._store.lock import LOCK, STALE_S, JobLock, check_not_running
 from prefect_vllm.exceptions import ConfigurationError, JobRunningError
 from prefect_vllm.flows._params import render_dated
 from prefect_vllm.flows._report import artifact_key, summary_markdown
@@ -53,8 +53,8 @@ def test_a_lock_file_left_by_a_dead_process_is_taken_at_once_on_a_local_folder(t
 
 def test_a_killed_holder_frees_the_lock_and_a_live_one_is_seen_by_a_look(tmp_path: Path) -> None:
     code = (
-        "import sys, time; from prefect_vllm._checkpoint import CheckpointStore; "
-        "from prefect_vllm._lock import JobLock; "
+        "import sys, time; from prefect_vllm._store.checkpoint import CheckpointStore; "
+        "from prefect_vllm._store.lock import JobLock; "
         "JobLock(CheckpointStore(sys.argv[1]), 'j', owner='holder').acquire(); print('held', flush=True); "
         "time.sleep(600)"
     )
@@ -79,8 +79,8 @@ def test_runs_that_take_the_lock_at_the_same_instant_get_it_once(tmp_path: Path)
     (tmp_path / "out").mkdir()
     at, hold_s = time.time() + 8, 5
     code = (
-        "import sys, time; from prefect_vllm._checkpoint import CheckpointStore; "
-        "from prefect_vllm._lock import JobLock; from prefect_vllm.exceptions import JobRunningError; "
+        "import sys, time; from prefect_vllm._store.checkpoint import CheckpointStore; "
+        "from prefect_vllm._store.lock import JobLock; from prefect_vllm.exceptions import JobRunningError; "
         "lock = JobLock(CheckpointStore(sys.argv[1]), 'j', owner=sys.argv[3]); "
         "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); tried = time.time()\n"
         "try:\n lock.acquire()\nexcept JobRunningError:\n print('refused', tried)\n"

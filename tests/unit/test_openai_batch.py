@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from prefect_vllm._openai import error_line, looks_like_batch, output_line, parse_request
+from prefect_vllm._input.openai_batch import error_line, looks_like_batch, output_line, parse_request
 from prefect_vllm.exceptions import InputError
 
 

@@ -10,8 +10,8 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from prefect_vllm._planning import InputColumns, check_columns, plan_job
-from prefect_vllm._shards import read_shard, row_seeds
+from prefect_vllm._input.planning import InputColumns, check_columns, plan_job
+from prefect_vllm._input.shard_rows import read_shard, row_seeds
 from prefect_vllm.exceptions import ConfigurationError, InputError
 
 COLUMNS = InputColumns()

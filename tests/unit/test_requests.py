@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from prefect_vllm._checkpoint import CheckpointStore
-from prefect_vllm._columns import CHOICES, COMPLETION_TOKENS, ERROR, FINISH_REASON, PROMPT_TOKENS, TEXT
-from prefect_vllm._export import ERRORS_FILE, OUTPUT_FILE, export_openai
-from prefect_vllm._isolation import poison_message
-from prefect_vllm._planning import InputColumns, check_columns, plan_job
-from prefect_vllm._requests import RowRequest, parse_sampling_params, plain_row
-from prefect_vllm._shards import output_table, read_shard
+from prefect_vllm._engine.isolation import poison_message
+from prefect_vllm._input.columns import CHOICES, COMPLETION_TOKENS, ERROR, FINISH_REASON, PROMPT_TOKENS, TEXT
+from prefect_vllm._input.planning import InputColumns, check_columns, plan_job
+from prefect_vllm._input.requests import RowRequest, parse_sampling_params, plain_row
+from prefect_vllm._input.shard_rows import output_table, read_shard
+from prefect_vllm._store.checkpoint import CheckpointStore
+from prefect_vllm._store.export import ERRORS_FILE, OUTPUT_FILE, export_openai
 from prefect_vllm.config import RequestConfig
 from prefect_vllm.exceptions import InputError
 from prefect_vllm.results import ShardResult
@@ -211,7 +211,7 @@ def test_the_openai_export_holds_every_row_once_in_the_openai_shapes(tmp_path: P
 
 
 def test_lora_folders_are_checked_before_any_engine_starts(tmp_path: Path) -> None:
-    from prefect_vllm._lora import find_adapters, lora_engine_args
+    from prefect_vllm._input.lora import find_adapters, lora_engine_args
     from prefect_vllm.exceptions import ConfigurationError
 
     with pytest.raises(ConfigurationError, match="is not a folder"):

@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 from pydantic import SecretStr
 
-from prefect_vllm._planning import InputColumns
+from prefect_vllm._input.planning import InputColumns
 from prefect_vllm.blocks import RayCluster, VllmModel
 from prefect_vllm.config import ActorPoolConfig, EngineConfig, RequestConfig, SamplingConfig
 from prefect_vllm.exceptions import ConfigurationError

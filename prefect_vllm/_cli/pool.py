@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from prefect_vllm._cli_common import (
+from prefect_vllm._cli.common import (
     EXIT_INCOMPLETE,
     EXIT_OK,
     EXIT_USAGE,

@@ -29,7 +29,7 @@ from typing import Any
 
 import psutil
 
-from prefect_vllm._checkpoint import CheckpointStore
+from prefect_vllm._store.checkpoint import CheckpointStore
 from prefect_vllm.exceptions import JobRunningError
 
 __all__ = ["LOCK", "JobLock", "check_not_running"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect_vllm._columns import CHOICES, COMPLETION_TOKENS, ERROR, FINISH_REASON, PROMPT_TOKENS, TEXT
+from prefect_vllm._input.columns import CHOICES, COMPLETION_TOKENS, ERROR, FINISH_REASON, PROMPT_TOKENS, TEXT
 
 
 def tokenize_prompts(

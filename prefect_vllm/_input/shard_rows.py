@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from prefect_vllm._columns import (
+from prefect_vllm._input.columns import (
     CHOICES,
     COMPLETION_TOKENS,
     CUSTOM_ID,
@@ -20,9 +20,9 @@ from prefect_vllm._columns import (
     TEXT,
     output_schema,
 )
-from prefect_vllm._openai import parse_request
-from prefect_vllm._planning import InputColumns, ShardSpec, iter_jsonl_lines, parse_jsonl_line
-from prefect_vllm._requests import RowRequest, plain_row
+from prefect_vllm._input.openai_batch import parse_request
+from prefect_vllm._input.planning import InputColumns, ShardSpec, iter_jsonl_lines, parse_jsonl_line
+from prefect_vllm._input.requests import RowRequest, plain_row
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
-from prefect_vllm._cli_common import (
+from prefect_vllm._cli.common import (
     EXIT_INCOMPLETE,
     EXIT_OK,
     EXIT_USAGE,
@@ -22,8 +22,8 @@ from prefect_vllm._cli_common import (
     pool_config,
     validation_message,
 )
-from prefect_vllm._cli_common import fail as _fail
-from prefect_vllm._cli_common import json_object as _json_object
+from prefect_vllm._cli.common import fail as _fail
+from prefect_vllm._cli.common import json_object as _json_object
 
 if TYPE_CHECKING:
     from prefect_vllm._engine.pool import VllmActorPool
@@ -118,8 +118,8 @@ def run(args: argparse.Namespace) -> int:
         _print_summary(done, args.json)
         return EXIT_OK
 
-    from prefect_vllm import _headstart
-    from prefect_vllm._cli_common import interrupts_end_the_run
+    from prefect_vllm._cli.common import interrupts_end_the_run
+    from prefect_vllm._launch import headstart as _headstart
     from prefect_vllm._logs import QUIET_ENV, quiet_console, quiet_refusals, summary_stdout
 
     known_api_url = os.environ.get("PREFECT_API_URL")
@@ -145,14 +145,14 @@ def run(args: argparse.Namespace) -> int:
         try:
             if known_api_url:  # the server is known before Prefect loads: Ray starts at once
                 start_engines(known_api_url)
-            from prefect_vllm._server import configured_api_url, prefect_api
+            from prefect_vllm._launch.server import configured_api_url, prefect_api
             from prefect_vllm.flows import batch_inference
 
             if not args.verbose:
                 quiet_console(keep_run_link=configured_api_url() is not None)  # Prefect's handlers
             quiet_refusals()
             server_starting = time.monotonic()
-            # Ray and the engines start while the server does (see prefect_vllm/_headstart.py).
+            # Ray and the engines start while the server does (see prefect_vllm/_launch/headstart.py).
             with prefect_api(while_starting=None if known_api_url else start_engines) as api_url:
                 server_start_s = round(time.monotonic() - server_starting, 3)
                 if [u.rstrip("/") for u in head_started_for] != [api_url.rstrip("/")]:  # another server
@@ -211,8 +211,8 @@ def _failure(exc: BaseException, interrupted: int | None, as_json: bool, stdout:
 
 def _precheck(args: argparse.Namespace) -> None:
     """The checks that need no server and no engine: input files and the model folder."""
+    from prefect_vllm._input.planning import InputColumns, check_columns
     from prefect_vllm._job import check_model
-    from prefect_vllm._planning import InputColumns, check_columns
     from prefect_vllm.exceptions import ConfigurationError
 
     if args.shard_size < 1:
@@ -249,8 +249,8 @@ def _decided_by_the_flow(args: argparse.Namespace) -> bool:
 
 def _identity(args: argparse.Namespace, sampling: Any, engine: Any, requests: Any) -> Any:
     """The job's identity (`JobIdentity`) from the command's arguments and the input files."""
+    from prefect_vllm._input.planning import InputColumns, discover_inputs
     from prefect_vllm._job import job_identity
-    from prefect_vllm._planning import InputColumns, discover_inputs
     from prefect_vllm.config import EngineConfig, SamplingConfig
 
     columns = InputColumns(prompt=args.prompt_column, messages=args.messages_column, id=args.id_column)
@@ -276,9 +276,9 @@ def _answer_from_checkpoints(
         JobRunningError: A live run holds the job's lock (with --restart too: a restart
             discards the checkpoints of a job nobody is writing).
     """
-    from prefect_vllm._checkpoint import CheckpointStore
     from prefect_vllm._job import job_summary
-    from prefect_vllm._lock import check_not_running
+    from prefect_vllm._store.checkpoint import CheckpointStore
+    from prefect_vllm._store.lock import check_not_running
 
     if _decided_by_the_flow(args):
         return None, True

@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from prefect_vllm._columns import CUSTOM_ID, MESSAGES
-from prefect_vllm._openai import looks_like_batch, parse_request
+from prefect_vllm._input.columns import CUSTOM_ID, MESSAGES
+from prefect_vllm._input.openai_batch import looks_like_batch, parse_request
 from prefect_vllm.exceptions import InputError
 
 #: `openai` is a JSONL file of OpenAI Batch requests (`{custom_id, method, url, body}`).

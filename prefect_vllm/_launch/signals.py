@@ -25,7 +25,7 @@ def keeping_sigterm() -> Iterator[None]:
         ```python
         import signal
 
-        from prefect_vllm._signals import keeping_sigterm
+        from prefect_vllm._launch.signals import keeping_sigterm
 
         before = signal.getsignal(signal.SIGTERM)
         with keeping_sigterm():

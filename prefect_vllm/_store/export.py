@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from prefect_vllm._checkpoint import EXPORTS, CheckpointStore
-from prefect_vllm._columns import ERROR, KIND
-from prefect_vllm._isolation import poison_message
-from prefect_vllm._openai import error_line, output_line
+from prefect_vllm._engine.isolation import poison_message
+from prefect_vllm._input.columns import ERROR, KIND
+from prefect_vllm._input.openai_batch import error_line, output_line
+from prefect_vllm._store.checkpoint import EXPORTS, CheckpointStore
 from prefect_vllm.results import ShardResult
 
 __all__ = ["OUTPUT_FILE", "ERRORS_FILE", "export_openai"]

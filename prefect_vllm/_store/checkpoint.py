@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from prefect_vllm._planning import JobPlan
+from prefect_vllm._input.planning import JobPlan
 from prefect_vllm.exceptions import ConfigurationError, FingerprintMismatchError, StorageError
 from prefect_vllm.results import ShardResult
 

@@ -7,7 +7,7 @@ the whole job's failure.
 
 Examples:
     ```python
-    from prefect_vllm._requests import plain_row
+    from prefect_vllm._input.requests import plain_row
 
     row = plain_row(
         prompt=None,

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from prefect_vllm._columns import ERROR, ROW_COLUMNS
 from prefect_vllm._engine.protocol import GenerateResult
+from prefect_vllm._input.columns import ERROR, ROW_COLUMNS
 from prefect_vllm.exceptions import EngineCrashedError
 
 __all__ = ["ROW_COLUMNS", "EngineCall", "IsolationReport", "generate_isolating", "poison_message"]

@@ -7,7 +7,7 @@ object) is an `InputError` naming the file, line and field.
 
 Examples:
     ```python
-    from prefect_vllm._openai import parse_request
+    from prefect_vllm._input.openai_batch import parse_request
 
     request = parse_request(
         {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Literal
 
-from prefect_vllm._requests import RowRequest, checked, messages_of, parse_response_format
+from prefect_vllm._input.requests import RowRequest, checked, messages_of, parse_response_format
 from prefect_vllm.exceptions import InputError
 
 __all__ = ["ENDPOINTS", "error_line", "looks_like_batch", "output_line", "parse_request"]

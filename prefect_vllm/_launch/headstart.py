@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefect_vllm._engine.pool import VllmActorPool
-from prefect_vllm._signals import keeping_sigterm
+from prefect_vllm._launch.signals import keeping_sigterm
 
 logger = logging.getLogger("prefect_vllm.headstart")
 
@@ -65,7 +65,7 @@ def start_early(pool: VllmActorPool, address: str | None, api_url: str) -> None:
     global _started
     import ray
 
-    from prefect_vllm._ray_start import local_cluster, ray_init_kwargs, warm_shard_workers
+    from prefect_vllm._launch.ray_start import local_cluster, ray_init_kwargs, warm_shard_workers
 
     init_kwargs = ray_init_kwargs(address, api_url=api_url)
     began = time.monotonic()
@@ -91,7 +91,7 @@ def connect_early(warm_pool: str, address: str | None, api_url: str, shards_per_
     import ray
 
     from prefect_vllm._engine.pool import warm_pool_handles
-    from prefect_vllm._ray_start import ray_init_kwargs, warm_shard_workers
+    from prefect_vllm._launch.ray_start import ray_init_kwargs, warm_shard_workers
 
     if not (address or os.environ.get("RAY_ADDRESS")):
         return  # the flow says what is missing

@@ -1,0 +1,1 @@
+"""The `prefect-vllm` command's parts: flags, `run`, `pool`, and the head start."""

@@ -1,0 +1,1 @@
+"""What a run needs started: its Prefect server, Ray, and its engines early, beside each other."""

@@ -1,0 +1,1 @@
+"""The output location: checkpoints and commits, the job lock, exports."""
