@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 def _default(model: type[BaseModel], field: str) -> Any:
     """A config model's default for `field`: the one place it is declared."""
-    return model.model_fields[field].default
+    default = model.model_fields[field].default
+    return f"{default:g}" if isinstance(default, float) else default
 
 
 def _parser() -> argparse.ArgumentParser:

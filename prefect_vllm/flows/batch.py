@@ -186,7 +186,7 @@ def batch_inference(
             finalising = time.monotonic()
             results = {**committed, **run.results}
             counts = None
-            if export == "openai" and len(results) == len(manifest.plan.shards):
+            if export == "openai" and all(s.shard_id in results for s in manifest.plan.shards):
                 shards = [results[s.shard_id] for s in manifest.plan.shards]
                 counts = export_openai(store, shards, job_id=identity.job_id, model=settings.model)
                 logger.info("exported %d requests (%d completed, %d failed) to %s/%s", counts["total"],
