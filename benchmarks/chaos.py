@@ -17,9 +17,11 @@ An engine process still alive a minute after its run's flow process was killed i
 an orphan; it is counted (and killed) and fails the trial. One JSON line per trial, then
 a summary line; exit 1 if any trial failed.
 
-    .venv/bin/python benchmarks/chaos.py --trials 3 --kills 4          # ~10 min here
-    .venv/bin/python benchmarks/chaos.py --trials 50 --kills 6 --rows 5000   # a long soak
-    .venv/bin/python benchmarks/chaos.py --trials 6 --kills 6 --cluster      # node losses too
+    .venv/bin/python benchmarks/chaos.py --trials 3 --kills 4          # ~8 min here
+    .venv/bin/python benchmarks/chaos.py --trials 5 --kills 12 --rows 4000 --max-tokens 32 \
+        --max-delay 4 --seed 11                                        # 60 kills, ~16 min
+    .venv/bin/python benchmarks/chaos.py --trials 4 --kills 12 --rows 4000 --max-tokens 32 \
+        --max-delay 4 --seed 12 --cluster                              # node losses too
 """
 
 from __future__ import annotations
