@@ -109,6 +109,11 @@ def prefect_api(while_starting: Callable[[str], None] | None = None) -> Iterator
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 },
                 preexec_fn=_die_with_parent,
+                # Its own session: a terminal's Ctrl-C goes to the whole foreground process
+                # group, and a server killed by it leaves the interrupted flow retrying its
+                # last state change against a dead address until the grace period ends.
+                # The command stops it itself, and it dies with the command anyway.
+                start_new_session=True,
             )  # fmt: skip
 
     server = _ChildServer()
