@@ -116,6 +116,12 @@ def interrupts_end_the_run() -> Iterator[Callable[[], int | None]]:
 
     def leave_now() -> None:
         _kill_descendants()
+        print(
+            "prefect-vllm: error: interrupted: stopped at once, every committed shard is kept; "
+            "run the same command again to resume",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(128 + received[0])
 
     def interrupted(signum: int, frame: FrameType | None) -> None:

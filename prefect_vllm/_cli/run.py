@@ -144,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
         failure: tuple[str, int] | None = None
         try:
             if known_api_url:  # the server is known before Prefect loads: Ray starts at once
+                from prefect_vllm._launch.server import check_answers
+
+                check_answers(known_api_url)
                 start_engines(known_api_url)
             from prefect_vllm._launch.server import configured_api_url, prefect_api
             from prefect_vllm.flows import batch_inference

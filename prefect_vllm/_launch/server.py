@@ -65,6 +65,33 @@ def run_api_url() -> str | None:
     return str(client.api_url).rstrip("/") if client is not None else None
 
 
+def check_answers(url: str, timeout_s: float = 5.0) -> None:
+    """Refuse a configured Prefect API that does not answer, before anything starts.
+
+    Any HTTP answer counts (Prefect Cloud may ask for a key first); only a refused
+    connection or silence does not: a run against it would fail after its engines
+    started, with a long traceback of retries.
+
+    Raises:
+        ConfigurationError: Nothing answers at `url`.
+    """
+    import urllib.error
+    import urllib.request
+
+    from prefect_vllm.exceptions import ConfigurationError
+
+    try:
+        urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # it answers
+    except (TimeoutError, urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigurationError(
+            f"PREFECT_API_URL: nothing answers at {url} ({reason}); start that Prefect server, "
+            "or unset PREFECT_API_URL and the command starts a temporary one"
+        ) from None
+
+
 @contextmanager
 def prefect_api(while_starting: Callable[[str], None] | None = None) -> Iterator[str]:
     """Yield the Prefect API URL to use, starting a local server when none is configured.
@@ -80,6 +107,7 @@ def prefect_api(while_starting: Callable[[str], None] | None = None) -> Iterator
     """
     url = configured_api_url()
     if url:
+        check_answers(url)
         if while_starting is not None:
             while_starting(url)
         yield url
