@@ -24,6 +24,7 @@ __all__ = [
     "debugging",
     "quiet",
     "quiet_console",
+    "quiet_ray_advice",
     "quiet_refusals",
     "quiet_vllm_notices",
     "quiet_worker_env",
@@ -157,15 +158,16 @@ def debugging() -> bool:
 
 
 def quiet() -> bool:
-    """Whether this run keeps other libraries' lines below WARNING out (`QUIET_ENV`)."""
-    return os.environ.get(QUIET_ENV, "") not in ("", "0")
+    """Whether this run keeps other libraries' lines below WARNING out: yes unless
+    `QUIET_ENV` is `0` (`--verbose`), in the command and in Python alike."""
+    return os.environ.get(QUIET_ENV, "1") not in ("", "0")
 
 
 def quiet_worker_env() -> dict[str, str]:
-    """The environment a run's Ray workers get to keep quiet, when the command asked
-    for it (`QUIET_ENV`); a value set in this process's environment wins."""
+    """The environment a run's Ray workers get: quiet unless the run is verbose
+    (`QUIET_ENV=0`, passed on); a value set in this process's environment wins."""
     if not quiet():
-        return {}
+        return {QUIET_ENV: "0"}
     return {key: os.environ.get(key, value) for key, value in QUIET_WORKER_ENV.items()}
 
 
@@ -200,3 +202,13 @@ def quiet_vllm_notices() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _WithoutNotices) for f in logger.filters):
             logger.addFilter(_WithoutNotices(notices))
+
+
+def quiet_ray_advice() -> None:
+    """Drop Ray's advice that a run's user cannot act on (`_RAY_ADVICE`) from Ray's own
+    console handler, when the run is quiet. Call after importing Ray, before `ray.init`."""
+    if not quiet():
+        return
+    for handler in logging.getLogger("ray").handlers:
+        if not any(isinstance(f, _WithoutNotices) for f in handler.filters):
+            handler.addFilter(_WithoutNotices(_RAY_ADVICE))

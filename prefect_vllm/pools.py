@@ -196,6 +196,7 @@ def connected(ray_address: str | None, **init_kwargs: Any) -> Iterator[None]:
     import ray
 
     from prefect_vllm._launch.signals import keeping_sigterm
+    from prefect_vllm._logs import quiet_ray_advice
 
     if ray.is_initialized():
         yield
@@ -206,6 +207,7 @@ def connected(ray_address: str | None, **init_kwargs: Any) -> Iterator[None]:
             "pool: a warm pool lives on a long-lived Ray cluster; start one with `ray start --head` "
             "and name it with --ray-address (ray_address) or RAY_ADDRESS"
         )
+    quiet_ray_advice()
     try:
         with keeping_sigterm():
             ray.init(address, **init_kwargs)

@@ -123,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
     from prefect_vllm._logs import QUIET_ENV, quiet_console, quiet_refusals, summary_stdout
 
     known_api_url = os.environ.get("PREFECT_API_URL")
-    if not args.verbose:
+    if args.verbose:
+        os.environ[QUIET_ENV] = "0"  # the Ray workers are told too
+    else:
         # Our lines at INFO, other libraries' at WARNING; the Ray workers are told too.
         os.environ.setdefault(QUIET_ENV, "1")
         if not sys.stderr.isatty():

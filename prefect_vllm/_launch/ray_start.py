@@ -18,8 +18,9 @@ def ray_init_kwargs(
     """Every Ray worker reaches the same Prefect server (`api_url`, default: the one the
     flow run reports to): never its own ephemeral one."""
     from prefect_vllm._launch.server import run_api_url
-    from prefect_vllm._logs import quiet_worker_env
+    from prefect_vllm._logs import quiet_ray_advice, quiet_worker_env
 
+    quiet_ray_advice()  # every `ray.init` of a run is given these arguments
     api_url = api_url or run_api_url()
     env = dict(runtime_env or {})
     env_vars = {
