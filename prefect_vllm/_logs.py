@@ -21,6 +21,7 @@ __all__ = [
     "QUIET_ENV",
     "QUIET_WORKER_ENV",
     "VLLM_NOTICES",
+    "counted",
     "debugging",
     "quiet",
     "quiet_console",
@@ -212,3 +213,8 @@ def quiet_ray_advice() -> None:
     for handler in logging.getLogger("ray").handlers:
         if not any(isinstance(f, _WithoutNotices) for f in handler.filters):
             handler.addFilter(_WithoutNotices(_RAY_ADVICE))
+
+
+def counted(n: int, noun: str) -> str:
+    """`n` and `noun`, plural unless `n` is 1: "1 shard", "0 poison rows"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

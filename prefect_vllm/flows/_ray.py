@@ -15,6 +15,7 @@ from prefect import get_run_logger
 from prefect_vllm._engine.pool import VllmActorPool
 from prefect_vllm._input.planning import ShardSpec
 from prefect_vllm._launch.ray_start import local_cluster, ray_init_kwargs, warm_shard_workers
+from prefect_vllm._logs import counted
 from prefect_vllm.exceptions import StorageError
 from prefect_vllm.results import ShardResult
 from prefect_vllm.tasks import ShardJob, run_shard
@@ -215,10 +216,10 @@ def _stream_shards(
                 results[spec.shard_id] = result
                 on_commit(result)
                 logger.info(
-                    "shard %s committed: %d rows (%d errors, %d poison rows), %d tokens, %.1f s, "
-                    "attempt %d, %d engine deaths",
-                    spec.shard_id, result.rows, result.rows_failed, len(result.poisoned_rows),
-                    result.output_tokens, result.total_s, result.attempt, result.engine_deaths,
+                    "shard %s committed: %s (%s, %s), %s, %.1f s, attempt %d, %s",
+                    spec.shard_id, counted(result.rows, "row"), counted(result.rows_failed, "error"),
+                    counted(len(result.poisoned_rows), "poison row"), counted(result.output_tokens, "token"),
+                    result.total_s, result.attempt, counted(result.engine_deaths, "engine death"),
                 )  # fmt: skip
             else:
                 error = _failure(state)

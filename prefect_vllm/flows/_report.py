@@ -45,6 +45,7 @@ class Progress:
             lambda: _create_progress(job_id, 100.0 * done / self._total, self._describe()),
         )
         self._bar: Any = None  # drawn from the first commit: its rate and ETA count from there
+        self._rows = self._errors = 0  # committed by this run
         self._unpatch: list[tuple[logging.Handler, Any]] = []
         self._updated = time.monotonic()
 
@@ -58,9 +59,10 @@ class Progress:
             if self._bar is not None:
                 self._unpatch = _log_above(self._bar)
         self._done += 1
+        self._rows, self._errors = self._rows + result.rows, self._errors + result.rows_failed
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(rows=result.rows, errors=result.rows_failed, refresh=False)
+            self._bar.set_postfix(rows=self._rows, errors=self._errors, refresh=False)
         artifact = self._artifact
         now = time.monotonic()
         if artifact is not None and (now - self._updated >= PROGRESS_EVERY_S or self._done >= self._total):

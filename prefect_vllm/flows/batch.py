@@ -15,7 +15,7 @@ from pydantic import Field
 from prefect_vllm._engine.pool import VllmActorPool
 from prefect_vllm._input.planning import InputColumns, plan_job
 from prefect_vllm._job import adopt_pool_settings, check_model, job_identity, job_summary
-from prefect_vllm._logs import quiet_refusals
+from prefect_vllm._logs import counted, quiet_refusals
 from prefect_vllm._store.checkpoint import EXPORTS, CheckpointStore, JobManifest
 from prefect_vllm._store.export import export_openai
 from prefect_vllm._store.lock import JobLock
@@ -256,8 +256,9 @@ def _run_pending(
     shards = manifest.plan.shards
     pending = [s for s in shards if s.shard_id not in committed]
     logger.info(
-        "job %s: %d rows in %d shards; %d already committed, %d to run",
-        job.job_id, manifest.plan.rows_total, len(shards), len(committed), len(pending),
+        "job %s: %s in %s; %d already committed, %d to run; output: %s",
+        job.job_id, counted(manifest.plan.rows_total, "row"), counted(len(shards), "shard"), len(committed),
+        len(pending), store.uri,
     )  # fmt: skip
     run = RayRun(results={}, engine_restarts=0, engine_deaths_by_cause={}, generation_s=0.0, timings={})
     if pending:
