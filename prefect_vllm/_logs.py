@@ -182,6 +182,10 @@ VLLM_NOTICES: dict[str, tuple[str, ...]] = {
     "vllm.platforms.cpu": ("Triton is not installed", "Reset SSM cache type"),
     "vllm.triton_utils.importing": ("Triton is installed, but doesn't include CPU backend",),
     "vllm.v1.worker.cpu_worker": ("is not found in LD_PRELOAD",),
+    # An engine death: its traceback says only "EngineCore encountered an issue" (the
+    # cause is the death record's, which the run logs and counts by cause).
+    "vllm.v1.engine.async_llm": ("AsyncLLM output_handler failed",),
+    "vllm.v1.engine.core_client": ("engine core exited unexpectedly",),
 }
 
 

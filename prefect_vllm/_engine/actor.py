@@ -61,7 +61,7 @@ def crash_exit(reason: str) -> NoReturn:
     `ray.actor.exit_actor()` would be an intended exit, which Ray neither restarts
     nor retries. Ray's child-process cleanup reaps the engine's own processes.
     """
-    logger.error("vLLM engine died (%s); crash-exiting pid %d so Ray restarts it", reason, os.getpid())
+    logger.error("vLLM engine died: %s; crash-exiting pid %d so Ray restarts it", reason, os.getpid())
     sys.stderr.flush()
     sys.stdout.flush()
     os._exit(ENGINE_DEAD_EXIT_CODE)
@@ -152,7 +152,7 @@ class VllmEngineActor:
         """Record why the engine died, for the restarted actor to report, and crash-exit."""
         cause = HANG_CAUSE if hang else self._death_cause()
         record_death(self._deaths_dir, self._actor_id, cause)
-        crash_exit(f"{reason}; cause: {cause}")
+        crash_exit(f"{cause}; {reason}")
 
     def _death_cause(self) -> str:
         """What ended the engine: the signal that killed its process, or the error it
@@ -289,8 +289,9 @@ class VllmEngineActor:
             try:
                 async for out in self._engine.generate(prompt, row_params, request_id, lora_request=lora):
                     final = out
-            except EngineDeadError as exc:
-                self._die(repr(exc))
+            except EngineDeadError:
+                # Its message points at a stack trace that is not there: the cause is ours to say.
+                self._die("a request saw EngineDeadError")
             except (VLLMValidationError, ValueError) as exc:
                 return failed_row(_row_error(exc))
             except EngineGenerateError as exc:

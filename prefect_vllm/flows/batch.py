@@ -214,8 +214,9 @@ def batch_inference(
             result=summary,
         )
     logger.info(
-        "job %s complete: %d rows ok, %d row errors, %d engine restarts, %.1f s",
-        identity.job_id, summary.rows_ok, summary.rows_failed, summary.engine_restarts, summary.wall_s,
+        "job %s complete: %d rows ok, %s, %s, %.1f s",
+        identity.job_id, summary.rows_ok, counted(summary.rows_failed, "row error"),
+        counted(summary.engine_restarts, "engine restart"), summary.wall_s,
     )  # fmt: skip
     return summary
 
