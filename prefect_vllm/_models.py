@@ -281,7 +281,13 @@ def make_tiny_model(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(getattr(torch, dtype))  # type: ignore[no-untyped-call]
-    model.save_pretrained(out, safe_serialization=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # "Writing model shards" bar
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    finally:
+        hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
     return out
 
 
