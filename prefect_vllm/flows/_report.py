@@ -54,13 +54,16 @@ class Progress:
 
     def commit(self, result: ShardResult) -> None:
         """Count one more committed shard."""
+        self._done += 1
+        self._rows, self._errors = self._rows + result.rows, self._errors + result.rows_failed
         if self._bar is None and not self._unpatch:
+            # Drawn with this first commit counted: its rate and ETA run from here, not
+            # from one shard over the instant since the bar appeared.
             self._bar = _terminal_bar(self._total, self._done)
             if self._bar is not None:
                 self._unpatch = _log_above(self._bar)
-        self._done += 1
-        self._rows, self._errors = self._rows + result.rows, self._errors + result.rows_failed
-        if self._bar is not None:
+                self._bar.set_postfix(rows=self._rows, errors=self._errors)
+        elif self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(rows=self._rows, errors=self._errors, refresh=False)
         artifact = self._artifact
