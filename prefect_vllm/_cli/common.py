@@ -67,6 +67,31 @@ def pool_config(args: argparse.Namespace) -> Any:
     return ActorPoolConfig(**given) if given else None
 
 
+def sampling_config(args: argparse.Namespace) -> Any:
+    """The `SamplingConfig` of the sampling flags given, or None when none is (the
+    defaults apply, or a model block's sampling, which the flags given are set over)."""
+    from prefect_vllm.config import SamplingConfig
+
+    given = _given(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    )  # fmt: skip
+    return SamplingConfig(**given) if given else None
+
+
+def recovery_config(args: argparse.Namespace) -> Any:
+    """The `RecoveryConfig` of the recovery flags given; the model's defaults for the rest."""
+    from prefect_vllm.config import RecoveryConfig
+
+    return RecoveryConfig(
+        **_given(
+            max_job_restarts=args.max_job_restarts, poison_after=args.poison_after,
+            hang_timeout_s=args.hang_timeout, hang_timeout_per_token_s=args.hang_timeout_per_token,
+            probe_timeout_s=args.probe_timeout,
+        )
+    )  # fmt: skip
+
+
 def _given(**flags: Any) -> dict[str, Any]:
     """The flags given on the command line: an unset flag is None, whatever its default."""
     return {name: value for name, value in flags.items() if value is not None}

@@ -20,6 +20,8 @@ from prefect_vllm._cli.common import (
     EXIT_USAGE,
     engine_config,
     pool_config,
+    recovery_config,
+    sampling_config,
     validation_message,
 )
 from prefect_vllm._cli.common import fail as _fail
@@ -66,21 +68,11 @@ def _json_file(path: str | None) -> dict[str, Any] | None:
     return value
 
 
-def _typed(args: argparse.Namespace, flags: tuple[str, ...]) -> dict[str, Any]:
-    """The flags among `flags` given on the command line (argparse leaves the others None)."""
-    return {flag: getattr(args, flag) for flag in flags if getattr(args, flag) is not None}
-
-
 def run(args: argparse.Namespace) -> int:
     """`prefect-vllm run`: answer from the checkpoints, or run the flow; the exit status."""
     from pydantic import ValidationError
 
-    from prefect_vllm.config import (
-        ActorPoolConfig,
-        RecoveryConfig,
-        RequestConfig,
-        SamplingConfig,
-    )
+    from prefect_vllm.config import ActorPoolConfig, RequestConfig, SamplingConfig
     from prefect_vllm.exceptions import (
         ConfigurationError,
         JobRunningError,
@@ -88,10 +80,9 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     try:
-        typed = _typed(args, ("max_tokens", "temperature", "top_p", "seed", "ignore_eos"))
-        # A model block's sampling is the default; the flags typed are set over it.
-        block_model = args.model.startswith("vllm-model/")
-        sampling: SamplingConfig | None = SamplingConfig(**typed) if typed or not block_model else None
+        sampling: SamplingConfig | None = sampling_config(args)
+        if sampling is None and not args.model.startswith("vllm-model/"):
+            sampling = SamplingConfig()  # with a model block, its sampling is the default
         engine = engine_config(args)
         pool = pool_config(args)
         requests = RequestConfig(
@@ -100,19 +91,13 @@ def run(args: argparse.Namespace) -> int:
             json_schema=_json_file(args.json_schema),
             lora_dir=args.lora_dir,
         )
-        recovery = RecoveryConfig(
-            **_typed(args, ("max_job_restarts", "poison_after")),
-            **{f"{flag}_s": value for flag, value in
-               _typed(args, ("hang_timeout", "hang_timeout_per_token", "probe_timeout")).items()},
-        )  # fmt: skip
+        recovery = recovery_config(args)
         _precheck(args)
         done, engines_needed = _answer_from_checkpoints(args, sampling, engine, requests, started)
         own_pool = _own_pool(args, sampling, engine, pool, requests) if engines_needed else None
     except ValidationError as exc:
         return _fail(validation_message(exc), EXIT_USAGE)
-    except ConfigurationError as exc:
-        return _fail(str(exc), EXIT_USAGE)
-    except JobRunningError as exc:
+    except (ConfigurationError, JobRunningError) as exc:
         return _fail(str(exc), EXIT_USAGE)
     if done is not None:
         _print_summary(done, args.json)

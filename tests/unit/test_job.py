@@ -43,20 +43,22 @@ def test_command_line_engine_and_actor_flags_are_given_only_when_typed() -> None
 
 
 def test_sampling_and_recovery_flags_are_given_only_when_typed_and_the_models_own_the_defaults() -> None:
-    from prefect_vllm._cli.run import _typed
+    from prefect_vllm._cli.common import recovery_config, sampling_config
     from prefect_vllm.cli import _parser
     from prefect_vllm.config import RecoveryConfig, SamplingConfig
 
-    flags = ("max_tokens", "temperature", "top_p", "seed", "ignore_eos", "max_job_restarts", "poison_after",
-             "hang_timeout", "hang_timeout_per_token", "probe_timeout")  # fmt: skip
     bare = _parser().parse_args(["run", "in.jsonl", "--output", "out", "--model", "m"])
-    assert _typed(bare, flags) == {}
+    assert sampling_config(bare) is None
+    assert recovery_config(bare) == RecoveryConfig() and recovery_config(bare).model_fields_set == set()
     typed = _parser().parse_args(
         ["run", "in.jsonl", "--output", "out", "--model", "m", "--temperature", "1.0", "--ignore-eos",
          "--probe-timeout", "60"]
     )  # fmt: skip
-    assert _typed(typed, flags) == {"temperature": 1.0, "ignore_eos": True, "probe_timeout": 60.0}
-    assert SamplingConfig(**_typed(typed, ("temperature",))).model_fields_set == {"temperature"}
+    sampling = sampling_config(typed)
+    assert sampling == SamplingConfig(temperature=1.0, ignore_eos=True)
+    assert sampling.model_fields_set == {"temperature", "ignore_eos"}, "an explicit default is kept as given"
+    recovery = recovery_config(typed)
+    assert recovery.probe_timeout_s == 60.0 and recovery.model_fields_set == {"probe_timeout_s"}
     help_text = _parser()._subparsers._group_actions[0].choices["run"].format_help()  # type: ignore[union-attr]
     assert f"(default {RecoveryConfig().max_job_restarts})" in help_text
     assert f"default {SamplingConfig().max_tokens}" in help_text
