@@ -68,11 +68,8 @@ def start_early(pool: VllmActorPool, address: str | None, api_url: str) -> None:
     from prefect_vllm._launch.ray_start import local_cluster, ray_init_kwargs, warm_shard_workers
 
     init_kwargs = ray_init_kwargs(address, api_url=api_url)
-    began = time.monotonic()
     try:
-        with keeping_sigterm():
-            ray.init(address, **init_kwargs)
-        ray_start_s = time.monotonic() - began
+        ray_start_s = _init_ray(address, init_kwargs)
         warm_shard_workers(pool.config.num_actors * pool.config.shards_per_actor)
         pool.launch(fixed_cluster=local_cluster(address))
     except Exception as exc:  # the flow starts them itself, and reports what goes wrong
@@ -96,17 +93,24 @@ def connect_early(warm_pool: str, address: str | None, api_url: str, shards_per_
     if not (address or os.environ.get("RAY_ADDRESS")):
         return  # the flow says what is missing
     init_kwargs = ray_init_kwargs(address, api_url=api_url)
-    began = time.monotonic()
     try:
-        with keeping_sigterm():
-            ray.init(address, **init_kwargs)
-        ray_start_s = time.monotonic() - began
+        ray_start_s = _init_ray(address, init_kwargs)
         warm_shard_workers(max(1, len(warm_pool_handles(warm_pool))) * shards_per_actor)
     except Exception as exc:  # the flow connects itself, and reports what goes wrong
         logger.debug("no head start on the warm pool's cluster: %r", exc)
         ray.shutdown()
         return
     _started = HeadStart(None, address, init_kwargs, ray_start_s, time.monotonic())
+
+
+def _init_ray(address: str | None, init_kwargs: dict[str, Any]) -> float:
+    """Connect to (or start) Ray, keeping the SIGTERM handler; the seconds it took."""
+    import ray
+
+    began = time.monotonic()
+    with keeping_sigterm():
+        ray.init(address, **init_kwargs)
+    return time.monotonic() - began
 
 
 def claim(pool: VllmActorPool, address: str | None, init_kwargs: dict[str, Any]) -> HeadStart | None:
