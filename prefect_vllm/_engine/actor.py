@@ -173,17 +173,14 @@ class VllmEngineActor:
         vLLM notices a dead engine process from a monitor thread, a moment later; a
         call arriving in that moment would run on a dead engine and be blamed for it.
         The engine process is this actor's child (its exit is seen whatever its title);
-        a multiprocess engine's workers are found by their `VLLM::` titles.
+        a multiprocess engine's workers are found by their `VLLM::` titles. A killed
+        process with many threads is reaped only once every thread has stopped, which
+        takes a while on a busy machine; its memory, and the title with it, is released
+        first, so a process that no longer reads as `VLLM::` is counted as gone.
         """
         if not all(child.is_alive() for child in self._engine_children):
             return False
-        for proc in self._engine_processes:
-            try:
-                if proc.status() == psutil.STATUS_ZOMBIE:
-                    return False
-            except psutil.NoSuchProcess:
-                return False
-        return True
+        return all(_is_engine_process(proc) for proc in self._engine_processes)
 
     async def info(self) -> dict[str, Any]:
         """Who this actor is: pid, engine start time, context length, why its engines
