@@ -7,16 +7,20 @@ process (flow, Ray workers) reaches it through `PREFECT_API_URL`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import Any
 
 logger = logging.getLogger("prefect_vllm.server")
 
@@ -30,6 +34,13 @@ def _load_prctl() -> Any:
     except (OSError, AttributeError):
         return None
 
+
+#: How many task run state events, and events, the server writes per insert
+#: (Prefect's defaults: 1 and 20).
+BATCH_SIZE_ENVS = (
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE",
+)
 
 #: Resolved here, not in the forked child before it runs the server: the child of a
 #: process with other threads running must not load libraries (a `dlopen` may deadlock).
@@ -113,39 +124,9 @@ def prefect_api(while_starting: Callable[[str], None] | None = None) -> Iterator
         yield url
         return
 
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    class _ChildServer(SubprocessASGIServer):
-        _instances: ClassVar[dict[int | None, Any]] = {}  # type: ignore[misc]  # a registry of our own
-
-        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
-            import prefect
-
-            return subprocess.Popen(
-                [
-                    sys.executable, "-m", "uvicorn",
-                    "--app-dir", str(prefect.__module_path__.parent),
-                    "--factory", "prefect.server.api.server:create_app",
-                    "--host", "127.0.0.1", "--port", str(self.port),
-                    "--log-level", "error", "--lifespan", "on",
-                ],
-                env={
-                    **os.environ,
-                    "PREFECT_UI_ENABLED": "0",
-                    "PREFECT__SERVER_EPHEMERAL": "1",
-                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                },
-                preexec_fn=_die_with_parent,
-                # Its own session: a terminal's Ctrl-C goes to the whole foreground process
-                # group, and a server killed by it leaves the interrupted flow retrying its
-                # last state change against a dead address until the grace period ends.
-                # The command stops it itself, and it dies with the command anyway.
-                start_new_session=True,
-            )  # fmt: skip
-
     server = _ChildServer()
-    server.port = server.find_available_port()
     keeper = _ServerKeeper(server)
     try:
         if while_starting is not None:
@@ -161,11 +142,13 @@ def prefect_api(while_starting: Callable[[str], None] | None = None) -> Iterator
             try:
                 yield server.api_url
             finally:
-                # Ship buffered run logs while the server is still up: after it
+                # Ship buffered run logs and events while the server is still up: after it
                 # stops, the log handler would retry against a dead address.
+                from prefect.events.worker import EventsWorker
                 from prefect.logging.handlers import APILogWorker
 
                 APILogWorker.drain_all(timeout=30)
+                EventsWorker.drain_all(timeout=30)
     finally:
         if previous is None:
             os.environ.pop("PREFECT_API_URL", None)
@@ -182,7 +165,7 @@ class _ServerKeeper:
     waits until the server is stopped.
     """
 
-    def __init__(self, server: Any) -> None:
+    def __init__(self, server: _ChildServer) -> None:
         self._server = server
         self._started = threading.Event()
         self._release = threading.Event()
@@ -211,3 +194,99 @@ class _ServerKeeper:
         self._release.set()
         if self._started.is_set():
             self._thread.join(timeout=60)
+
+
+class _ChildServer:
+    """Prefect's server app under uvicorn in a child process, as Prefect's own temporary
+    server (`prefect.server.api.server.SubprocessASGIServer`) runs it, with no UI.
+
+    Not that class: importing it loads the whole server (its web app, SQLAlchemy, the
+    database drivers) into this process, 2 s and 78 MB before the run does anything.
+    """
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self, timeout: float) -> None:
+        """Start the server and return once it answers; another port if this one was taken."""
+        import urllib.error
+        import urllib.request
+
+        self.process = self._run()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code == _PORT_TAKEN:  # taken since it was chosen
+                self.port = _free_port()
+                self.process = self._run()
+                continue
+            if code is not None:
+                raise RuntimeError(f"the temporary Prefect server exited with status {code} while starting")
+            try:
+                urllib.request.urlopen(f"{self.api_url}/health", timeout=2).close()
+                return
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.1)
+        raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        """Stop the server: SIGTERM (it writes what it holds, then exits), SIGKILL after 10 s."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def _run(self) -> subprocess.Popen[bytes]:
+        import prefect
+
+        return subprocess.Popen(
+            [
+                sys.executable, "-m", "uvicorn",
+                "--app-dir", str(prefect.__module_path__.parent),
+                "--factory", "prefect.server.api.server:create_app",
+                "--host", "127.0.0.1", "--port", str(self.port),
+                "--log-level", "error", "--lifespan", "on",
+            ],
+            env={
+                # Task run states and events are written in batches of 100, not one
+                # or 20 per insert: thousands of small shards would otherwise keep the
+                # server busiest (both are flushed at least every 5 s, and at shutdown).
+                **dict.fromkeys(BATCH_SIZE_ENVS, "100"),
+                **os.environ,
+                "PREFECT_UI_ENABLED": "0",
+                "PREFECT__SERVER_EPHEMERAL": "1",
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            },
+            preexec_fn=_die_with_parent,
+            # Its own session: a terminal's Ctrl-C goes to the whole foreground process
+            # group, and a server killed by it leaves the interrupted flow retrying its
+            # last state change against a dead address until the grace period ends.
+            # The command stops it itself, and it dies with the command anyway.
+            start_new_session=True,
+        )  # fmt: skip
+
+
+#: uvicorn's exit status when its port is taken.
+_PORT_TAKEN = 3
+
+
+def _free_port() -> int:
+    """A free local port in Prefect's range for temporary servers (8000-8999)."""
+    for _ in range(50):
+        port = random.randrange(8000, 9000)
+        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port for a temporary Prefect server in 8000-8999")

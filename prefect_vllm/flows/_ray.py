@@ -24,11 +24,18 @@ from prefect_vllm.tasks import ShardJob, run_shard
 #: engines died; one that has not answered by then counts its deaths as not reported.
 CAUSES_WAIT_S = 30.0
 
-#: How often the flow looks at the engine restart count while shards run.
+#: How long the flow waits for a shard before it looks at the engine restarts again.
 _BUDGET_CHECK_S = 2.0
+
+#: The least time between two looks at the engine restarts.
+_RESTARTS_LOOK_S = 0.5
 
 
 OnCommit = Callable[[ShardResult], None]
+
+#: Told of each engine restart: the actor's index, its restarts and the run's, and
+#: the shards in flight on it.
+OnEngineDeath = Callable[[int, int, int, list[str]], None]
 
 
 def ray_connection(address: str | None, runtime_env: dict[str, Any] | None = None) -> Any:
@@ -67,6 +74,7 @@ def run_on_ray(
     ray_address: str | None,
     runtime_env: dict[str, Any] | None = None,
     on_commit: OnCommit | None = None,
+    on_engine_death: OnEngineDeath | None = None,
 ) -> RayRun:
     """Start the engine pool, stream the pending shards through it, stop it.
 
@@ -75,10 +83,10 @@ def run_on_ray(
     claimed instead of started.
     """
     import ray
-    from prefect_ray import RayTaskRunner
 
     from prefect_vllm._launch import headstart as _headstart
     from prefect_vllm._launch.signals import keeping_sigterm
+    from prefect_vllm.flows._runner import ShardTaskRunner  # imports Ray
 
     init_kwargs = ray_init_kwargs(ray_address, runtime_env)
     head = None if pool.warm else _headstart.claim(pool, ray_address, init_kwargs)
@@ -89,7 +97,7 @@ def run_on_ray(
         with contextlib.ExitStack() as runner_context:
             with keeping_sigterm():  # a Prefect cancellation, or the command's SIGTERM, stays theirs
                 runner = runner_context.enter_context(
-                    RayTaskRunner(address=ray_address, init_kwargs=init_kwargs)
+                    ShardTaskRunner(address=ray_address, init_kwargs=init_kwargs)
                 )
             t1 = time.monotonic()
             if not pool.warm:  # from here on, whatever happens, the run's engines end with it
@@ -112,8 +120,9 @@ def run_on_ray(
             started = time.monotonic()
             try:
                 results, stopped_by = _stream_shards(
-                    runner, pending, job, pool, on_commit or (lambda _result: None)
-                )
+                    runner, pending, job, pool, on_commit or (lambda _result: None),
+                    on_engine_death or (lambda *_death: None),
+                )  # fmt: skip
             finally:
                 generation_s = time.monotonic() - started
             # Only a run that ended by itself asks why engines died: an interrupted or
@@ -159,7 +168,12 @@ def _log_engines(pool: VllmActorPool, infos: list[dict[str, Any]], ready_s: floa
 
 
 def _stream_shards(
-    runner: Any, pending: list[ShardSpec], job: ShardJob, pool: VllmActorPool, on_commit: OnCommit
+    runner: Any,
+    pending: list[ShardSpec],
+    job: ShardJob,
+    pool: VllmActorPool,
+    on_commit: OnCommit,
+    on_engine_death: OnEngineDeath,
 ) -> tuple[dict[str, ShardResult], str | None]:
     """Keep `shards_per_actor` shards in flight per actor until every shard is done.
 
@@ -185,8 +199,26 @@ def _stream_shards(
     results: dict[str, ShardResult] = {}
     budget = job.recovery.max_job_restarts
     stopped_by: str | None = None
+    seen = [0] * pool.config.num_actors
+    looked_at = [-_RESTARTS_LOOK_S]
+
+    def restarts_now(final: bool = False) -> int:
+        """The run's engine restarts; each new one told to `on_engine_death`. Ray's
+        control store is asked at most every `_RESTARTS_LOOK_S` (and at the end), not
+        once per shard done: with small shards that was a tenth of the flow's time."""
+        if not final and time.monotonic() - looked_at[0] < _RESTARTS_LOOK_S:
+            return sum(seen)
+        looked_at[0] = time.monotonic()
+        by_actor = pool.restarts_by_actor()
+        for actor, count in enumerate(by_actor):
+            on_actor = [spec.shard_id for spec, _future, a in in_flight.values() if a == actor]
+            for nth in range(seen[actor] + 1, count + 1):
+                on_engine_death(actor, nth, sum(by_actor), on_actor)
+        seen[:] = by_actor
+        return sum(by_actor)
+
     while queue or in_flight:
-        restarts = pool.engine_restarts()
+        restarts = restarts_now()
         if restarts > budget:
             for ref in in_flight:
                 ray.cancel(ref, force=True)
@@ -227,6 +259,7 @@ def _stream_shards(
                 if isinstance(error, StorageError) and stopped_by is None:
                     queue.clear()  # every shard would fail the same way: nothing new starts
                     stopped_by = f"{error}; fix the output location"
+    restarts_now(final=True)  # deaths since the last look
     return results, stopped_by
 
 
