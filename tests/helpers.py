@@ -209,3 +209,45 @@ def part_digests(output: Path) -> dict[str, tuple[str, int]]:
         p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
         for p in sorted(output.glob("part-*.parquet"))
     }
+
+
+def job_events(api_url: str, job_id: str) -> list[dict[str, Any]]:
+    """Every `prefect-vllm.*` event of one job the server holds, oldest first, as JSON."""
+    from prefect_vllm.flows._events import job_resource_id
+
+    return resource_events(api_url, job_resource_id(job_id), "prefect-vllm.")
+
+
+def resource_events(api_url: str, resource_id: str, prefix: str) -> list[dict[str, Any]]:
+    """The events about one resource whose names start with `prefix`, oldest first, as JSON."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOrder, EventResourceFilter
+
+    event_filter = EventFilter(
+        event=EventNameFilter(prefix=[prefix]),
+        resource=EventResourceFilter(id=[resource_id]),
+        order=EventOrder.ASC,
+    )
+    with SyncPrefectClient(api_url) as client:
+        page = client.read_events(filter=event_filter, limit=50)
+        events = list(page.events)
+        while page.next_page:
+            page = client.read_events_page(str(page.next_page))
+            events += page.events
+    return [event.model_dump(mode="json") for event in events]
+
+
+def wait_for_job_events(api_url: str, job_id: str, last: str, count: int = 1) -> list[dict[str, Any]]:
+    """The job's events once `count` events named `last` are stored (the server writes
+    them in batches, a few seconds after they are sent)."""
+
+    def stored() -> list[dict[str, Any]] | None:
+        events = job_events(api_url, job_id)
+        return events if sum(1 for e in events if e["event"] == last) >= count else None
+
+    return list(wait_for(stored, 60, f"{count} {last} event(s) of job {job_id}", interval=1.0))
+
+
+def events_named(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """The events called `prefect-vllm.<name>`."""
+    return [e for e in events if e["event"] == f"prefect-vllm.{name}"]

@@ -8,10 +8,12 @@ reported before any engine starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
 from prefect_vllm._cli.common import (
@@ -280,8 +282,9 @@ def _answer_from_checkpoints(
         check_not_running(store)
         return None, True
     identity = _identity(args, sampling, engine, requests)
-    store.check_same_job(manifest, identity.job_id, identity.fingerprint)
-    check_not_running(store)
+    with _refusal_event(identity.job_id, args.model, store.uri):
+        store.check_same_job(manifest, identity.job_id, identity.fingerprint)
+        check_not_running(store)
     committed = store.committed()
     if any(s.shard_id not in committed for s in manifest.plan.shards):
         return None, True  # shards to run: the flow's work
@@ -298,6 +301,25 @@ def _answer_from_checkpoints(
         manifest.job_id, manifest.plan, committed, {}, store.uri, wall_s=time.monotonic() - started
     )
     return done, False
+
+
+@contextlib.contextmanager
+def _refusal_event(job_id: str, model: str, output: str) -> Iterator[None]:
+    """Emit `job.refused` for a refusal decided here, when a Prefect server is configured
+    (with none, the refusal comes before any server starts: nothing could receive it)."""
+    from prefect_vllm.exceptions import FingerprintMismatchError, JobRunningError
+
+    try:
+        yield
+    except (FingerprintMismatchError, JobRunningError) as exc:
+        if os.environ.get("PREFECT_API_URL"):
+            from prefect.events.worker import EventsWorker
+
+            from prefect_vllm.flows._events import JobEvents
+
+            JobEvents(job_id, model, output).refused(str(exc))
+            EventsWorker.drain_all(timeout=10)
+        raise
 
 
 def _print_summary(result: Any, as_json: bool, out: TextIO | None = None) -> None:

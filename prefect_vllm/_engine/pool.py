@@ -100,7 +100,7 @@ class VllmActorPool:
         self.hf_token = hf_token
         self.name = name
         self.handles: list[Any] = []
-        self._restarts_before = 0
+        self._restarts_before: list[int] = []
         self._deaths_before: list[int] = []
 
     @property
@@ -129,7 +129,7 @@ class VllmActorPool:
             )
         pool = cls("", EngineConfig(), config or ActorPoolConfig(), name=name)
         pool.handles = handles
-        pool._restarts_before = pool._total_restarts()  # restarts before this run are not its own
+        pool._restarts_before = pool._actor_restarts()  # restarts before this run are not its own
         infos = pool._wait_started((config or ActorPoolConfig()).start_timeout_s)
         pool._deaths_before = [len(info.get("deaths", ())) for info in infos]
         first = infos[0]
@@ -280,7 +280,13 @@ class VllmActorPool:
     def engine_restarts(self) -> int:
         """How often Ray restarted this pool's actors since this run took the pool
         (each restart is a new engine)."""
-        return self._total_restarts() - self._restarts_before
+        return sum(self.restarts_by_actor())
+
+    def restarts_by_actor(self) -> list[int]:
+        """`engine_restarts`, actor by actor (in the order of `handles`)."""
+        now = self._actor_restarts()
+        before = self._restarts_before or [0] * len(now)
+        return [n - b for n, b in zip(now, before, strict=True)]
 
     def deaths_by_cause(self, timeout_s: float = 30.0) -> dict[str, int]:
         """Why this pool's engines died since this run took the pool: cause -> count.
@@ -322,14 +328,14 @@ class VllmActorPool:
                 time.sleep(0.5)
         return None
 
-    def _total_restarts(self) -> int:
+    def _actor_restarts(self) -> list[int]:
         from ray._private import state
 
-        total = 0
+        counts = []
         for handle in self.handles:
             info = state.actors(actor_id=handle._actor_id.hex())
-            total += int(info.get("NumRestarts", 0)) if info else 0
-        return total
+            counts.append(int(info.get("NumRestarts", 0)) if info else 0)
+        return counts
 
     def shutdown(self) -> None:
         """Kill every actor for good; Ray's child-process cleanup reaps the engines."""

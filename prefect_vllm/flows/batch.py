@@ -7,6 +7,7 @@
 import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
@@ -22,7 +23,13 @@ from prefect_vllm._store.lock import JobLock
 from prefect_vllm.blocks import CheckpointStorage, RayCluster, VllmModel
 from prefect_vllm.blocks.storage import open_store
 from prefect_vllm.config import ActorPoolConfig, EngineConfig, RecoveryConfig, RequestConfig, SamplingConfig
-from prefect_vllm.exceptions import IncompleteJobError, StorageError
+from prefect_vllm.exceptions import (
+    FingerprintMismatchError,
+    IncompleteJobError,
+    JobRunningError,
+    StorageError,
+)
+from prefect_vllm.flows._events import JobEvents, materialize_output
 from prefect_vllm.flows._params import load_block, model_block, scheduled_time
 from prefect_vllm.flows._ray import RayRun, ray_connection, run_on_ray
 from prefect_vllm.flows._report import Progress, publish_results
@@ -163,7 +170,8 @@ def batch_inference(
         actor_pool = warm or VllmActorPool(settings.model, identity.engine, settings.pool, settings.hf_token)
         with store.storage_errors():
             store.fs.create_dir(store.root, recursive=True)
-        with JobLock(store, identity.job_id, owner=_run_name()):
+        events = JobEvents(identity.job_id, settings.model, store.uri)
+        with _refusals_told(events), JobLock(store, identity.job_id, owner=_run_name()):
             manifest = store.prepare(
                 JobManifest(
                     job_id=identity.job_id,
@@ -181,7 +189,14 @@ def batch_inference(
             )  # fmt: skip
             plan_s = round(time.monotonic() - started, 3)
             committed, run, repaired = _run_pending(
-                manifest, store, job, actor_pool, settings.ray_address, settings.runtime_env, verify=verify
+                manifest,
+                store,
+                job,
+                actor_pool,
+                settings.ray_address,
+                settings.runtime_env,
+                events,
+                verify=verify,
             )
             finalising = time.monotonic()
             results = {**committed, **run.results}
@@ -204,6 +219,9 @@ def batch_inference(
             except StorageError as exc:  # the run's outcome matters more than its copy on disk
                 logger.warning("the summary was not kept beside the output: %s", exc)
     publish_results(summary, results, _RERUN)
+    events.finished(summary)
+    if not summary.shards_incomplete:
+        materialize_output(settings.input, summary, settings.model)
     if summary.shards_incomplete:
         incomplete = summary.shards_incomplete
         shown = ", ".join(incomplete[:10]) + (" ..." if len(incomplete) > 10 else "")
@@ -231,6 +249,16 @@ def _run_name() -> str:
     return f"flow run {flow_run.name!r}" if flow_run.name else "a prefect-vllm run"
 
 
+@contextlib.contextmanager
+def _refusals_told(events: JobEvents) -> Iterator[None]:
+    """Emit `job.refused` for a refusal: another job's output, other settings, a live run."""
+    try:
+        yield
+    except (FingerprintMismatchError, JobRunningError) as exc:
+        events.refused(str(exc))
+        raise
+
+
 def _run_pending(
     manifest: JobManifest,
     store: CheckpointStore,
@@ -238,6 +266,7 @@ def _run_pending(
     pool: VllmActorPool,
     ray_address: str | None,
     runtime_env: dict[str, Any],
+    events: JobEvents,
     *,
     verify: bool,
 ) -> tuple[dict[str, ShardResult], RayRun, int]:
@@ -261,11 +290,25 @@ def _run_pending(
         job.job_id, counted(manifest.plan.rows_total, "row"), counted(len(shards), "shard"), len(committed),
         len(pending), store.uri,
     )  # fmt: skip
+    events.started(len(shards), len(pending), manifest.plan.rows_total)
     run = RayRun(results={}, engine_restarts=0, engine_deaths_by_cause={}, generation_s=0.0, timings={})
     if pending:
         progress = Progress(job.job_id, len(shards), len(committed))
+
+        def on_commit(result: ShardResult) -> None:
+            progress.commit(result)
+            events.shard_committed(result)
+
         try:
-            run = run_on_ray(pending, job, pool, ray_address, runtime_env, on_commit=progress.commit)
+            run = run_on_ray(
+                pending,
+                job,
+                pool,
+                ray_address,
+                runtime_env,
+                on_commit=on_commit,
+                on_engine_death=events.engine_died,
+            )
         finally:
             progress.close()
     for cause, count in run.engine_deaths_by_cause.items():

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from prefect_vllm.testing import POISON_ENGINE_ARGS, POISON_MARKER, POISON_RAISE_MARKER, write_sample_prompts
-from tests.helpers import input_ids, no_engine_left, read_output, run_cli, summary_of
+from tests.helpers import (
+    events_named,
+    input_ids,
+    no_engine_left,
+    read_output,
+    run_cli,
+    summary_of,
+    wait_for_job_events,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -59,6 +67,21 @@ def test_poison_rows_become_row_errors_and_every_other_row_is_generated(
     assert all("engine died while generating this row" in e for e in failed.values())
     assert all(r["text"] for r in rows if r["custom_id"] not in poison)
     assert "committing it as a poison row" in done.stderr
+    # What automations see: the server holds the run's events.
+    events = wait_for_job_events(prefect_server, summary["job_id"], "prefect-vllm.job.completed")
+    assert len(events_named(events, "job.started")) == 1
+    committed = events_named(events, "shard.committed")
+    assert sorted(e["payload"]["shard_id"] for e in committed) == [f"{i:06d}" for i in range(6)]
+    assert sum(e["payload"]["rows_failed"] for e in committed) == 3
+    poisoned = events_named(events, "row.poisoned")
+    assert sorted(e["payload"]["custom_id"] for e in poisoned) == sorted(poison)
+    assert len(events_named(events, "engine.died")) == summary["engine_restarts"]
+    (completed,) = events_named(events, "job.completed")
+    assert (completed["payload"]["rows_ok"], completed["payload"]["rows_failed"]) == (189, 3)
+    assert completed["payload"]["poisoned_rows"] == 3 and completed["payload"]["shards_run"] == 6
+    roles = {r["prefect.resource.role"] for r in completed["related"]}
+    assert {"model", "output", "flow-run"} <= roles, completed["related"]
+    assert "Tell me about" not in json.dumps(events), "prompt text in an event"
     no_engine_left()
 
 

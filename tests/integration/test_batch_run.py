@@ -9,16 +9,21 @@ from pathlib import Path
 import pytest
 
 from prefect_vllm._input.columns import OUTPUT_COLUMNS
+from prefect_vllm.flows._events import asset_key
 from prefect_vllm.testing import write_sample_prompts
 from tests.helpers import (
     SharedPool,
+    events_named,
     finish,
     input_ids,
     no_engine_left,
     read_output,
+    resource_events,
     run_cli,
     start_cli,
     summary_of,
+    wait_for,
+    wait_for_job_events,
 )
 
 pytestmark = pytest.mark.integration
@@ -137,6 +142,21 @@ def test_two_runs_of_one_job_started_together_write_it_once_and_the_second_is_re
     assert (summary["shards_run"], summary["shards_skipped"], summary["rows_ok"]) == (12, 0, 600)
     assert Counter(read_output(out).column("custom_id").to_pylist()) == Counter(input_ids(prompts))
     assert not (out / "_lock.json").exists()
+    events = wait_for_job_events(prefect_server, summary["job_id"], "prefect-vllm.job.completed")
+    assert len(events_named(events, "shard.committed")) == 12
+    (refusal,) = events_named(events, "job.refused")
+    assert "is already running" in refusal["payload"]["reason"]
+    # Lineage: the output is an asset this run materialized, from the input asset.
+    output_asset = asset_key(summary["output"])
+    (made,) = wait_for(
+        lambda: resource_events(prefect_server, output_asset, "prefect.asset.materialization."),
+        60, "the output asset's materialization", interval=1.0,
+    )  # fmt: skip
+    assert made["event"] == "prefect.asset.materialization.succeeded"
+    assert {"prefect.resource.id": asset_key(str(prompts)), "prefect.resource.role": "asset"} in made[
+        "related"
+    ]
+    assert (made["payload"]["job_id"], made["payload"]["rows"]) == (summary["job_id"], 600)
     no_engine_left(besides=shared_pool.engines)
 
 

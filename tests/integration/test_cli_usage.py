@@ -10,7 +10,7 @@ import pytest
 
 from prefect_vllm._store.checkpoint import CheckpointStore
 from prefect_vllm._store.lock import JobLock
-from tests.helpers import run_cli
+from tests.helpers import run_cli, wait_for_job_events
 
 pytestmark = pytest.mark.integration
 
@@ -175,6 +175,22 @@ def test_a_finished_job_and_a_refused_one_are_answered_without_a_server_ray_or_e
         assert "Starting temporary server" not in proc.stderr, "a Prefect server was started"
         assert "Creating a local Ray instance" not in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "home").exists() or not list((tmp_path / "home").glob("*.db")), "no database made"
+
+
+def test_a_refusal_answered_from_the_checkpoints_is_an_event_when_a_server_is_configured(
+    tmp_path: Path, prompts: Path, tiny_model: Path, prefect_server: str
+) -> None:
+    out = committed_job(tmp_path, prompts, tiny_model, max_tokens=7)
+    job_id = json.loads((out / "_manifest.json").read_text())["job_id"]
+    args = ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--shard-size", "1"]
+    with JobLock(CheckpointStore(str(out)), job_id, owner="flow run 'other'"):
+        running = run_cli(
+            [*args, "--max-tokens", "7"], tmp_path / "home", api_url=prefect_server, timeout=120
+        )
+    assert running.returncode == 2 and "is already running (flow run 'other'" in running.stderr
+    (refusal,) = wait_for_job_events(prefect_server, job_id, "prefect-vllm.job.refused")
+    assert "is already running (flow run 'other'" in refusal["payload"]["reason"]
+    assert {r["prefect.resource.role"] for r in refusal["related"]} == {"model", "output"}
 
 
 @pytest.mark.parametrize(
