@@ -8,12 +8,10 @@ configuration, reported before any engine starts.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import TYPE_CHECKING, Any
 
 from prefect_vllm._cli.common import (
-    EXIT_INCOMPLETE,
     EXIT_OK,
     EXIT_USAGE,
     add_actor_flags,
@@ -21,6 +19,7 @@ from prefect_vllm._cli.common import (
 )
 from prefect_vllm._cli.common import fail as _fail
 from prefect_vllm._cli.pool import add_pool_parser, run_pool_command
+from prefect_vllm._cli.status import add_status_parser, status
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -113,12 +112,7 @@ def _parser() -> argparse.ArgumentParser:
         help="show vLLM's, Ray's and Prefect's own INFO lines too (tracebacks: PREFECT_VLLM_DEBUG=1)",
     )  # fmt: skip
 
-    status = sub.add_parser("status", help="progress of a job, from its checkpoints alone")
-    status.add_argument("output", help="the job's output folder or URI")
-    status.add_argument("--json", action="store_true")
-    status.add_argument(
-        "--verify", action="store_true", help="also read every part file and check its sha256"
-    )
+    add_status_parser(sub)
 
     add_pool_parser(sub)
 
@@ -135,43 +129,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _status(args: argparse.Namespace) -> int:
-    from prefect_vllm._store.checkpoint import CheckpointStore
-
-    store = CheckpointStore(args.output)
-    manifest = store.read_manifest()
-    if manifest is None:
-        return _fail(f"{args.output} holds no prefect-vllm job (no _manifest.json)", EXIT_USAGE)
-    committed = store.committed()
-    damaged = store.damaged(committed, checksums=args.verify)
-    for shard_id in damaged:
-        del committed[shard_id]
-    shards = [s.shard_id for s in manifest.plan.shards]
-    pending = [s for s in shards if s not in committed]
-    status = {
-        "job_id": manifest.job_id,
-        "shards_total": len(shards),
-        "shards_done": len(shards) - len(pending),
-        "shards_pending": len(pending),
-        "rows_total": manifest.plan.rows_total,
-        "rows_ok": sum(r.rows_ok for r in committed.values()),
-        "rows_failed": sum(r.rows_failed for r in committed.values()),
-        "pending": pending[:100],
-        "damaged": damaged,
-    }
-    if args.json:
-        print(json.dumps(status))
-    else:
-        print(
-            f"job {status['job_id']}: {status['shards_done']}/{status['shards_total']} shards done, "
-            f"{status['shards_pending']} pending; {status['rows_ok']} rows ok, "
-            f"{status['rows_failed']} row errors of {status['rows_total']}"
-        )
-        for shard_id, problem in damaged.items():
-            print(f"shard {shard_id} is damaged ({problem}): the next run generates it again")
-    return EXIT_OK if not pending else EXIT_INCOMPLETE
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `prefect-vllm` console script."""
     args = _parser().parse_args(argv)
@@ -180,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run(args)
     if args.command == "status":
-        return _status(args)
+        return status(args)
     if args.command == "pool":
         return run_pool_command(args)
     from prefect_vllm._models import make_tiny_model

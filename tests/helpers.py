@@ -251,3 +251,17 @@ def wait_for_job_events(api_url: str, job_id: str, last: str, count: int = 1) ->
 def events_named(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     """The events called `prefect-vllm.<name>`."""
     return [e for e in events if e["event"] == f"prefect-vllm.{name}"]
+
+
+def readme_trigger() -> Any:
+    """The deployment trigger of the README's "Events for automations" example."""
+    import re
+
+    import yaml
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    section = (REPO / "README.md").read_text().split("### Events for automations", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+    (deployment,) = yaml.safe_load(block)["deployments"]
+    (trigger,) = deployment["triggers"]
+    return DeploymentEventTrigger.model_validate(trigger)

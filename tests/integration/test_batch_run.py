@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prefect import flow
 
 from prefect_vllm._input.columns import OUTPUT_COLUMNS
 from prefect_vllm.flows._events import asset_key
@@ -18,6 +21,7 @@ from tests.helpers import (
     input_ids,
     no_engine_left,
     read_output,
+    readme_trigger,
     resource_events,
     run_cli,
     start_cli,
@@ -27,6 +31,11 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.integration
+
+
+@flow(name="build-index")
+def build_index(output: str) -> None:
+    """The README's downstream flow; here it is only triggered, never run."""
 
 
 def test_cli_run_generates_every_row_against_one_local_prefect_server(
@@ -157,6 +166,42 @@ def test_two_runs_of_one_job_started_together_write_it_once_and_the_second_is_re
         "related"
     ]
     assert (made["payload"]["job_id"], made["payload"]["rows"]) == (summary["job_id"], 600)
+    no_engine_left(besides=shared_pool.engines)
+
+
+def test_the_readme_automation_starts_the_index_build_when_a_job_completes(
+    tmp_path: Path, tiny_model: Path, prefect_server: str, shared_pool: SharedPool
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    deployment_id = build_index.to_deployment(name="after-batch", triggers=[readme_trigger()]).apply()
+
+    async def runs_for(output: str) -> list[Any]:
+        async with get_client() as client:
+            runs = await client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+            )
+        return [r for r in runs if r.parameters.get("output") == output]
+
+    try:
+        prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=40, seed=5)
+        args = greedy_run(prompts, tmp_path / "out", tiny_model, shared_pool, shard_size=20, max_tokens=4)
+        done = run_cli(args, tmp_path / "home", api_url=prefect_server, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        output = summary_of(done)["output"]
+        (run,) = wait_for(
+            lambda: asyncio.run(runs_for(output)), 60, "the index build's flow run", interval=1.0
+        )
+        assert run.parameters == {"output": output}
+    finally:
+
+        async def remove() -> None:
+            async with get_client() as client:
+                await client.delete_resource_owned_automations(f"prefect.deployment.{deployment_id}")
+                await client.delete_deployment(deployment_id)
+
+        asyncio.run(remove())
     no_engine_left(besides=shared_pool.engines)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -175,6 +176,31 @@ def test_a_finished_job_and_a_refused_one_are_answered_without_a_server_ray_or_e
         assert "Starting temporary server" not in proc.stderr, "a Prefect server was started"
         assert "Creating a local Ray instance" not in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "home").exists() or not list((tmp_path / "home").glob("*.db")), "no database made"
+
+
+def test_status_of_a_folder_of_jobs_lists_each_one_and_exits_1_while_one_has_shards_pending(
+    tmp_path: Path, prompts: Path, tiny_model: Path
+) -> None:
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    for name, max_tokens in (("day-1", 7), ("day-2", 8)):
+        shutil.move(committed_job(tmp_path / name, prompts, tiny_model, max_tokens=max_tokens), jobs / name)
+    (jobs / "notes").mkdir()  # a folder without a job is not one
+    done = run_cli(["status", str(jobs)], tmp_path / "home", timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(": 3/3 shards done, 0 pending; 3 rows ok" in line for line in lines), lines
+    assert f"in {jobs / 'day-1'}:" in lines[0] and f"in {jobs / 'day-2'}:" in lines[1]
+    (jobs / "day-2" / "_commits" / "000001.json").unlink()
+    pending = run_cli(["status", str(jobs), "--json"], tmp_path / "home", timeout=120)
+    assert pending.returncode == 1, pending.stderr
+    listed = json.loads(pending.stdout)
+    assert [(j["output"], j["shards_pending"], j["pending"]) for j in listed] == [
+        (str(jobs / "day-1"), 0, []), (str(jobs / "day-2"), 1, ["000001"])
+    ]  # fmt: skip
+    nothing = run_cli(["status", str(jobs / "notes")], tmp_path / "home", timeout=120)
+    assert nothing.returncode == 2 and nothing.stderr.strip().count("\n") == 0, nothing.stderr
+    assert "holds no prefect-vllm job" in nothing.stderr
 
 
 def test_a_refusal_answered_from_the_checkpoints_is_an_event_when_a_server_is_configured(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections import Counter
@@ -78,6 +79,32 @@ def test_full_run_and_resume_with_output_on_s3(
 
     status = run_cli(["status", output, "--json"], tmp_path / "home-2", timeout=120)
     assert status.returncode == 0 and '"shards_done": 3' in status.stdout
+
+    # Ops with a storage block: its credentials alone, and the jobs of a folder listed.
+    from prefect_vllm.blocks import CheckpointStorage
+
+    CheckpointStorage(
+        base_uri="s3://jobs", access_key_id="testing", secret_access_key="testing", region="us-east-1",
+        endpoint_override=f"http://{s3_endpoint}",
+    ).save("moto-jobs", overwrite=True)  # fmt: skip
+    for key in CREDENTIALS:
+        monkeypatch.delenv(key)
+    listed = run_cli(
+        ["status", "nightly", "--storage", "moto-jobs", "--json"], tmp_path / "home-3", api_url=prefect_server
+    )
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    (job,) = json.loads(listed.stdout)
+    assert (job["job_id"], job["shards_done"], job["rows_ok"]) == (summary_of(first)["job_id"], 3, 90)
+    assert job["output"] == "jobs/nightly/run-1"
+    missing = run_cli(
+        ["status", "nightly", "--storage", "no-such"], tmp_path / "home-3", api_url=prefect_server
+    )
+    (line,) = missing.stderr.strip().splitlines()
+    assert missing.returncode == 2 and "--storage: no" in line and "'no-such'" in line, missing.stderr
+    empty = run_cli(
+        ["status", "empty", "--storage", "moto-jobs"], tmp_path / "home-3", api_url=prefect_server
+    )
+    assert empty.returncode == 2 and "holds no prefect-vllm job" in empty.stderr, empty.stderr
 
 
 def _keys() -> dict[str, str]:

@@ -5,19 +5,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import yaml
-from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
-
 from prefect_vllm.flows._events import PREFIX, job_resource_id
+from tests.helpers import readme_trigger
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_the_readme_trigger_is_valid_and_expects_our_completed_event() -> None:
     section = README.read_text().split("### Events for automations", 1)[1].split("\n## ", 1)[0]
-    (block,) = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
-    (deployment,) = yaml.safe_load(block)["deployments"]
-    (trigger,) = (DeploymentEventTrigger.model_validate(t) for t in deployment["triggers"])
+    trigger = readme_trigger()
     assert trigger.expect == {f"{PREFIX}.job.completed"}
     pattern = trigger.match.model_dump()["prefect.resource.id"]
     assert re.fullmatch(pattern.replace(".", r"\.").replace("*", ".*"), job_resource_id("abc123"))
