@@ -1,4 +1,4 @@
-"""The `prefect-vllm` command: `run`, `status` and `make-tiny-model`.
+"""The `prefect-vllm` command: `run`, `status`, `cancel`, `pool` and `make-tiny-model`.
 
 Exit status: 0 when every row has a committed result, 1 when shards remain
 incomplete (a re-run resumes them) or the engines failed, 2 for bad usage or
@@ -11,6 +11,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
+from prefect_vllm._cli.cancel import add_cancel_parser, cancel
 from prefect_vllm._cli.common import (
     EXIT_OK,
     EXIT_USAGE,
@@ -113,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
 
     add_status_parser(sub)
+    add_cancel_parser(sub)
 
     add_pool_parser(sub)
 
@@ -138,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     if args.command == "status":
         return status(args)
+    if args.command == "cancel":
+        return cancel(args)
     if args.command == "pool":
         return run_pool_command(args)
     from prefect_vllm._models import make_tiny_model

@@ -36,7 +36,7 @@ def status(args: argparse.Namespace) -> int:
     from prefect_vllm.exceptions import ConfigurationError, StorageError
 
     try:
-        store = _store(args.output, args.storage)
+        store = output_store(args.output, args.storage)
         with store.storage_errors():
             one = job_status(store, verify=args.verify)
             jobs = [one] if one is not None else _jobs_under(store, args.verify)
@@ -92,7 +92,9 @@ def _jobs_under(store: CheckpointStore, verify: bool) -> list[dict[str, Any]]:
     import pyarrow.fs as pafs
 
     found = []
-    for info in sorted(store.fs.get_file_info(pafs.FileSelector(store.root, allow_not_found=True)), key=lambda i: i.path):
+    for info in sorted(
+        store.fs.get_file_info(pafs.FileSelector(store.root, allow_not_found=True)), key=lambda i: i.path
+    ):
         if info.type != pafs.FileType.Directory:
             continue
         sub = CheckpointStore(info.path, filesystem=store.fs)  # the folder's credentials too
@@ -106,8 +108,8 @@ def _jobs_under(store: CheckpointStore, verify: bool) -> list[dict[str, Any]]:
     return found
 
 
-def _store(output: str, storage: str | None) -> CheckpointStore:
-    """The location `status` reads: `output`, or a path under a storage block."""
+def output_store(output: str, storage: str | None) -> CheckpointStore:
+    """The location a command reads: `output`, or a path under a storage block."""
     if storage is None:
         return CheckpointStore(output)
     from prefect_vllm.blocks import CheckpointStorage

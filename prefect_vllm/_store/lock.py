@@ -52,14 +52,29 @@ class JobLock:
         store: The job's output location.
         job_id: The job's id, for the messages.
         owner: Who holds it, for the messages (e.g. the flow run's name).
+        flow_run_id: The holder's flow run, for `prefect-vllm cancel`.
+        api_url: The Prefect API that flow run reports to, for `prefect-vllm cancel`.
+        deployment_id: The flow run's deployment, if a Prefect worker or runner runs it
+            (a Prefect cancellation stops those; a flow called directly gets SIGTERM).
     """
 
-    def __init__(self, store: CheckpointStore, job_id: str, owner: str) -> None:
+    def __init__(
+        self,
+        store: CheckpointStore,
+        job_id: str,
+        owner: str,
+        flow_run_id: str | None = None,
+        api_url: str | None = None,
+        deployment_id: str | None = None,
+    ) -> None:
         self._store = store
         self._record: dict[str, Any] = {
             "job_id": job_id,
             "token": uuid.uuid4().hex,
             "owner": owner,
+            "flow_run_id": flow_run_id,
+            "api_url": api_url,
+            "deployment_id": deployment_id,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "pid_started_at": psutil.Process().create_time(),
@@ -189,6 +204,16 @@ def _same_file(fd: int, path: str) -> bool:
         return os.path.samestat(os.fstat(fd), os.stat(path))
     except FileNotFoundError:
         return False
+
+
+def running_holder(store: CheckpointStore) -> dict[str, Any] | None:
+    """The lock record of the live run that holds the job in `store`, or None if no run
+    holds it (a record torn by a dying holder reads as `{}`)."""
+    try:
+        check_not_running(store)
+    except JobRunningError:
+        return _read(store) or {}
+    return None
 
 
 def _read(store: CheckpointStore) -> dict[str, Any] | None:

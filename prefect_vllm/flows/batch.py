@@ -16,6 +16,7 @@ from pydantic import Field
 from prefect_vllm._engine.pool import VllmActorPool
 from prefect_vllm._input.planning import InputColumns, plan_job
 from prefect_vllm._job import adopt_pool_settings, check_model, job_identity, job_summary
+from prefect_vllm._launch.server import run_api_url
 from prefect_vllm._logs import counted, quiet_refusals
 from prefect_vllm._store.checkpoint import EXPORTS, CheckpointStore, JobManifest
 from prefect_vllm._store.export import export_openai
@@ -171,7 +172,9 @@ def batch_inference(
         with store.storage_errors():
             store.fs.create_dir(store.root, recursive=True)
         events = JobEvents(identity.job_id, settings.model, store.uri)
-        with _refusals_told(events), JobLock(store, identity.job_id, owner=_run_name()):
+        run_id, deployment_id = _run_ids()
+        lock = JobLock(store, identity.job_id, _run_name(), run_id, run_api_url(), deployment_id)
+        with _refusals_told(events), lock:
             manifest = store.prepare(
                 JobManifest(
                     job_id=identity.job_id,
@@ -241,6 +244,13 @@ def batch_inference(
 
 #: How a user resumes an incomplete job, in messages and the summary artifact.
 _RERUN = "run the same command again (or retry the flow run) to resume; committed shards are skipped"
+
+
+def _run_ids() -> tuple[str | None, str | None]:
+    """This flow run's id and its deployment's (None when the flow was called directly)."""
+    from prefect.runtime import deployment, flow_run
+
+    return (str(flow_run.id) if flow_run.id else None), (str(deployment.id) if deployment.id else None)
 
 
 def _run_name() -> str:

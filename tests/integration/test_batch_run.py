@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from tests.helpers import (
     events_named,
     finish,
     input_ids,
+    markers,
     no_engine_left,
     read_output,
     readme_trigger,
@@ -166,6 +168,36 @@ def test_two_runs_of_one_job_started_together_write_it_once_and_the_second_is_re
         "related"
     ]
     assert (made["payload"]["job_id"], made["payload"]["rows"]) == (summary["job_id"], 600)
+    no_engine_left(besides=shared_pool.engines)
+
+
+def test_prefect_vllm_cancel_stops_a_command_run_in_seconds_and_the_same_command_resumes_it(
+    tmp_path: Path, tiny_model: Path, prefect_server: str, shared_pool: SharedPool
+) -> None:
+    """A flow called directly (the command) gets SIGTERM: exit 143, resumable, lock freed."""
+    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=2000, seed=23)
+    out = tmp_path / "out"
+    args = [*greedy_run(prompts, out, tiny_model, shared_pool, shard_size=16, max_tokens=64), "--ignore-eos"]
+    log = tmp_path / "run.log"
+    proc = start_cli(args, tmp_path / "home", log, api_url=prefect_server)
+    wait_for(lambda: len(markers(out)) >= 2 or proc.poll() is not None, 600, "two committed shards")
+    cancelled_at = time.monotonic()
+    cancel = run_cli(["cancel", str(out)], tmp_path / "home", api_url=prefect_server, timeout=120)
+    assert cancel.returncode == 0, cancel.stderr[-3000:]
+    assert "sent SIGTERM to its process" in cancel.stderr and "stopped in" in cancel.stdout, cancel
+    stopped = finish(proc, log, timeout=60)
+    took = time.monotonic() - cancelled_at
+    assert stopped.returncode == 143 and took < 30, (stopped.returncode, took, stopped.stderr[-3000:])
+    assert not (out / "_lock.json").exists()
+    committed = len(markers(out))
+    assert 2 <= committed < 125, committed
+    again = run_cli(["cancel", str(out)], tmp_path / "home", api_url=prefect_server, timeout=120)
+    assert again.returncode == 0 and "nothing to cancel" in again.stdout
+    resumed = run_cli(args, tmp_path / "home", api_url=prefect_server)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = summary_of(resumed)
+    assert (summary["shards_skipped"], summary["shards_run"]) == (committed, 125 - committed)
+    assert Counter(read_output(out).column("custom_id").to_pylist()) == Counter(input_ids(prompts))
     no_engine_left(besides=shared_pool.engines)
 
 

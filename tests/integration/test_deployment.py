@@ -17,7 +17,17 @@ from uuid import UUID
 import pytest
 
 from prefect_vllm.testing import write_sample_prompts
-from tests.helpers import REPO, engine_processes, input_ids, markers, no_engine_left, read_output, wait_for
+from tests.helpers import (
+    REPO,
+    SharedPool,
+    engine_processes,
+    input_ids,
+    markers,
+    no_engine_left,
+    read_output,
+    run_cli,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -199,17 +209,63 @@ def test_prefect_yaml_registers_the_nightly_schedule_and_dated_parameters(prefec
     assert set(schema) >= {"input", "output", "model", "sampling", "cluster", "storage", "export"}
 
 
-async def _cancel(run_id: UUID) -> None:
-    """Cancel a flow run through the API, as the UI's Cancel button does."""
+def test_a_prefect_worker_runs_the_prefect_yaml_deployment_end_to_end(
+    tmp_path: Path, tiny_model: Path, prefect_server: str, shared_pool: SharedPool
+) -> None:
+    """`prefect deploy` of the on-demand deployment, a real `prefect worker` picks the run
+    up and runs it in its own process: completed, output exact, artifacts on the run."""
     from prefect.client.orchestration import get_client
-    from prefect.states import Cancelling
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
 
-    async with get_client() as client:
-        await client.set_flow_run_state(run_id, Cancelling())
+    async def make_pool() -> None:
+        async with get_client() as client:
+            await client.create_work_pool(WorkPoolCreate(name="batch", type="process"), overwrite=True)
+
+    asyncio.run(make_pool())
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_VLLM_REPO": str(REPO)}
+    deployed = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "on-demand"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    log_path = tmp_path / "worker.log"
+    with log_path.open("w") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "batch", "--limit", "1"],
+            env={**env, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=60, seed=3)
+        out = tmp_path / "out"
+        parameters = {
+            "input": str(prompts), "output": str(out), "model": str(tiny_model), "shard_size": 20,
+            "sampling": {"max_tokens": 4, "temperature": 0.0}, **shared_pool.kwargs(),
+        }  # fmt: skip
+        run_id = run_deployment("batch-inference/on-demand", parameters=parameters, timeout=0).id
+        (state,) = final_states([run_id], 600)
+        assert state.is_completed(), (state, log_path.read_text()[-4000:])
+        assert "Worker '" in log_path.read_text() and str(run_id) in log_path.read_text()
+        run = asyncio.run(_flow_run(run_id))
+        assert run.work_pool_name == "batch" and run.infrastructure_pid, run
+        assert Counter(read_output(out).column("custom_id").to_pylist()) == Counter(input_ids(prompts))
+        keys = {a.key for a in asyncio.run(_artifacts(run_id))}
+        assert any(k and k.endswith("-summary") for k in keys) and any(
+            k and k.endswith("-shards") for k in keys
+        ), keys
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    no_engine_left(besides=shared_pool.engines)
 
 
 def test_a_run_cancelled_from_the_api_stops_within_seconds_and_the_next_run_resumes_exactly(
-    tmp_path: Path, tiny_model: Path, served: Any
+    tmp_path: Path, tiny_model: Path, served: Any, prefect_server: str
 ) -> None:
     prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=480, seed=31)
     out = tmp_path / "out"
@@ -220,7 +276,10 @@ def test_a_run_cancelled_from_the_api_stops_within_seconds_and_the_next_run_resu
     first = trigger(params)
     wait_for(lambda: len(markers(out)) >= 2, 600, "two committed shards")
     cancelled_at = time.monotonic()
-    asyncio.run(_cancel(first))
+    # `prefect-vllm cancel` sets the deployment's run Cancelling through the API, as the UI does.
+    cancel = run_cli(["cancel", str(out)], tmp_path / "home", api_url=prefect_server, timeout=120)
+    assert cancel.returncode == 0 and "cancelled its flow run" in cancel.stderr, cancel
+    assert "stopped in" in cancel.stdout
     (state,) = final_states([first], timeout=120)
     took = time.monotonic() - cancelled_at
     assert state.is_cancelled(), state
