@@ -88,8 +88,8 @@ def test_cli_run_generates_every_row_against_one_local_prefect_server(
     status = run_cli(["status", str(out), "--json"], tmp_path / "home", timeout=120)
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout.splitlines()[-1]) | {"pending": []} == {
-        "job_id": summary["job_id"], "shards_total": 3, "shards_done": 3, "shards_pending": 0,
-        "rows_total": 150, "rows_ok": 150, "rows_failed": 0, "pending": [], "damaged": {},
+        "job_id": summary["job_id"], "output": str(out), "shards_total": 3, "shards_done": 3,
+        "shards_pending": 0, "rows_total": 150, "rows_ok": 150, "rows_failed": 0, "pending": [], "damaged": {},
     }  # fmt: skip
 
     again = run_cli(
