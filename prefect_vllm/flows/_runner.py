@@ -6,33 +6,38 @@ worker validates them back into a settings object and opens a new Prefect API
 client (a TLS context built from the CA bundle, a version check against the server).
 With shards of a few rows on a small machine that was most of what a shard cost, on
 both sides (`benchmarks/shard_overhead.py`, `docs/benchmarks.md` "Per-shard
-overhead"). A flow run's settings do not change while it runs, so here they are
-serialized and put in Ray's object store once per runner, and made into a settings
-context and an API client once per worker process. Each shard is still its own
-Prefect task run, with its own states, logs and retries.
+overhead"). What is the same for every task of a flow run (its settings, the flow
+run's context with the pickled flow, the task itself) is serialized and put in Ray's
+object store once per runner and read once per worker process, where the settings
+context and an API client are made once too. Each shard is still its own
+Prefect task run, with its own states, logs and retries; only the task engine's
+"Finished in state Completed()" line, which says what the task run's state already
+says, is not sent to the API (a log insert per shard); every other line is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from prefect.context import SettingsContext, SyncClientContext, serialize_context
+from prefect.context import EngineContext, SettingsContext, SyncClientContext, serialize_context
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import RemoteOptionsContext
 from prefect_ray.task_runners import PrefectRayFuture
 
 
 class ShardTaskRunner(RayTaskRunner):  # type: ignore[misc]  # prefect-ray ships no type information
-    """`RayTaskRunner`, submitting with the flow run's settings sent once, not per task."""
+    """`RayTaskRunner`, sending what a flow run's tasks share once, not with each task."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._settings: tuple[SettingsContext | None, str, Any] | None = None
+        self._sent: dict[tuple[str, int], tuple[Any, _Sent]] = {}
         self._remote_functions: dict[str, Any] = {}
-        self._stand_in: tuple[SettingsContext | None, SettingsContext] | None = None
+        self._stand_ins: dict[type, tuple[Any, Any]] = {}
 
     def submit(
         self,
@@ -46,13 +51,19 @@ class ShardTaskRunner(RayTaskRunner):  # type: ignore[misc]  # prefect-ray ships
 
         if not self._started:
             raise RuntimeError("The task runner must be started before submitting work.")
-        settings_key, settings_ref = self._flow_settings()
+        settings, flow_run = SettingsContext.get(), EngineContext.get()
+        shared = _Shared(
+            settings=self._send("settings", settings, lambda: settings.serialize() if settings else {}),
+            flow_run=self._send("flow_run", flow_run, lambda: flow_run.serialize() if flow_run else {}),
+            task=self._send("task", task, lambda: task),
+        )
         task_run_id = uuid.uuid4()
         task_inputs = {
             k: collect_task_run_inputs_sync(v, future_cls=PrefectRayFuture) for k, v in parameters.items()
         }
-        # The settings travel once, by reference (below): the rest of the context as Prefect makes it.
-        token = SettingsContext.__var__.set(self._sent_once())
+        # The settings and the flow run travel apart (above): the rest of the context as Prefect makes it.
+        settings_token = SettingsContext.__var__.set(self._stand_in(settings)) if settings else None
+        flow_run_token = EngineContext.__var__.set(self._stand_in(flow_run)) if flow_run else None
         try:
             context = serialize_context(
                 asset_ctx_kwargs={
@@ -63,16 +74,17 @@ class ShardTaskRunner(RayTaskRunner):  # type: ignore[misc]  # prefect-ray ships
                 }
             )
         finally:
-            SettingsContext.__var__.reset(token)
+            if flow_run_token is not None:
+                EngineContext.__var__.reset(flow_run_token)
+            if settings_token is not None:
+                SettingsContext.__var__.reset(settings_token)
         parameters, upstream_refs = self._exchange_prefect_for_ray_futures(parameters)
         object_ref = (
             self._remote_function()
             .options(name=task.name)
             .remote(
                 *upstream_refs,
-                settings_key=settings_key,
-                settings=settings_ref,
-                task=task,
+                shared=shared,
                 task_run_id=task_run_id,
                 parameters=parameters,
                 wait_for=wait_for,
@@ -82,25 +94,26 @@ class ShardTaskRunner(RayTaskRunner):  # type: ignore[misc]  # prefect-ray ships
         )
         return PrefectRayFuture(task_run_id=task_run_id, wrapped_future=object_ref)
 
-    def _flow_settings(self) -> tuple[str, Any]:
-        """The flow run's settings, serialized and put in the object store once (while
-        they stay the same): their key in the workers' cache, and their object ref."""
+    def _send(self, kind: str, value: Any, serialized: Callable[[], Any]) -> _Sent:
+        """`value`, put in the object store the first time it is sent (while it is the same object)."""
         import ray
 
-        current = SettingsContext.get()
-        if self._settings is None or self._settings[0] is not current:  # new settings: sent again
-            self._settings = (current, uuid.uuid4().hex, ray.put(current.serialize() if current else {}))
-        return self._settings[1], self._settings[2]
+        known = self._sent.get((kind, id(value)))
+        if known is None or known[0] is not value:
+            known = (value, _Sent(uuid.uuid4().hex, ray.put(serialized())))
+            self._sent[(kind, id(value))] = known
+        return known[1]
 
-    def _sent_once(self) -> SettingsContext:
-        """The current settings, as a context that `serialize_context` leaves out."""
-        current = SettingsContext.get()
-        if self._stand_in is None or self._stand_in[0] is not current:
-            stand_in = _SentOnce.model_construct(
-                profile=current.profile if current else None, settings=current.settings if current else None
-            )
-            self._stand_in = (current, stand_in)
-        return self._stand_in[1]
+    def _stand_in(self, context: Any) -> Any:
+        """`context` as an object whose `serialize()` is empty, so `serialize_context`
+        leaves it out; it stays what the rest of Prefect reads meanwhile."""
+        known = self._stand_ins.get(type(context))
+        if known is None or known[0] is not context:
+            stand_in_type = _SettingsSentApart if isinstance(context, SettingsContext) else _FlowRunSentApart
+            fields = {name: getattr(context, name) for name in type(context).model_fields}
+            known = (context, stand_in_type.model_construct(**fields))
+            self._stand_ins[type(context)] = known
+        return known[1]
 
     def _remote_function(self) -> Any:
         """The Ray remote function for the current remote options, made once per options."""
@@ -114,26 +127,86 @@ class ShardTaskRunner(RayTaskRunner):  # type: ignore[misc]  # prefect-ray ships
         return self._remote_functions[key]
 
 
-class _SentOnce(SettingsContext):
+class _SettingsSentApart(SettingsContext):
     """The flow run's settings while a task's context is serialized: they are sent apart."""
 
     def serialize(self, include_secrets: bool = True) -> dict[str, Any]:
         return {}
 
 
-#: In a Ray worker: the flow run's settings context, and the API client, by settings key.
+class _FlowRunSentApart(EngineContext):
+    """The flow run's context while a task's context is serialized: it is sent apart."""
+
+    def serialize(self, include_secrets: bool = True) -> dict[str, Any]:
+        return {}
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """Something sent once: its key in the workers' cache, and its object ref (nested in
+    a task's arguments, so Ray does not fetch it for every task)."""
+
+    key: str
+    ref: Any
+
+    def received(self) -> Any:
+        """The value: read from the object store the first time in this worker process."""
+        if self.key not in _RECEIVED:
+            import ray
+
+            while len(_RECEIVED) >= _RECEIVED_KEPT:  # oldest first: a worker serves few runs at once
+                del _RECEIVED[next(iter(_RECEIVED))]
+            _RECEIVED[self.key] = ray.get(self.ref)
+        return _RECEIVED[self.key]
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """What every task of a flow run shares, as sent once."""
+
+    settings: _Sent
+    flow_run: _Sent
+    task: _Sent
+
+
+#: In a Ray worker: what was sent once, by key, newest last; the settings contexts made
+#: from them; the API client, by settings key.
+_RECEIVED: dict[str, Any] = {}
+_RECEIVED_KEPT = 16
 _WORKER_SETTINGS: dict[str, SettingsContext] = {}
 _WORKER_CLIENT: list[tuple[str, SyncClientContext]] = []
 
 
-def _run_task(*upstream_refs: Any, settings_key: str, settings: dict[str, Any], **run: Any) -> Any:
+def _run_task(*upstream_refs: Any, shared: _Shared, context: dict[str, Any], **run: Any) -> Any:
     """Run one Prefect task run in a Ray worker, under the flow run's settings."""
-    if settings and settings_key not in _WORKER_SETTINGS:
-        _WORKER_SETTINGS[settings_key] = SettingsContext(**settings)
-    context = _WORKER_SETTINGS.get(settings_key)
-    with context if context is not None else contextlib.nullcontext():
+    settings_key = shared.settings.key
+    if settings_key not in _WORKER_SETTINGS:
+        settings = shared.settings.received()
+        _WORKER_SETTINGS[settings_key] = SettingsContext(**settings) if settings else None  # type: ignore[assignment]
+        _quiet_completions()
+    context = {**context, "flow_run_context": shared.flow_run.received()}
+    settings_context = _WORKER_SETTINGS[settings_key]
+    with settings_context if settings_context is not None else contextlib.nullcontext():
         _keep_client(settings_key)
-        return RayTaskRunner._run_prefect_task(*upstream_refs, **run)
+        return RayTaskRunner._run_prefect_task(
+            *upstream_refs, task=shared.task.received(), context=context, **run
+        )
+
+
+class _NoCompletedLine(logging.Filter):
+    """Drops the task engine's "Finished in state Completed()" record; failures pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno == logging.INFO and str(record.msg).startswith("Finished in state Completed")
+        )
+
+
+def _quiet_completions() -> None:
+    """Install `_NoCompletedLine` on this worker's task run logger, once."""
+    task_runs = logging.getLogger("prefect.task_runs")
+    if not any(isinstance(f, _NoCompletedLine) for f in task_runs.filters):
+        task_runs.addFilter(_NoCompletedLine())
 
 
 def _keep_client(settings_key: str) -> None:
