@@ -30,6 +30,9 @@ _BUDGET_CHECK_S = 2.0
 #: The least time between two looks at the engine restarts.
 _RESTARTS_LOOK_S = 0.5
 
+#: The least time between two lines that tell plain commits together.
+_COMMIT_LINES_EVERY_S = 5.0
+
 
 OnCommit = Callable[[ShardResult], None]
 
@@ -167,6 +170,54 @@ def _log_engines(pool: VllmActorPool, infos: list[dict[str, Any]], ready_s: floa
     )  # fmt: skip
 
 
+class _CommitLines:
+    """The run's lines about commits. A shard with row errors, a retry or an engine
+    death gets its own line at once; plain commits are told together, the first at
+    once and then at most every `_COMMIT_LINES_EVERY_S`, so that a job of 100,000
+    small shards does not write 100,000 lines to the terminal and to the flow run's
+    logs (each shard's task run still has its state, and `shard.committed` its event).
+    """
+
+    def __init__(self, logger: Any, to_run: int) -> None:
+        self._logger = logger
+        self._to_run = to_run
+        self._done = 0
+        self._plain: list[ShardResult] = []
+        self._told_at = -_COMMIT_LINES_EVERY_S
+
+    def add(self, result: ShardResult) -> None:
+        """Tell of one commit, now or with the next plain ones."""
+        if result.rows_failed or result.attempt > 1 or result.engine_deaths:
+            self.flush()
+            self._done += 1
+            self._logger.info(
+                "shard %s committed: %s (%s, %s), %s, %.1f s, attempt %d, %s; %d of %d",
+                result.shard_id, counted(result.rows, "row"), counted(result.rows_failed, "error"),
+                counted(len(result.poisoned_rows), "poison row"), counted(result.output_tokens, "token"),
+                result.total_s, result.attempt, counted(result.engine_deaths, "engine death"),
+                self._done, self._to_run,
+            )  # fmt: skip
+            return
+        self._done += 1
+        self._plain.append(result)
+        if time.monotonic() - self._told_at >= _COMMIT_LINES_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Tell of the plain commits not told yet."""
+        plain, self._plain = self._plain, []
+        if not plain:
+            return
+        self._told_at = time.monotonic()
+        shards = plain[0].shard_id if len(plain) == 1 else f"{plain[0].shard_id} ... {plain[-1].shard_id}"
+        self._logger.info(
+            "%s committed (%s): %s, %s, %.1f-%.1f s each; %d of %d",
+            counted(len(plain), "shard"), shards, counted(sum(r.rows for r in plain), "row"),
+            counted(sum(r.output_tokens for r in plain), "token"), min(r.total_s for r in plain),
+            max(r.total_s for r in plain), self._done, self._to_run,
+        )  # fmt: skip
+
+
 def _stream_shards(
     runner: Any,
     pending: list[ShardSpec],
@@ -201,6 +252,8 @@ def _stream_shards(
     stopped_by: str | None = None
     seen = [0] * pool.config.num_actors
     looked_at = [-_RESTARTS_LOOK_S]
+    sent_job = job.sent_once()
+    commit_lines = _CommitLines(logger, len(pending))
 
     def restarts_now(final: bool = False) -> int:
         """The run's engine restarts; each new one told to `on_engine_death`. Ray's
@@ -234,7 +287,7 @@ def _stream_shards(
             actor = load.index(min(load))
             # Shard tasks reserve no CPU: on small machines the actors need every core.
             with remote_options(num_cpus=0):
-                future = runner.submit(run_shard, {"spec": spec, "job": job, "actor_index": actor})
+                future = runner.submit(run_shard, {"spec": spec, "job": sent_job, "actor_index": actor})
             in_flight[future.wrapped_future] = (spec, future, actor)
             load[actor] += 1
         done, _ = ray.wait(list(in_flight), num_returns=1, timeout=_BUDGET_CHECK_S)
@@ -247,18 +300,15 @@ def _stream_shards(
                 result: ShardResult = state.result()
                 results[spec.shard_id] = result
                 on_commit(result)
-                logger.info(
-                    "shard %s committed: %s (%s, %s), %s, %.1f s, attempt %d, %s",
-                    spec.shard_id, counted(result.rows, "row"), counted(result.rows_failed, "error"),
-                    counted(len(result.poisoned_rows), "poison row"), counted(result.output_tokens, "token"),
-                    result.total_s, result.attempt, counted(result.engine_deaths, "engine death"),
-                )  # fmt: skip
+                commit_lines.add(result)
             else:
                 error = _failure(state)
+                commit_lines.flush()
                 logger.error("shard %s not committed: %s", spec.shard_id, error or state.message)
                 if isinstance(error, StorageError) and stopped_by is None:
                     queue.clear()  # every shard would fail the same way: nothing new starts
                     stopped_by = f"{error}; fix the output location"
+    commit_lines.flush()
     restarts_now(final=True)  # deaths since the last look
     return results, stopped_by
 
