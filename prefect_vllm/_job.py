@@ -11,7 +11,7 @@ from typing import Any
 from prefect_vllm._input.lora import find_adapters, lora_engine_args
 from prefect_vllm._input.planning import InputColumns, InputFile, JobPlan
 from prefect_vllm._store.checkpoint import check_safe_id, fingerprint_id
-from prefect_vllm.config import EngineConfig, RequestConfig, SamplingConfig
+from prefect_vllm.config import EmbedConfig, EngineConfig, RequestConfig, SamplingConfig
 from prefect_vllm.exceptions import ConfigurationError, InputError
 from prefect_vllm.results import BatchResult, ShardResult
 
@@ -64,6 +64,9 @@ def job_fingerprint(
     sampling: SamplingConfig,
     engine: EngineConfig,
     requests: RequestConfig,
+    *,
+    task: str = "generate",
+    embed: EmbedConfig | None = None,
 ) -> dict[str, Any]:
     """Everything that changes the job's results, flat; its hash is the default job id.
 
@@ -80,8 +83,14 @@ def job_fingerprint(
         "inputs": [[f.path, f.size, f.mtime_ns] for f in files],
     }
     fingerprint.update({f"engine.{k}": v for k, v in engine.model_dump(mode="json").items()})
-    fingerprint.update({f"sampling.{k}": v for k, v in sampling.model_dump(mode="json").items()})
+    if task == "generate":  # an embedding samples nothing
+        fingerprint.update({f"sampling.{k}": v for k, v in sampling.model_dump(mode="json").items()})
     fingerprint.update({f"requests.{k}": v for k, v in requests.model_dump(mode="json").items()})
+    if task != "generate":  # a generation job's fingerprint (and id) is what it always was
+        fingerprint["task"] = task
+        fingerprint.update(
+            {f"embed.{k}": v for k, v in (embed or EmbedConfig()).model_dump(mode="json").items()}
+        )
     return fingerprint
 
 
@@ -92,7 +101,8 @@ class JobIdentity:
     Attributes:
         job_id: The explicit job id, else the fingerprint's hash.
         fingerprint: Everything that changes the job's results.
-        engine: The engine settings in force (LoRA slots added when the job has adapters).
+        engine: The engine settings in force (LoRA slots added when the job has adapters;
+            vLLM's pooling runner for an embedding job).
         adapters: LoRA adapters by name -> path, when the job has a LoRA folder.
     """
 
@@ -111,13 +121,20 @@ def job_identity(
     engine: EngineConfig,
     requests: RequestConfig,
     job_id: str | None,
+    *,
+    task: str = "generate",
+    embed: EmbedConfig | None = None,
 ) -> JobIdentity:
     """The job's id and fingerprint from its settings and its input files' identity.
 
     Raises:
         ConfigurationError: A bad job id or LoRA folder.
     """
-    fingerprint = job_fingerprint(model, files, columns, shard_size, sampling, engine, requests)
+    fingerprint = job_fingerprint(
+        model, files, columns, shard_size, sampling, engine, requests, task=task, embed=embed
+    )
+    if task == "embed":  # vLLM's pooling runner; a generative checkpoint gets vLLM's embed conversion
+        engine = engine.model_copy(update={"engine_args": {"runner": "pooling", **engine.engine_args}})
     adapters = None
     if requests.lora_dir is not None:
         found = find_adapters(requests.lora_dir)

@@ -79,6 +79,15 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds a call waits to start before it asks whether its actor answers, and "
         f"that long again for the answer before a frozen actor is killed (default {_default(recovery, 'probe_timeout_s')})",
     )
+    run.add_argument(
+        "--task", choices=["generate", "embed"], default="generate",
+        help="generate text (default), or embed each prompt into an `embedding` column",
+    )  # fmt: skip
+    run.add_argument("--dimensions", type=int, default=None, help="embed: keep the first N dimensions")
+    run.add_argument(
+        "--normalize", action=argparse.BooleanOptionalAction, default=None,
+        help="embed: L2-normalize each vector (default: the model's pooler settings)",
+    )  # fmt: skip
     run.add_argument("--max-tokens", type=int, help=f"default {_default(sampling, 'max_tokens')}")
     run.add_argument("--temperature", type=float, help=f"default {_default(sampling, 'temperature')}")
     run.add_argument("--top-p", type=float, help=f"default {_default(sampling, 'top_p')}")

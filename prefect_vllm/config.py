@@ -20,7 +20,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["ActorPoolConfig", "EngineConfig", "RecoveryConfig", "RequestConfig", "SamplingConfig"]
+__all__ = [
+    "ActorPoolConfig",
+    "EmbedConfig",
+    "EngineConfig",
+    "RecoveryConfig",
+    "RequestConfig",
+    "SamplingConfig",
+]
 
 #: KV cache size used on CPU when the user sets none: vLLM refuses to start without one.
 CPU_KV_CACHE_BYTES = 256 << 20
@@ -174,6 +181,39 @@ class RequestConfig(_Config):
     def template(self) -> dict[str, Any]:
         """What the engine needs to render chat rows."""
         return {"chat_template": self.chat_template, "chat_template_kwargs": self.chat_template_kwargs}
+
+
+class EmbedConfig(_Config):
+    """How an embedding job (`task="embed"`) pools each row into one vector.
+
+    Examples:
+        ```python
+        from prefect_vllm.config import EmbedConfig
+
+        assert EmbedConfig(dimensions=64).pooling_params() == {"dimensions": 64}
+        ```
+    """
+
+    dimensions: int | None = Field(
+        default=None,
+        gt=0,
+        description="Keep the first N dimensions of each embedding (Matryoshka models; vLLM "
+        "refuses it for others, each row then gets the error). Default: the model's size.",
+    )
+    normalize: bool | None = Field(
+        default=None,
+        description="L2-normalize each embedding (vLLM's use_activation). Default: the "
+        "model's pooler settings (normalized for most embedding models).",
+    )
+
+    def pooling_params(self) -> dict[str, Any]:
+        """Keyword arguments for vLLM's `PoolingParams`, without the task."""
+        params: dict[str, Any] = {}
+        if self.dimensions is not None:
+            params["dimensions"] = self.dimensions
+        if self.normalize is not None:
+            params["use_activation"] = self.normalize
+        return params
 
 
 class ActorPoolConfig(_Config):

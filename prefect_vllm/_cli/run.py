@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         ConfigurationError,
         JobRunningError,
     )
+    from prefect_vllm.flows._resolve import check_task
 
     started = time.monotonic()
     try:
@@ -94,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
             lora_dir=args.lora_dir,
         )
         recovery = recovery_config(args)
+        check_task(args.task, warm_pool=args.pool, export=args.export, requests=requests)
+        embed = _embed(args)
         _precheck(args)
         done, engines_needed = _answer_from_checkpoints(args, sampling, engine, requests, started)
         own_pool = _own_pool(args, sampling, engine, pool, requests) if engines_needed else None
@@ -155,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
                     shard_size=args.shard_size, sampling=sampling, requests=requests, engine=engine, pool=pool,
                     recovery=recovery, ray_address=args.ray_address, job_id=args.job_id, restart=args.restart,
                     verify=args.verify, export=args.export, cluster=args.cluster, storage=args.storage,
-                    warm_pool=args.pool,
+                    warm_pool=args.pool, task=args.task, embed=embed,
                 )  # fmt: skip
         except BaseException as exc:
             failure = _failure(exc, interrupt_status(), args.json, stdout)
@@ -248,8 +251,17 @@ def _identity(args: argparse.Namespace, sampling: Any, engine: Any, requests: An
     columns = InputColumns(prompt=args.prompt_column, messages=args.messages_column, id=args.id_column)
     return job_identity(
         args.model, discover_inputs(args.input), columns, args.shard_size, sampling or SamplingConfig(),
-        engine or EngineConfig(), requests, args.job_id,
+        engine or EngineConfig(), requests, args.job_id, task=args.task, embed=_embed(args),
     )  # fmt: skip
+
+
+def _embed(args: argparse.Namespace) -> Any:
+    """`--dimensions` and `--normalize` as an `EmbedConfig` for an embedding job, else None."""
+    from prefect_vllm.config import EmbedConfig
+
+    if args.task != "embed":
+        return None
+    return EmbedConfig(dimensions=args.dimensions, normalize=args.normalize)
 
 
 def _answer_from_checkpoints(
@@ -322,6 +334,13 @@ def _refusal_event(job_id: str, model: str, output: str) -> Iterator[None]:
         raise
 
 
+def _rate(result: Any) -> str:
+    """Tokens per second of a run that generated any; rows per second otherwise (embeddings)."""
+    if result.output_tokens or not result.wall_s:
+        return f"{result.tokens_per_s:.0f} tokens/s"
+    return f"{(result.rows_ok + result.rows_failed) / result.wall_s:.1f} rows/s"
+
+
 def _print_summary(result: Any, as_json: bool, out: TextIO | None = None) -> None:
     out = out or sys.stdout
     if as_json:
@@ -330,8 +349,8 @@ def _print_summary(result: Any, as_json: bool, out: TextIO | None = None) -> Non
     print(
         f"job {result.job_id}: {result.rows_ok} rows ok, {result.rows_failed} row errors, "
         f"{result.shards_run} shards run, {result.shards_skipped} skipped, "
-        f"{result.engine_restarts} engine restarts, {result.wall_s:.1f} s, "
-        f"{result.tokens_per_s:.0f} tokens/s\noutput: {result.output}",
+        f"{result.engine_restarts} engine restarts, {result.wall_s:.1f} s, {_rate(result)}\n"
+        f"output: {result.output}",
         file=out,
         flush=True,
     )

@@ -34,14 +34,16 @@ from prefect_vllm._engine.deaths import (
 )
 from prefect_vllm._engine.protocol import CallParams, GenerateCall, GenerateResult, GenerateStarted
 from prefect_vllm._engine.vllm_io import (
+    embedding_row,
     engine_prompt,
     failed_row,
     lora_request,
     output_row,
+    pooling_params,
     sampling_params,
     tokenize_prompts,
 )
-from prefect_vllm._input.columns import ROW_COLUMNS
+from prefect_vllm._input.columns import row_columns
 
 logger = logging.getLogger("prefect_vllm.engine")
 
@@ -223,7 +225,8 @@ class VllmEngineActor:
             call: The rows, their seeds, and what the job's calls share.
 
         Yields:
-            `GenerateStarted`, then the rows' columns (`ROW_COLUMNS`, in row order).
+            `GenerateStarted`, then the rows' columns (`row_columns(task)`, in row order):
+            generated text, or embeddings when the call's task is `embed`.
         """
         await self.check_health()
         batch = uuid.uuid4().hex[:12]
@@ -232,15 +235,21 @@ class VllmEngineActor:
             started = time.monotonic()
             tokenizer = self._engine.get_tokenizer()
             token_ids = tokenize_prompts(call.rows, tokenizer, self._max_model_len)
-            # The rows that only use the job's sampling share one SamplingParams, built here
-            # (or the error vLLM raised building it, each such row's error).
+            # The rows that only use the job's sampling (or pooling) share one SamplingParams
+            # (PoolingParams), built here, or the error vLLM raised building it, each such row's error.
+            embed = call.params.task == "embed"
             try:
-                job_params: Any = sampling_params({}, None, call.params.sampling, call.params.response_format)
+                job_params: Any = (
+                    pooling_params(call.params.pooling)
+                    if embed
+                    else sampling_params({}, None, call.params.sampling, call.params.response_format)
+                )
             except (ValueError, TypeError) as exc:
                 job_params = exc
+            one = self._embed_one if embed else self._generate_one
             work = asyncio.gather(
                 *(
-                    self._generate_one(f"{batch}-{i}", row, seed, call.params, ids, job_params)
+                    one(f"{batch}-{i}", row, seed, call.params, ids, job_params)
                     for i, (row, seed, ids) in enumerate(zip(call.rows, call.seeds, token_ids, strict=False))
                 )
             )
@@ -251,8 +260,10 @@ class VllmEngineActor:
                     f"hang: {len(call.rows)} rows not done within the {call.deadline_s:.0f} s deadline",
                     hang=True,
                 )
-        columns = {name: [out[name] for out in outputs] for name in ROW_COLUMNS}
-        yield GenerateResult(columns=columns, pid=self._pid, seconds=time.monotonic() - started)
+        columns = {name: [out[name] for out in outputs] for name in row_columns(call.params.task)}
+        yield GenerateResult(
+            columns=columns, pid=self._pid, seconds=time.monotonic() - started, task=call.params.task
+        )
 
     async def _generate_one(
         self,
@@ -298,6 +309,49 @@ class VllmEngineActor:
         if final is None or not final.outputs:
             return failed_row("the engine returned no output")
         return output_row(final, row_params)
+
+    async def _embed_one(
+        self,
+        request_id: str,
+        row: dict[str, Any],
+        _seed: int | None,
+        params: CallParams,
+        token_ids: list[int] | None,
+        job_params: Any,
+    ) -> dict[str, Any]:
+        """One row's embedding through vLLM's pooling runner (`AsyncLLM.encode`)."""
+        from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        if "error" in row:
+            return failed_row(row["error"], "embed")
+        if row.get("messages") is not None:
+            return failed_row("an embedding job embeds text (the prompt column), not chat messages", "embed")
+        try:
+            if isinstance(job_params, Exception):
+                raise job_params
+            prompt = engine_prompt(
+                row, self._engine.get_tokenizer(), params.template, token_ids, self._max_model_len
+            )
+        except (ValueError, TypeError) as exc:
+            return failed_row(_row_error(exc), "embed")
+        final = None
+        async with self._in_flight:
+            try:
+                # A copy per row: vLLM fills in the model's defaults on the params it is given.
+                async for out in self._engine.encode(prompt, job_params.clone(), request_id):
+                    final = out
+            except EngineDeadError:
+                self._die("a request saw EngineDeadError")
+            except (VLLMValidationError, ValueError) as exc:
+                return failed_row(_row_error(exc), "embed")
+            except EngineGenerateError as exc:
+                if self._engine.errored:
+                    self._die(repr(exc.__cause__ or exc))
+                return failed_row(_row_error(exc.__cause__ or exc), "embed")
+        if final is None:
+            return failed_row("the engine returned no output", "embed")
+        return embedding_row(final)
 
     def __ray_shutdown__(self) -> None:
         """Shut the engine down when Ray kills the actor on purpose."""

@@ -69,6 +69,7 @@ def generate_isolating(
     poison_after: int,
     single_rows_at: int = 1,
     log: Callable[[str], None] = lambda _message: None,
+    row_columns: tuple[str, ...] = ROW_COLUMNS,
 ) -> tuple[dict[str, list[Any]], IsolationReport]:
     """Generate rows [0, rows) through `call`, isolating rows that kill the engine.
 
@@ -81,11 +82,12 @@ def generate_isolating(
             more than this many, then retried one row per call (each death then
             names its row, at the cost of unbatched generation).
         log: Receives one line per death and what is done about it.
+        row_columns: The columns each call returns (`row_columns(task)`).
 
     Returns:
-        The rows' columns (`ROW_COLUMNS`, in row order) and the report.
+        The rows' columns (`row_columns`, in row order) and the report.
     """
-    columns: dict[str, list[Any]] = {name: [None] * rows for name in ROW_COLUMNS}
+    columns: dict[str, list[Any]] = {name: [None] * rows for name in row_columns}
     report = IsolationReport()
     stack = [_Segment(0, rows, exclusive=False)] if rows else []
     while stack:
@@ -100,7 +102,7 @@ def generate_isolating(
                 reversed(_after_death(segment, exc, poison_after, single_rows_at, columns, report, log))
             )
             continue
-        for name in ROW_COLUMNS:
+        for name in row_columns:
             columns[name][segment.start : segment.stop] = out.columns[name]
         report.pid = out.pid
     return columns, report

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefect_vllm._input.columns import ROW_COLUMNS
+from prefect_vllm._input.columns import row_columns
 
 __all__ = ["CallParams", "GenerateCall", "GenerateResult", "GenerateStarted"]
 
@@ -23,12 +23,16 @@ class CallParams:
         response_format: Job-wide structured output (`json_schema`), for rows without their own.
         template: `chat_template` and `chat_template_kwargs` for chat rows.
         adapters: LoRA adapters by name -> path, for rows that name one.
+        task: `generate`, or `embed` (an engine started with vLLM's pooling runner).
+        pooling: Keyword arguments for vLLM's `PoolingParams` of an `embed` call.
     """
 
     sampling: dict[str, Any] = field(default_factory=dict)
     response_format: dict[str, Any] | None = None
     template: dict[str, Any] = field(default_factory=dict)
     adapters: dict[str, str] = field(default_factory=dict)
+    task: str = "generate"
+    pooling: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -81,16 +85,18 @@ class GenerateResult:
     """The last item of a call's stream: the rows' columns, in row order.
 
     Attributes:
-        columns: `ROW_COLUMNS`, one entry per row of the call.
+        columns: `row_columns(task)`, one entry per row of the call.
         pid: The actor process that generated them.
         seconds: Time on the engine.
+        task: The call's task, which decides its columns.
     """
 
     columns: dict[str, list[Any]]
     pid: int
     seconds: float
+    task: str = "generate"
 
     def __post_init__(self) -> None:
-        missing = set(ROW_COLUMNS) - set(self.columns)
+        missing = set(row_columns(self.task)) - set(self.columns)
         if missing:
             raise ValueError(f"a generate result lacks the columns {sorted(missing)}")

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect_vllm._input.columns import CHOICES, COMPLETION_TOKENS, ERROR, FINISH_REASON, PROMPT_TOKENS, TEXT
+from prefect_vllm._input.columns import (
+    CHOICES,
+    COMPLETION_TOKENS,
+    EMBEDDING,
+    ERROR,
+    FINISH_REASON,
+    PROMPT_TOKENS,
+    TEXT,
+    row_columns,
+)
 
 
 def tokenize_prompts(
@@ -159,15 +168,33 @@ def output_row(final: Any, params: Any) -> dict[str, Any]:
     }
 
 
-def failed_row(message: str) -> dict[str, Any]:
-    """An output row that carries only an error."""
+def failed_row(message: str, task: str = "generate") -> dict[str, Any]:
+    """An output row of a `task` call that carries only an error."""
+    row: dict[str, Any] = dict.fromkeys(row_columns(task))
+    row[ERROR] = message
+    return row
+
+
+def pooling_params(pooling: dict[str, Any]) -> Any:
+    """vLLM `PoolingParams` for an embedding row: the job's options (`EmbedConfig`).
+
+    Raises:
+        ValueError: vLLM rejects them.
+    """
+    from vllm import PoolingParams
+
+    return PoolingParams(task="embed", **pooling)
+
+
+def embedding_row(final: Any) -> dict[str, Any]:
+    """One output row from vLLM's final `PoolingRequestOutput` of an embed request."""
+    if getattr(final, "error", None) is not None:
+        return failed_row(f"the engine refused the row: {str(final.error)[:300]}", "embed")
+    data = final.outputs.data
     return {
-        TEXT: None,
-        FINISH_REASON: None,
-        PROMPT_TOKENS: None,
-        COMPLETION_TOKENS: None,
-        ERROR: message,
-        CHOICES: None,
+        EMBEDDING: data.tolist() if hasattr(data, "tolist") else list(data),
+        PROMPT_TOKENS: len(final.prompt_token_ids or ()),
+        ERROR: None,
     }
 
 

@@ -16,6 +16,10 @@ COMPLETION_TOKENS = "completion_tokens"
 ERROR = "error"
 KIND = "kind"
 CHOICES = "choices"
+EMBEDDING = "embedding"
+
+#: What a job does with each row: generate text, or embed it (vLLM's pooling runner).
+TASKS = ("generate", "embed")
 
 #: Optional input columns: chat messages, per-row sampling overrides, a LoRA adapter's name.
 MESSAGES = "messages"
@@ -30,13 +34,33 @@ OUTPUT_COLUMNS = (CUSTOM_ID, TEXT, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKE
 #: The per-row columns an engine call returns, in order.
 ROW_COLUMNS = (TEXT, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS, ERROR, CHOICES)
 
+#: An embedding job's output columns, in order, and the per-row columns of its engine calls.
+EMBED_OUTPUT_COLUMNS = (CUSTOM_ID, EMBEDDING, PROMPT_TOKENS, ERROR)
+EMBED_ROW_COLUMNS = (EMBEDDING, PROMPT_TOKENS, ERROR)
+
+
+def row_columns(task: str) -> tuple[str, ...]:
+    """The per-row columns an engine call of `task` returns, in order."""
+    return EMBED_ROW_COLUMNS if task == "embed" else ROW_COLUMNS
+
+
 #: Prefix of metadata files in the output folder; part files never start with it.
 METADATA_PREFIX = "_"
 
 
-def output_schema() -> pa.Schema:
-    """The Arrow schema of every `part-<shard>.parquet` file."""
+def output_schema(task: str = "generate") -> pa.Schema:
+    """The Arrow schema of every `part-<shard>.parquet` file of a `task` job."""
     import pyarrow as pa
+
+    if task == "embed":
+        return pa.schema(
+            [
+                pa.field(CUSTOM_ID, pa.string(), nullable=False),
+                pa.field(EMBEDDING, pa.list_(pa.float32())),
+                pa.field(PROMPT_TOKENS, pa.int32()),
+                pa.field(ERROR, pa.string()),
+            ]
+        )
 
     top = pa.struct([pa.field("token", pa.string()), pa.field("logprob", pa.float64())])
     logprob = pa.struct(

@@ -11,6 +11,7 @@ from prefect_vllm._input.columns import (
     CHOICES,
     COMPLETION_TOKENS,
     CUSTOM_ID,
+    EMBEDDING,
     ERROR,
     FINISH_REASON,
     KIND,
@@ -146,10 +147,20 @@ def row_seeds(job_seed: int, custom_ids: list[str]) -> list[int]:
     ]
 
 
-def output_table(rows: list[RowRequest], generated: dict[str, Any]) -> pa.Table:
-    """The shard's output table in the contract's column order and types."""
+def output_table(rows: list[RowRequest], generated: dict[str, Any], task: str = "generate") -> pa.Table:
+    """The shard's output table in the contract's column order and types for `task`."""
     import pyarrow as pa
 
+    if task == "embed":
+        return pa.Table.from_pydict(
+            {
+                CUSTOM_ID: [r.custom_id for r in rows],
+                EMBEDDING: generated[EMBEDDING],
+                PROMPT_TOKENS: generated[PROMPT_TOKENS],
+                ERROR: generated[ERROR],
+            },
+            schema=output_schema("embed"),
+        )
     return pa.Table.from_pydict(
         {
             CUSTOM_ID: [r.custom_id for r in rows],

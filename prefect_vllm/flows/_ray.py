@@ -209,12 +209,14 @@ class _CommitLines:
         if not plain:
             return
         self._told_at = time.monotonic()
-        shards = plain[0].shard_id if len(plain) == 1 else f"{plain[0].shard_id} ... {plain[-1].shard_id}"
+        ids = sorted(r.shard_id for r in plain)
+        shards = ids[0] if len(ids) == 1 else f"{ids[0]} ... {ids[-1]}"
+        tokens = sum(r.output_tokens for r in plain)
         self._logger.info(
-            "%s committed (%s): %s, %s, %.1f-%.1f s each; %d of %d",
-            counted(len(plain), "shard"), shards, counted(sum(r.rows for r in plain), "row"),
-            counted(sum(r.output_tokens for r in plain), "token"), min(r.total_s for r in plain),
-            max(r.total_s for r in plain), self._done, self._to_run,
+            "%s committed (%s): %s, %.1f-%.1f s each; %d of %d",
+            counted(len(plain), "shard"), shards,
+            counted(sum(r.rows for r in plain), "row") + (f", {counted(tokens, 'token')}" if tokens else ""),
+            min(r.total_s for r in plain), max(r.total_s for r in plain), self._done, self._to_run,
         )  # fmt: skip
 
 

@@ -18,7 +18,7 @@ from prefect_vllm.config import ActorPoolConfig, EngineConfig, RequestConfig, Sa
 from prefect_vllm.exceptions import ConfigurationError
 from prefect_vllm.flows._params import render_dated
 
-__all__ = ["JobSettings", "resolve_settings"]
+__all__ = ["JobSettings", "check_task", "resolve_settings"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,31 @@ def resolve_settings(
         runtime_env=runtime_env,
         hf_token=hf_token,
     )
+
+
+def check_task(task: str, *, warm_pool: str | None, export: str | None, requests: RequestConfig) -> None:
+    """Refuse what an embedding job cannot do yet, before anything starts.
+
+    Raises:
+        ConfigurationError: Naming the parameter.
+    """
+    if task == "generate":
+        return
+    if task != "embed":
+        raise ConfigurationError(f"task: {task!r} is not one of 'generate', 'embed'")
+    if warm_pool is not None:
+        raise ConfigurationError(
+            "warm_pool: warm pools host generation engines; an embedding job starts its own"
+        )
+    if export is not None:
+        raise ConfigurationError(
+            "export: the OpenAI export writes completion responses; an embedding job's output "
+            "is its part files (an `embedding` column)"
+        )
+    if requests.lora_dir is not None or requests.json_schema is not None:
+        raise ConfigurationError(
+            "requests: LoRA adapters and JSON schemas are for generation, not embeddings"
+        )
 
 
 def _over(default: SamplingConfig, given: SamplingConfig | None) -> SamplingConfig:

@@ -14,13 +14,13 @@ from prefect.context import TaskRunContext
 from prefect_vllm._engine.client import EngineClient
 from prefect_vllm._engine.isolation import EngineCall, generate_isolating
 from prefect_vllm._engine.protocol import GenerateResult
-from prefect_vllm._input.columns import COMPLETION_TOKENS, ERROR, PROMPT_TOKENS
+from prefect_vllm._input.columns import COMPLETION_TOKENS, ERROR, PROMPT_TOKENS, row_columns
 from prefect_vllm._input.planning import InputColumns, ShardSpec
 from prefect_vllm._input.requests import RowRequest
 from prefect_vllm._input.shard_rows import output_table, read_shard, row_seeds
 from prefect_vllm._store.checkpoint import CheckpointStore
 from prefect_vllm.blocks.storage import open_store
-from prefect_vllm.config import RecoveryConfig, RequestConfig, SamplingConfig
+from prefect_vllm.config import EmbedConfig, RecoveryConfig, RequestConfig, SamplingConfig
 from prefect_vllm.exceptions import PrefectVllmError
 from prefect_vllm.results import ShardResult
 
@@ -41,6 +41,8 @@ class ShardJob:
         recovery: Deadlines and poison isolation.
         engines: The engine actors to call (handles and failover only: no settings, no
             secrets); set by the flow once its pool is up.
+        task: `generate`, or `embed` (engines started with vLLM's pooling runner).
+        embed: How an `embed` job pools each row.
     """
 
     job_id: str
@@ -53,6 +55,8 @@ class ShardJob:
     engines: EngineClient | None = None
     adapters: dict[str, str] | None = None
     storage: Any = None
+    task: str = "generate"
+    embed: EmbedConfig | None = None
 
     def store(self) -> CheckpointStore:
         """The job's output location, with the storage block's credentials if any."""
@@ -118,14 +122,20 @@ def _engine_call(job: ShardJob, rows: list[RowRequest], actor_index: int) -> Eng
         response_format=job.requests.response_format(),
         template=job.requests.template(),
         adapters=job.adapters or {},
+        task=job.task,
+        pooling=(job.embed or EmbedConfig()).pooling_params() if job.task == "embed" else {},
     )
     greedy = job.sampling.temperature == 0.0
     seeds: list[int | None] = (
         [None] * len(rows) if greedy else list(row_seeds(job.sampling.seed, [r.custom_id for r in rows]))
     )
     payloads = [r.payload() for r in rows]
-    # The most tokens each row may generate: its own max_tokens, times n choices.
-    budgets = [r.sampling.get("max_tokens", job.sampling.max_tokens) * r.sampling.get("n", 1) for r in rows]
+    # The most tokens each row may generate: its own max_tokens, times n choices (an embedding: one step).
+    budgets = (
+        [1] * len(rows)
+        if job.task == "embed"
+        else [r.sampling.get("max_tokens", job.sampling.max_tokens) * r.sampling.get("n", 1) for r in rows]
+    )
 
     def call(start: int, stop: int, exclusive: bool) -> GenerateResult:
         request = GenerateCall(
@@ -187,10 +197,11 @@ def run_shard(spec: ShardSpec, job: ShardJob | SentJob, actor_index: int = 0) ->
         poison_after=job.recovery.poison_after,
         single_rows_at=job.recovery.single_rows_at,
         log=lambda line: logger.warning("shard %s: %s", spec.shard_id, line),
+        row_columns=row_columns(job.task),
     )
     generate_done = time.monotonic()
     store = job.store()
-    checksum, size = store.write_part(spec.shard_id, output_table(rows, generated))
+    checksum, size = store.write_part(spec.shard_id, output_table(rows, generated, job.task))
     failed = sum(1 for e in generated[ERROR] if e is not None)
     context = TaskRunContext.get()
     finished = time.monotonic()
@@ -200,7 +211,7 @@ def run_shard(spec: ShardSpec, job: ShardJob | SentJob, actor_index: int = 0) ->
         rows_ok=len(rows) - failed,
         rows_failed=failed,
         prompt_tokens=sum(t or 0 for t in generated[PROMPT_TOKENS]),
-        output_tokens=sum(t or 0 for t in generated[COMPLETION_TOKENS]),
+        output_tokens=sum(t or 0 for t in generated.get(COMPLETION_TOKENS, ())),
         checksum=checksum,
         part_bytes=size,
         attempt=context.task_run.run_count if context else 1,

@@ -14,7 +14,9 @@ PUBLIC = {
         "JobRunningError", "PrefectVllmError", "RayCluster", "StorageError", "VllmModel", "__version__",
     ],
     "prefect_vllm.blocks": ["CheckpointStorage", "RayCluster", "VllmModel"],
-    "prefect_vllm.config": ["ActorPoolConfig", "EngineConfig", "RecoveryConfig", "RequestConfig", "SamplingConfig"],
+    "prefect_vllm.config": [
+        "ActorPoolConfig", "EmbedConfig", "EngineConfig", "RecoveryConfig", "RequestConfig", "SamplingConfig",
+    ],
     "prefect_vllm.exceptions": [
         "ConfigurationError", "EngineCrashedError", "EngineError", "EngineStartError", "EngineUnavailableError",
         "FingerprintMismatchError", "IncompleteJobError", "InputError", "JobRunningError", "PrefectVllmError",

@@ -1,0 +1,109 @@
+"""Embedding jobs end to end: real Prefect, Ray and vLLM's pooling runner, against raw vLLM."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from prefect_vllm._input.columns import EMBED_OUTPUT_COLUMNS
+from prefect_vllm.testing import write_sample_prompts
+from tests.helpers import REPO, input_ids, no_engine_left, read_output, run_cli, summary_of
+
+pytestmark = pytest.mark.integration
+
+#: Raw vLLM on the same model and prompts: `LLM.embed` with the pooling runner.
+_RAW = """
+import json, sys
+if __name__ == "__main__":
+    from vllm import LLM
+    from prefect_vllm.config import EngineConfig
+    model, prompts, out = sys.argv[1:4]
+    rows = [json.loads(line) for line in open(prompts)]
+    rows = [r for r in rows if "prompt" in r]
+    llm = LLM(**EngineConfig().engine_kwargs(model, on_cpu=True), runner="pooling", convert="embed")
+    embedded = llm.embed([r["prompt"] for r in rows], use_tqdm=False)
+    with open(out, "w") as f:
+        json.dump({r["custom_id"]: [e.outputs.embedding, len(e.prompt_token_ids)] for r, e in zip(rows, embedded)}, f)
+"""
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def test_an_embedding_job_gives_raw_vllms_vectors_and_resumes_without_an_engine(
+    tmp_path: Path, tiny_model: Path, prefect_server: str
+) -> None:
+    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=40, seed=5)
+    with prompts.open("a") as f:  # a chat row: an embedding job embeds text, so it is a row error
+        f.write(json.dumps({"custom_id": "chat-1", "messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    out = tmp_path / "out"
+    args = ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--task", "embed",
+            "--shard-size", "16", "--actors", "1", "--json"]  # fmt: skip
+    done = run_cli(args, tmp_path / "home", api_url=prefect_server)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = summary_of(done)
+    assert (summary["rows_total"], summary["rows_ok"], summary["rows_failed"]) == (41, 40, 1)
+    assert "Traceback" not in done.stderr
+
+    table = read_output(out)
+    assert tuple(table.column_names) == EMBED_OUTPUT_COLUMNS
+    assert Counter(table.column("custom_id").to_pylist()) == Counter(input_ids(prompts))
+    rows = {r["custom_id"]: r for r in table.to_pylist()}
+    assert rows["chat-1"]["embedding"] is None and "not chat messages" in rows["chat-1"]["error"]
+
+    raw_out = tmp_path / "raw.json"
+    script = tmp_path / "raw.py"
+    script.write_text(_RAW)
+    raw = subprocess.run(
+        [sys.executable, str(script), str(tiny_model), str(prompts), str(raw_out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert raw.returncode == 0, raw.stderr[-3000:]
+    expected = json.loads(raw_out.read_text())
+    assert len(expected) == 40
+    for custom_id, (vector, prompt_tokens) in expected.items():
+        row = rows[custom_id]
+        assert row["error"] is None and row["prompt_tokens"] == prompt_tokens
+        assert len(row["embedding"]) == len(vector)
+        assert _cosine(row["embedding"], vector) >= 0.9999, custom_id
+
+    again = run_cli(args, tmp_path / "home", api_url=prefect_server)  # all committed: no engine starts
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (summary_of(again)["shards_skipped"], summary_of(again)["shards_run"]) == (3, 0)
+    other_task = run_cli([*args[:-1], "--task", "generate", "--max-tokens", "4"], tmp_path / "home")
+    assert other_task.returncode == 2 and "task" in other_task.stderr.splitlines()[-1], other_task.stderr[
+        -2000:
+    ]
+    no_engine_left()
+
+
+def test_embedding_options_that_cannot_apply_are_refused_before_anything_starts(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=4)
+    base = [
+        "run",
+        str(prompts),
+        "--output",
+        str(tmp_path / "out"),
+        "--model",
+        str(tiny_model),
+        "--task",
+        "embed",
+    ]
+    for extra, names in (
+        (["--export", "openai"], "export"),
+        (["--pool", "warm"], "warm_pool"),
+        (["--dimensions", "0"], "dimensions"),
+    ):
+        refused = run_cli([*base, *extra], tmp_path / "home")
+        last = refused.stderr.strip().splitlines()[-1]
+        assert refused.returncode == 2 and names in last and "Traceback" not in refused.stderr, refused.stderr

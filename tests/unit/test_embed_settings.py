@@ -1,0 +1,92 @@
+"""An embedding job's settings, identity and output shape: pure logic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from prefect_vllm._engine.protocol import GenerateResult
+from prefect_vllm._engine.vllm_io import failed_row
+from prefect_vllm._input.columns import EMBED_OUTPUT_COLUMNS, EMBED_ROW_COLUMNS, ROW_COLUMNS, row_columns
+from prefect_vllm._input.planning import InputColumns, InputFile
+from prefect_vllm._input.requests import plain_row
+from prefect_vllm._input.shard_rows import output_table
+from prefect_vllm._job import JobIdentity, job_identity
+from prefect_vllm.config import EmbedConfig, EngineConfig, RequestConfig, SamplingConfig
+from prefect_vllm.exceptions import ConfigurationError
+from prefect_vllm.flows._resolve import check_task
+
+
+def _identity(
+    tmp_path: Path,
+    task: str = "generate",
+    embed: EmbedConfig | None = None,
+    sampling: SamplingConfig | None = None,
+) -> JobIdentity:
+    files = [InputFile(path=str(tmp_path / "in.jsonl"), format="jsonl", size=10, mtime_ns=1)]
+    return job_identity(
+        "m", files, InputColumns(), 8, sampling or SamplingConfig(), EngineConfig(), RequestConfig(), None,
+        task=task, embed=embed,
+    )  # fmt: skip
+
+
+def test_an_embedding_job_is_another_job_runs_the_pooling_runner_and_ignores_sampling(tmp_path: Path) -> None:
+    generate = _identity(tmp_path)
+    assert _identity(tmp_path, task="generate") == generate, "a generation job keeps its id"
+    embed = _identity(tmp_path, task="embed")
+    assert embed.job_id != generate.job_id
+    assert embed.fingerprint["task"] == "embed" and "sampling.max_tokens" not in embed.fingerprint
+    assert embed.engine.engine_args["runner"] == "pooling"
+    assert "runner" not in generate.engine.engine_args
+    other_sampling = _identity(tmp_path, task="embed", sampling=SamplingConfig(max_tokens=3))
+    assert other_sampling.job_id == embed.job_id, "sampling does not change an embedding"
+    fewer = _identity(tmp_path, task="embed", embed=EmbedConfig(dimensions=32))
+    assert fewer.job_id != embed.job_id and fewer.fingerprint["embed.dimensions"] == 32
+
+
+def test_embed_options_become_pooling_params() -> None:
+    assert EmbedConfig().pooling_params() == {}
+    assert EmbedConfig(dimensions=8, normalize=False).pooling_params() == {
+        "dimensions": 8,
+        "use_activation": False,
+    }
+    with pytest.raises(ValueError, match="dimensions"):
+        EmbedConfig(dimensions=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"warm_pool": "p"}, "warm_pool"),
+        ({"export": "openai"}, "export"),
+        ({"requests": RequestConfig(json_schema={"type": "object"})}, "requests"),
+    ],
+)
+def test_what_an_embedding_job_cannot_do_is_refused_naming_the_parameter(
+    kwargs: dict[str, object], named: str
+) -> None:
+    given: dict[str, object] = {"warm_pool": None, "export": None, "requests": RequestConfig(), **kwargs}
+    check_task("generate", **given)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=f"^{named}:"):
+        check_task("embed", **given)  # type: ignore[arg-type]
+
+
+def test_an_embedding_shard_has_its_own_columns() -> None:
+    assert row_columns("embed") == EMBED_ROW_COLUMNS and row_columns("generate") == ROW_COLUMNS
+    error = failed_row("bad", "embed")
+    assert error == {"embedding": None, "prompt_tokens": None, "error": "bad"}
+    GenerateResult(columns={k: [None] for k in EMBED_ROW_COLUMNS}, pid=1, seconds=0.1, task="embed")
+    with pytest.raises(ValueError, match="lacks"):
+        GenerateResult(columns={k: [None] for k in EMBED_ROW_COLUMNS}, pid=1, seconds=0.1)
+    rows = [plain_row("a", None, None, custom_id="r1"), plain_row("b", None, None, custom_id="r2")]
+    table = output_table(rows, {"embedding": [[0.5, 0.25], None], "prompt_tokens": [2, None],
+                                "error": [None, "bad"]}, "embed")  # fmt: skip
+    assert tuple(table.column_names) == EMBED_OUTPUT_COLUMNS
+    assert str(table.schema.field("embedding").type) == "list<item: float>"
+    assert table.to_pylist()[0] == {
+        "custom_id": "r1",
+        "embedding": [0.5, 0.25],
+        "prompt_tokens": 2,
+        "error": None,
+    }
