@@ -212,11 +212,13 @@ class _CommitLines:
         ids = sorted(r.shard_id for r in plain)
         shards = ids[0] if len(ids) == 1 else f"{ids[0]} ... {ids[-1]}"
         tokens = sum(r.output_tokens for r in plain)
+        fastest, slowest = min(r.total_s for r in plain), max(r.total_s for r in plain)
         self._logger.info(
-            "%s committed (%s): %s, %.1f-%.1f s each; %d of %d",
+            "%s committed (%s): %s, %s; %d of %d",
             counted(len(plain), "shard"), shards,
             counted(sum(r.rows for r in plain), "row") + (f", {counted(tokens, 'token')}" if tokens else ""),
-            min(r.total_s for r in plain), max(r.total_s for r in plain), self._done, self._to_run,
+            f"{slowest:.1f} s" if len(plain) == 1 else f"{fastest:.1f}-{slowest:.1f} s each",
+            self._done, self._to_run,
         )  # fmt: skip
 
 

@@ -32,7 +32,7 @@ def test_plain_commits_are_told_together_and_notable_ones_alone(monkeypatch: pyt
     log = _Lines()
     lines = _ray._CommitLines(log, 6)
     lines.add(_result("000000"))  # the first at once
-    assert log.lines == ["1 shard committed (000000): 2 rows, 3 tokens, 0.0-0.0 s each; 1 of 6"]
+    assert log.lines == ["1 shard committed (000000): 2 rows, 3 tokens, 0.0 s; 1 of 6"]
     lines.add(_result("000001"))
     lines.add(_result("000002", total_s=0.31))
     assert len(log.lines) == 1, "plain commits wait for the next line"
@@ -48,6 +48,6 @@ def test_plain_commits_are_told_together_and_notable_ones_alone(monkeypatch: pyt
     )
     now[0] += _ray._COMMIT_LINES_EVERY_S  # long enough since the last group
     lines.add(_result("000005"))
-    assert log.lines[4] == "1 shard committed (000005): 2 rows, 3 tokens, 0.0-0.0 s each; 6 of 6"
+    assert log.lines[4] == "1 shard committed (000005): 2 rows, 3 tokens, 0.0 s; 6 of 6"
     lines.flush()
     assert len(log.lines) == 5, "nothing left to tell"
