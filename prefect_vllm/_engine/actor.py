@@ -338,8 +338,8 @@ class VllmEngineActor:
         final = None
         async with self._in_flight:
             try:
-                # A copy per row: vLLM fills in the model's defaults on the params it is given.
-                async for out in self._engine.encode(prompt, job_params.clone(), request_id):
+                # Shared by the call's rows: vLLM copies it for each request (`InputProcessor`).
+                async for out in self._engine.encode(prompt, job_params, request_id):
                     final = out
             except EngineDeadError:
                 self._die("a request saw EngineDeadError")
