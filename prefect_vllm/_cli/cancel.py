@@ -10,9 +10,8 @@ import sys
 import time
 from typing import Any
 
-from prefect_vllm._cli.common import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE
+from prefect_vllm._cli.common import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, add_output_arguments, output_store
 from prefect_vllm._cli.common import fail as _fail
-from prefect_vllm._cli.status import output_store
 
 
 def add_cancel_parser(sub: Any) -> None:
@@ -20,11 +19,7 @@ def add_cancel_parser(sub: Any) -> None:
     cancel = sub.add_parser(
         "cancel", help="stop the run of a job (a Prefect cancellation); its committed shards stay"
     )
-    cancel.add_argument("output", help="the job's output folder or URI")
-    cancel.add_argument(
-        "--storage", default=None, metavar="NAME",
-        help="a saved CheckpointStorage block: OUTPUT is a path under its base_uri",
-    )  # fmt: skip
+    add_output_arguments(cancel, "the job's output folder or URI")
     cancel.add_argument(
         "--wait",
         type=float,

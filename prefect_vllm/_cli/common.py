@@ -11,13 +11,38 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prefect_vllm._store.checkpoint import CheckpointStore
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 
 #: How long the run's own clean-up (its engines, its Ray cluster, its Prefect server) may
 #: take after Ctrl-C or SIGTERM before the command kills what is left and exits.
 INTERRUPT_GRACE_S = 20.0
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, output_help: str) -> None:
+    """`OUTPUT` and `--storage NAME`, as `status` and `cancel` read a job's location."""
+    parser.add_argument("output", help=output_help)
+    parser.add_argument(
+        "--storage", default=None, metavar="NAME",
+        help="a saved CheckpointStorage block: OUTPUT is a path under its base_uri, read with its credentials",
+    )  # fmt: skip
+
+
+def output_store(output: str, storage: str | None) -> CheckpointStore:
+    """The location a command reads: `output`, or a path under a storage block."""
+    from prefect_vllm._store.checkpoint import CheckpointStore
+
+    if storage is None:
+        return CheckpointStore(output)
+    from prefect_vllm.blocks import CheckpointStorage
+    from prefect_vllm.blocks.storage import open_store
+    from prefect_vllm.flows._params import load_block
+
+    return open_store(output, load_block(CheckpointStorage, storage, "--storage"))
 
 
 def add_actor_flags(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from prefect_vllm._cli.common import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE
+from prefect_vllm._cli.common import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, add_output_arguments, output_store
 from prefect_vllm._cli.common import fail as _fail
 from prefect_vllm._store.checkpoint import CheckpointStore
 
@@ -16,11 +16,7 @@ def add_status_parser(sub: Any) -> None:
     status = sub.add_parser(
         "status", help="progress of a job, or of every job in a folder, from its checkpoints alone"
     )
-    status.add_argument("output", help="the job's output folder or URI, or a folder of jobs' outputs")
-    status.add_argument(
-        "--storage", default=None, metavar="NAME",
-        help="a saved CheckpointStorage block: OUTPUT is a path under its base_uri, read with its credentials",
-    )  # fmt: skip
+    add_output_arguments(status, "the job's output folder or URI, or a folder of jobs' outputs")
     status.add_argument("--json", action="store_true", help="one JSON object (a folder of jobs: a list)")
     status.add_argument(
         "--verify", action="store_true", help="also read every part file and check its sha256"
@@ -97,23 +93,7 @@ def _jobs_under(store: CheckpointStore, verify: bool) -> list[dict[str, Any]]:
     ):
         if info.type != pafs.FileType.Directory:
             continue
-        sub = CheckpointStore(info.path, filesystem=store.fs)  # the folder's credentials too
-        path, query = store.uri.split("?", 1) if "?" in store.uri else (store.uri, "")
-        sub.uri = f"{path.rstrip('/')}/{info.base_name}" + (
-            f"?{query}" if query else ""
-        )  # as the user names it
-        job = job_status(sub, verify=verify)
+        job = job_status(store.child(info.base_name), verify=verify)
         if job is not None:
             found.append(job)
     return found
-
-
-def output_store(output: str, storage: str | None) -> CheckpointStore:
-    """The location a command reads: `output`, or a path under a storage block."""
-    if storage is None:
-        return CheckpointStore(output)
-    from prefect_vllm.blocks import CheckpointStorage
-    from prefect_vllm.blocks.storage import open_store
-    from prefect_vllm.flows._params import load_block
-
-    return open_store(output, load_block(CheckpointStorage, storage, "--storage"))

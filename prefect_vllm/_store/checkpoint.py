@@ -108,6 +108,14 @@ class CheckpointStore:
         """The full path of a file under the root."""
         return f"{self.root}/{name}"
 
+    def child(self, name: str) -> CheckpointStore:
+        """The location of the folder `name` under this one, with the same filesystem (and
+        credentials), its `uri` named as the user names this one (query string kept)."""
+        child = CheckpointStore(self.path(name), filesystem=self.fs)
+        base, query = self.uri.split("?", 1) if "?" in self.uri else (self.uri, "")
+        child.uri = f"{base.rstrip('/')}/{name}" + (f"?{query}" if query else "")
+        return child
+
     def part_name(self, shard_id: str) -> str:
         """The part file name of a shard."""
         return f"part-{shard_id}.parquet"

@@ -153,24 +153,9 @@ def check_not_running(store: CheckpointStore) -> None:
     Raises:
         JobRunningError: Naming the run that holds it.
     """
-    if store.is_local:
-        try:
-            fd = os.open(store.path(LOCK), os.O_RDWR)  # NFS locks a write lock on writable files only
-        except FileNotFoundError:
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            raise JobRunningError(_held_message(_read(store))) from None
-        except OSError as exc:
-            if exc.errno not in _NO_KERNEL_LOCK:
-                raise
-        finally:
-            os.close(fd)
-    held = _read(store)
-    if held is not None and not _is_stale(held):
-        raise JobRunningError(_held_message(held))
+    held = running_holder(store)
+    if held is not None:
+        raise JobRunningError(_held_message(held or None))
 
 
 def _take_kernel_lock(store: CheckpointStore, record: dict[str, Any]) -> int:
@@ -209,11 +194,23 @@ def _same_file(fd: int, path: str) -> bool:
 def running_holder(store: CheckpointStore) -> dict[str, Any] | None:
     """The lock record of the live run that holds the job in `store`, or None if no run
     holds it (a record torn by a dying holder reads as `{}`)."""
-    try:
-        check_not_running(store)
-    except JobRunningError:
-        return _read(store) or {}
-    return None
+    if store.is_local:
+        try:
+            fd = os.open(store.path(LOCK), os.O_RDWR)  # NFS locks a write lock on writable files only
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            return _read(store) or {}
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_LOCK:
+                raise
+        finally:
+            os.close(fd)
+    held = _read(store)
+    return held if held is not None and not _is_stale(held) else None
 
 
 def _read(store: CheckpointStore) -> dict[str, Any] | None:

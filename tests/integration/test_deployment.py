@@ -176,8 +176,9 @@ def test_bad_parameters_fail_the_run_at_once_naming_the_parameter(
     assert not list((tmp_path / "out").glob("part-*"))
 
 
-def test_prefect_yaml_registers_the_nightly_schedule_and_dated_parameters(prefect_server: str) -> None:
-    """`prefect deploy` from the project's prefect.yaml, checked through the API; no clock waits."""
+def deploy_from_prefect_yaml(name: str) -> dict[str, str]:
+    """`prefect deploy --name NAME` from the project's prefect.yaml into the session's
+    server, its `batch` work pool made first; the environment it ran with."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.settings import PREFECT_API_URL
@@ -188,11 +189,19 @@ def test_prefect_yaml_registers_the_nightly_schedule_and_dated_parameters(prefec
 
     asyncio.run(make_pool())
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_VLLM_REPO": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "nightly"],
+    deployed = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", name],
         env=env, capture_output=True, text=True, timeout=300, cwd=REPO,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    return env
+
+
+def test_prefect_yaml_registers_the_nightly_schedule_and_dated_parameters(prefect_server: str) -> None:
+    """`prefect deploy` from the project's prefect.yaml, checked through the API; no clock waits."""
+    from prefect.client.orchestration import get_client
+
+    deploy_from_prefect_yaml("nightly")
 
     async def read() -> Any:
         async with get_client() as client:
@@ -214,22 +223,9 @@ def test_a_prefect_worker_runs_the_prefect_yaml_deployment_end_to_end(
 ) -> None:
     """`prefect deploy` of the on-demand deployment, a real `prefect worker` picks the run
     up and runs it in its own process: completed, output exact, artifacts on the run."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL
 
-    async def make_pool() -> None:
-        async with get_client() as client:
-            await client.create_work_pool(WorkPoolCreate(name="batch", type="process"), overwrite=True)
-
-    asyncio.run(make_pool())
-    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_VLLM_REPO": str(REPO)}
-    deployed = subprocess.run(
-        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "on-demand"],
-        env=env, capture_output=True, text=True, timeout=300, cwd=REPO,
-    )  # fmt: skip
-    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    env = deploy_from_prefect_yaml("on-demand")
     log_path = tmp_path / "worker.log"
     with log_path.open("w") as log:
         worker = subprocess.Popen(

@@ -119,3 +119,16 @@ def test_a_write_the_location_refuses_is_one_storage_error_naming_the_file_and_l
     ):
         out.write(b"{}")
     assert (tmp_path / "out").read_text() == "a file, not a folder"
+
+
+def test_a_child_location_keeps_the_filesystem_and_is_named_as_the_user_names_its_parent(tmp_path: Path) -> None:
+    import pyarrow.fs as pafs
+
+    local = CheckpointStore(str(tmp_path)).child("job-a")
+    assert (local.root, local.uri, local.is_local) == (f"{tmp_path}/job-a", f"{tmp_path}/job-a", True)
+    fs = pafs.LocalFileSystem()
+    parent = CheckpointStore(str(tmp_path), filesystem=fs)
+    parent.uri = "s3://bucket/jobs/?region=eu-west-1"  # as a storage block's location reads
+    child = parent.child("job-b")
+    assert child.fs is fs and child.root == f"{tmp_path}/job-b"
+    assert child.uri == "s3://bucket/jobs/job-b?region=eu-west-1"
