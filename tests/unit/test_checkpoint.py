@@ -121,7 +121,9 @@ def test_a_write_the_location_refuses_is_one_storage_error_naming_the_file_and_l
     assert (tmp_path / "out").read_text() == "a file, not a folder"
 
 
-def test_a_child_location_keeps_the_filesystem_and_is_named_as_the_user_names_its_parent(tmp_path: Path) -> None:
+def test_a_child_location_keeps_the_filesystem_and_is_named_as_the_user_names_its_parent(
+    tmp_path: Path,
+) -> None:
     import pyarrow.fs as pafs
 
     local = CheckpointStore(str(tmp_path)).child("job-a")
