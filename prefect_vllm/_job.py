@@ -83,11 +83,12 @@ def job_fingerprint(
         "inputs": [[f.path, f.size, f.mtime_ns] for f in files],
     }
     fingerprint.update({f"engine.{k}": v for k, v in engine.model_dump(mode="json").items()})
-    if task == "generate":  # an embedding samples nothing
+    if task == "generate":  # an embedding or a classification samples nothing
         fingerprint.update({f"sampling.{k}": v for k, v in sampling.model_dump(mode="json").items()})
     fingerprint.update({f"requests.{k}": v for k, v in requests.model_dump(mode="json").items()})
     if task != "generate":  # a generation job's fingerprint (and id) is what it always was
         fingerprint["task"] = task
+    if task == "embed":
         fingerprint.update(
             {f"embed.{k}": v for k, v in (embed or EmbedConfig()).model_dump(mode="json").items()}
         )
@@ -102,7 +103,7 @@ class JobIdentity:
         job_id: The explicit job id, else the fingerprint's hash.
         fingerprint: Everything that changes the job's results.
         engine: The engine settings in force (LoRA slots added when the job has adapters;
-            vLLM's pooling runner for an embedding job).
+            vLLM's pooling runner for an embedding or classification job).
         adapters: LoRA adapters by name -> path, when the job has a LoRA folder.
     """
 
@@ -133,7 +134,7 @@ def job_identity(
     fingerprint = job_fingerprint(
         model, files, columns, shard_size, sampling, engine, requests, task=task, embed=embed
     )
-    if task == "embed":  # vLLM's pooling runner; a generative checkpoint gets vLLM's embed conversion
+    if task != "generate":  # vLLM's pooling runner; a generative checkpoint gets vLLM's embed conversion
         engine = engine.model_copy(update={"engine_args": {"runner": "pooling", **engine.engine_args}})
     adapters = None
     if requests.lora_dir is not None:

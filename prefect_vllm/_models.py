@@ -215,6 +215,7 @@ def make_tiny_model(
     max_position_embeddings: int = 1024,
     dtype: str = "float32",
     shape: str = "tiny",
+    classes: list[str] | None = None,
 ) -> Path:
     """Write a random Llama model with a real BPE tokenizer, offline.
 
@@ -237,6 +238,9 @@ def make_tiny_model(
         dtype: `torch_dtype` of the tiny shape. Keep float32 on CPUs: bf16 engines die
             with SIGILL on machines where AMX was not enabled.
         shape: `tiny`, or a full-size layout named in `SHAPES`.
+        classes: Class names: a tiny classifier (`LlamaForSequenceClassification`, a
+            random score head over them, named in `id2label`) instead of a language
+            model, for `--task classify`.
 
     Returns:
         The model folder.
@@ -262,8 +266,10 @@ def make_tiny_model(
         return write_random_llama(out, fields, seed=seed)
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+    if classes is not None and (len(classes) < 2 or len(set(classes)) != len(classes)):
+        raise ValueError(f"a classifier needs two or more distinct class names, got {classes}")
     fast = _tokenizer(out, seed, vocab_size, max_position_embeddings)
     config = LlamaConfig(
         vocab_size=len(fast),
@@ -280,7 +286,13 @@ def make_tiny_model(
         dtype=dtype,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(getattr(torch, dtype))  # type: ignore[no-untyped-call]
+    if classes is not None:
+        config.num_labels = len(classes)
+        config.id2label = dict(enumerate(classes))
+        config.label2id = {name: i for i, name in enumerate(classes)}
+        model = LlamaForSequenceClassification(config).to(getattr(torch, dtype))  # type: ignore[no-untyped-call]
+    else:
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype))  # type: ignore[no-untyped-call]
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # "Writing model shards" bar

@@ -80,8 +80,9 @@ def _parser() -> argparse.ArgumentParser:
         f"that long again for the answer before a frozen actor is killed (default {_default(recovery, 'probe_timeout_s')})",
     )
     run.add_argument(
-        "--task", choices=["generate", "embed"], default="generate",
-        help="generate text (default), or embed each prompt into an `embedding` column",
+        "--task", choices=["generate", "embed", "classify"], default="generate",
+        help="generate text (default), embed each prompt (`embedding` column), or classify it "
+        "with a classifier model (`label`, `probs`)",
     )  # fmt: skip
     run.add_argument("--dimensions", type=int, default=None, help="embed: keep the first N dimensions")
     run.add_argument(
@@ -137,6 +138,10 @@ def _parser() -> argparse.ArgumentParser:
         help="tiny (default), or random weights in a full-size layout for GPU benchmarks (16 GB)",
     )  # fmt: skip
     tiny.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
+    tiny.add_argument(
+        "--classes", default=None, metavar="A,B,...",
+        help="a tiny classifier over these class names (for --task classify) instead of a language model",
+    )  # fmt: skip
     return parser
 
 
@@ -157,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.layers is not None and args.layers < 1:
         return _fail(f"--layers must be at least 1, got {args.layers}", EXIT_USAGE)
-    print(make_tiny_model(args.dir, seed=args.seed, shape=args.shape, num_layers=args.layers))
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    print(
+        make_tiny_model(args.dir, seed=args.seed, shape=args.shape, num_layers=args.layers, classes=classes)
+    )
     return EXIT_OK
 
 

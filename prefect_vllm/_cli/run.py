@@ -258,8 +258,12 @@ def _identity(args: argparse.Namespace, sampling: Any, engine: Any, requests: An
 def _embed(args: argparse.Namespace) -> Any:
     """`--dimensions` and `--normalize` as an `EmbedConfig` for an embedding job, else None."""
     from prefect_vllm.config import EmbedConfig
+    from prefect_vllm.exceptions import ConfigurationError
 
     if args.task != "embed":
+        for flag, value in (("--dimensions", args.dimensions), ("--normalize", args.normalize)):
+            if value is not None:
+                raise ConfigurationError(f"{flag}: only an embedding job (--task embed) has it")
         return None
     return EmbedConfig(dimensions=args.dimensions, normalize=args.normalize)
 

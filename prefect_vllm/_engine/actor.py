@@ -34,6 +34,8 @@ from prefect_vllm._engine.deaths import (
 )
 from prefect_vllm._engine.protocol import CallParams, GenerateCall, GenerateResult, GenerateStarted
 from prefect_vllm._engine.vllm_io import (
+    class_names,
+    classification_row,
     embedding_row,
     engine_prompt,
     failed_row,
@@ -133,6 +135,7 @@ class VllmEngineActor:
         self._pid = os.getpid()
         self._identity = {"model": model, "engine": engine_config, "pool": pool_config or {}}
         self._max_model_len = self._engine.model_config.max_model_len
+        self._class_names = class_names(self._engine.model_config.hf_config)
         self._watchdog: asyncio.Task[None] | None = None
         self._gate = _ExclusiveGate()
         self._engine_processes = [
@@ -237,16 +240,16 @@ class VllmEngineActor:
             token_ids = tokenize_prompts(call.rows, tokenizer, self._max_model_len)
             # The rows that only use the job's sampling (or pooling) share one SamplingParams
             # (PoolingParams), built here, or the error vLLM raised building it, each such row's error.
-            embed = call.params.task == "embed"
+            pooled = call.params.task != "generate"
             try:
                 job_params: Any = (
-                    pooling_params(call.params.pooling)
-                    if embed
+                    pooling_params(call.params.task, call.params.pooling)
+                    if pooled
                     else sampling_params({}, None, call.params.sampling, call.params.response_format)
                 )
             except (ValueError, TypeError) as exc:
                 job_params = exc
-            one = self._embed_one if embed else self._generate_one
+            one = self._pool_one if pooled else self._generate_one
             work = asyncio.gather(
                 *(
                     one(f"{batch}-{i}", row, seed, call.params, ids, job_params)
@@ -310,7 +313,7 @@ class VllmEngineActor:
             return failed_row("the engine returned no output")
         return output_row(final, row_params)
 
-    async def _embed_one(
+    async def _pool_one(
         self,
         request_id: str,
         row: dict[str, Any],
@@ -319,14 +322,16 @@ class VllmEngineActor:
         token_ids: list[int] | None,
         job_params: Any,
     ) -> dict[str, Any]:
-        """One row's embedding through vLLM's pooling runner (`AsyncLLM.encode`)."""
+        """One row's embedding or class probabilities, through vLLM's pooling runner
+        (`AsyncLLM.encode`)."""
         from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
+        task = params.task
         if "error" in row:
-            return failed_row(row["error"], "embed")
+            return failed_row(row["error"], task)
         if row.get("messages") is not None:
-            return failed_row("an embedding job embeds text (the prompt column), not chat messages", "embed")
+            return failed_row(f"a {task} job reads text (the prompt column), not chat messages", task)
         try:
             if isinstance(job_params, Exception):
                 raise job_params
@@ -334,7 +339,7 @@ class VllmEngineActor:
                 row, self._engine.get_tokenizer(), params.template, token_ids, self._max_model_len
             )
         except (ValueError, TypeError) as exc:
-            return failed_row(_row_error(exc), "embed")
+            return failed_row(_row_error(exc), task)
         final = None
         async with self._in_flight:
             try:
@@ -344,13 +349,15 @@ class VllmEngineActor:
             except EngineDeadError:
                 self._die("a request saw EngineDeadError")
             except (VLLMValidationError, ValueError) as exc:
-                return failed_row(_row_error(exc), "embed")
+                return failed_row(_row_error(exc), task)
             except EngineGenerateError as exc:
                 if self._engine.errored:
                     self._die(repr(exc.__cause__ or exc))
-                return failed_row(_row_error(exc.__cause__ or exc), "embed")
+                return failed_row(_row_error(exc.__cause__ or exc), task)
         if final is None:
-            return failed_row("the engine returned no output", "embed")
+            return failed_row("the engine returned no output", task)
+        if task == "classify":
+            return classification_row(final, self._class_names)
         return embedding_row(final)
 
     def __ray_shutdown__(self) -> None:

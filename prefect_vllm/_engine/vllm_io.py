@@ -15,6 +15,8 @@ from prefect_vllm._input.columns import (
     EMBEDDING,
     ERROR,
     FINISH_REASON,
+    LABEL,
+    PROBS,
     PROMPT_TOKENS,
     TEXT,
     row_columns,
@@ -175,15 +177,35 @@ def failed_row(message: str, task: str = "generate") -> dict[str, Any]:
     return row
 
 
-def pooling_params(pooling: dict[str, Any]) -> Any:
-    """vLLM `PoolingParams` for an embedding row: the job's options (`EmbedConfig`).
+def pooling_params(task: str, pooling: dict[str, Any]) -> Any:
+    """vLLM `PoolingParams` for a row of an `embed` or `classify` job, with the job's options.
 
     Raises:
         ValueError: vLLM rejects them.
     """
     from vllm import PoolingParams
 
-    return PoolingParams(task="embed", **pooling)
+    return PoolingParams(**{"task": task, **pooling})
+
+
+def class_names(hf_config: Any) -> list[str] | None:
+    """The names of a classifier's classes by index (its `id2label`), or None when the
+    model names them only by default (`LABEL_0`, ...) or not at all."""
+    id2label = getattr(hf_config, "id2label", None) or {}
+    names = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(len(id2label))]
+    return None if not names or names == [f"LABEL_{i}" for i in range(len(names))] else names
+
+
+def classification_row(final: Any, names: list[str] | None) -> dict[str, Any]:
+    """One output row from vLLM's final `PoolingRequestOutput` of a classify request:
+    every class's probability, and the most likely class's name (else its index)."""
+    if getattr(final, "error", None) is not None:
+        return failed_row(f"the engine refused the row: {str(final.error)[:300]}", "classify")
+    data = final.outputs.data
+    probs = [float(p) for p in (data.tolist() if hasattr(data, "tolist") else data)]
+    best = max(range(len(probs)), key=probs.__getitem__) if probs else None
+    label = None if best is None else (names[best] if names and best < len(names) else str(best))
+    return {LABEL: label, PROBS: probs, PROMPT_TOKENS: len(final.prompt_token_ids or ()), ERROR: None}
 
 
 def embedding_row(final: Any) -> dict[str, Any]:

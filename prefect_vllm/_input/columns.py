@@ -17,9 +17,13 @@ ERROR = "error"
 KIND = "kind"
 CHOICES = "choices"
 EMBEDDING = "embedding"
+PROBS = "probs"
+LABEL = "label"
 
-#: What a job does with each row: generate text, or embed it (vLLM's pooling runner).
-TASKS = ("generate", "embed")
+#: What a job does with each row: generate text, embed it, or classify it (the last two
+#: with vLLM's pooling runner).
+TASKS = ("generate", "embed", "classify")
+POOLING_TASKS = ("embed", "classify")
 
 #: Optional input columns: chat messages, per-row sampling overrides, a LoRA adapter's name.
 MESSAGES = "messages"
@@ -38,10 +42,21 @@ ROW_COLUMNS = (TEXT, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS, ERROR, CHO
 EMBED_OUTPUT_COLUMNS = (CUSTOM_ID, EMBEDDING, PROMPT_TOKENS, ERROR)
 EMBED_ROW_COLUMNS = (EMBEDDING, PROMPT_TOKENS, ERROR)
 
+#: A classification job's output columns, in order, and the per-row columns of its engine
+#: calls: every class's probability, and the most likely class's name (its index when
+#: the model names none).
+CLASSIFY_OUTPUT_COLUMNS = (CUSTOM_ID, LABEL, PROBS, PROMPT_TOKENS, ERROR)
+CLASSIFY_ROW_COLUMNS = (LABEL, PROBS, PROMPT_TOKENS, ERROR)
+
 
 def row_columns(task: str) -> tuple[str, ...]:
     """The per-row columns an engine call of `task` returns, in order."""
-    return EMBED_ROW_COLUMNS if task == "embed" else ROW_COLUMNS
+    return {"embed": EMBED_ROW_COLUMNS, "classify": CLASSIFY_ROW_COLUMNS}.get(task, ROW_COLUMNS)
+
+
+def output_columns(task: str) -> tuple[str, ...]:
+    """The columns of a `task` job's part files, in order."""
+    return {"embed": EMBED_OUTPUT_COLUMNS, "classify": CLASSIFY_OUTPUT_COLUMNS}.get(task, OUTPUT_COLUMNS)
 
 
 #: Prefix of metadata files in the output folder; part files never start with it.
@@ -52,6 +67,16 @@ def output_schema(task: str = "generate") -> pa.Schema:
     """The Arrow schema of every `part-<shard>.parquet` file of a `task` job."""
     import pyarrow as pa
 
+    if task == "classify":
+        return pa.schema(
+            [
+                pa.field(CUSTOM_ID, pa.string(), nullable=False),
+                pa.field(LABEL, pa.string()),
+                pa.field(PROBS, pa.list_(pa.float32())),
+                pa.field(PROMPT_TOKENS, pa.int32()),
+                pa.field(ERROR, pa.string()),
+            ]
+        )
     if task == "embed":
         return pa.schema(
             [

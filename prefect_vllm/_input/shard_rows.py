@@ -11,15 +11,16 @@ from prefect_vllm._input.columns import (
     CHOICES,
     COMPLETION_TOKENS,
     CUSTOM_ID,
-    EMBEDDING,
     ERROR,
     FINISH_REASON,
     KIND,
     MODEL,
+    POOLING_TASKS,
     PROMPT_TOKENS,
     SAMPLING_PARAMS,
     TEXT,
     output_schema,
+    row_columns,
 )
 from prefect_vllm._input.openai_batch import parse_request
 from prefect_vllm._input.planning import InputColumns, ShardSpec, iter_jsonl_lines, parse_jsonl_line
@@ -151,16 +152,12 @@ def output_table(rows: list[RowRequest], generated: dict[str, Any], task: str = 
     """The shard's output table in the contract's column order and types for `task`."""
     import pyarrow as pa
 
-    if task == "embed":
-        return pa.Table.from_pydict(
-            {
-                CUSTOM_ID: [r.custom_id for r in rows],
-                EMBEDDING: generated[EMBEDDING],
-                PROMPT_TOKENS: generated[PROMPT_TOKENS],
-                ERROR: generated[ERROR],
-            },
-            schema=output_schema("embed"),
-        )
+    if task in POOLING_TASKS:
+        columns = {
+            CUSTOM_ID: [r.custom_id for r in rows],
+            **{name: generated[name] for name in row_columns(task)},
+        }
+        return pa.Table.from_pydict(columns, schema=output_schema(task))
     return pa.Table.from_pydict(
         {
             CUSTOM_ID: [r.custom_id for r in rows],

@@ -112,27 +112,25 @@ def resolve_settings(
 
 
 def check_task(task: str, *, warm_pool: str | None, export: str | None, requests: RequestConfig) -> None:
-    """Refuse what an embedding job cannot do yet, before anything starts.
+    """Refuse what an embedding or classification job cannot do yet, before anything starts.
 
     Raises:
         ConfigurationError: Naming the parameter.
     """
     if task == "generate":
         return
-    if task != "embed":
-        raise ConfigurationError(f"task: {task!r} is not one of 'generate', 'embed'")
+    if task not in ("embed", "classify"):
+        raise ConfigurationError(f"task: {task!r} is not one of 'generate', 'embed', 'classify'")
+    job = "an embedding job" if task == "embed" else "a classification job"
     if warm_pool is not None:
-        raise ConfigurationError(
-            "warm_pool: warm pools host generation engines; an embedding job starts its own"
-        )
+        raise ConfigurationError(f"warm_pool: warm pools host generation engines; {job} starts its own")
     if export is not None:
         raise ConfigurationError(
-            "export: the OpenAI export writes completion responses; an embedding job's output "
-            "is its part files (an `embedding` column)"
+            f"export: the OpenAI export writes completion responses; {job}'s output is its part files"
         )
     if requests.lora_dir is not None or requests.json_schema is not None:
         raise ConfigurationError(
-            "requests: LoRA adapters and JSON schemas are for generation, not embeddings"
+            f"requests: LoRA adapters and JSON schemas are for generation, not {task} ({job})"
         )
 
 

@@ -70,7 +70,7 @@ def batch_inference(
     export: Literal["openai"] | None = None,
     warm_pool: str | None = None,
     verify: bool = False,
-    task: Literal["generate", "embed"] = "generate",
+    task: Literal["generate", "embed", "classify"] = "generate",
     embed: EmbedConfig | None = None,
 ) -> BatchResult:
     """Generate a completion (or an embedding) for every row of a prompt dataset, resumably.
@@ -120,9 +120,11 @@ def batch_inference(
             commit marker before skipping it (presence and size are always checked).
             A part that does not match is generated again and counted in
             `shards_repaired`.
-        task: `generate` (text), or `embed`: one vector per row's prompt text, from
+        task: `generate` (text); `embed`: one vector per row's prompt text, from
             vLLM's pooling runner (a generative checkpoint gets vLLM's own embedding
-            conversion), in an `embedding` column; sampling does not apply.
+            conversion), in an `embedding` column; `classify`: a classifier's class
+            probabilities (`probs`) and most likely class (`label`). Sampling applies
+            to `generate` only.
         embed: Embedding options (`EmbedConfig`: dimensions, normalisation).
 
     Returns:

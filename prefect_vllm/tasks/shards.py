@@ -41,7 +41,7 @@ class ShardJob:
         recovery: Deadlines and poison isolation.
         engines: The engine actors to call (handles and failover only: no settings, no
             secrets); set by the flow once its pool is up.
-        task: `generate`, or `embed` (engines started with vLLM's pooling runner).
+        task: `generate`, or `embed` or `classify` (engines started with vLLM's pooling runner).
         embed: How an `embed` job pools each row.
     """
 
@@ -123,17 +123,19 @@ def _engine_call(job: ShardJob, rows: list[RowRequest], actor_index: int) -> Eng
         template=job.requests.template(),
         adapters=job.adapters or {},
         task=job.task,
-        pooling=(job.embed or EmbedConfig()).pooling_params() if job.task == "embed" else {},
+        pooling=(job.embed or EmbedConfig()).pooling_params()
+        if job.task == "embed"
+        else {},  # classify: none
     )
     greedy = job.sampling.temperature == 0.0
     seeds: list[int | None] = (
         [None] * len(rows) if greedy else list(row_seeds(job.sampling.seed, [r.custom_id for r in rows]))
     )
     payloads = [r.payload() for r in rows]
-    # The most tokens each row may generate: its own max_tokens, times n choices (an embedding: one step).
+    # The most tokens each row may generate: its own max_tokens, times n choices (pooling: one step).
     budgets = (
         [1] * len(rows)
-        if job.task == "embed"
+        if job.task != "generate"
         else [r.sampling.get("max_tokens", job.sampling.max_tokens) * r.sampling.get("n", 1) for r in rows]
     )
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from prefect_vllm._input.columns import EMBED_OUTPUT_COLUMNS
+from prefect_vllm._input.columns import CLASSIFY_OUTPUT_COLUMNS, EMBED_OUTPUT_COLUMNS
 from prefect_vllm.testing import write_sample_prompts
 from tests.helpers import REPO, input_ids, no_engine_left, read_output, run_cli, summary_of
 
@@ -103,7 +103,62 @@ def test_embedding_options_that_cannot_apply_are_refused_before_anything_starts(
         (["--export", "openai"], "export"),
         (["--pool", "warm"], "warm_pool"),
         (["--dimensions", "0"], "dimensions"),
+        (["--task", "classify", "--dimensions", "8"], "--dimensions"),
     ):
         refused = run_cli([*base, *extra], tmp_path / "home")
         last = refused.stderr.strip().splitlines()[-1]
         assert refused.returncode == 2 and names in last and "Traceback" not in refused.stderr, refused.stderr
+
+
+#: Raw vLLM's class probabilities for the same texts: `LLM.classify` with the pooling runner.
+_RAW_CLASSIFY = """
+import json, sys
+if __name__ == "__main__":
+    from vllm import LLM
+    from prefect_vllm.config import EngineConfig
+    model, prompts, out = sys.argv[1:4]
+    rows = [json.loads(line) for line in open(prompts)]
+    llm = LLM(**EngineConfig().engine_kwargs(model, on_cpu=True), runner="pooling")
+    classified = llm.classify([r["prompt"] for r in rows], use_tqdm=False)
+    with open(out, "w") as f:
+        json.dump({r["custom_id"]: c.outputs.probs for r, c in zip(rows, classified)}, f)
+"""
+
+
+def test_a_classification_job_gives_raw_vllms_probabilities_and_the_models_class_names(
+    tmp_path: Path, prefect_server: str
+) -> None:
+    classes = ["negative", "neutral", "positive"]
+    made = run_cli(
+        ["make-tiny-model", str(tmp_path / "classifier"), "--classes", ",".join(classes)], tmp_path / "home"
+    )
+    assert made.returncode == 0, made.stderr[-2000:]
+    model = tmp_path / "classifier"
+    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=24, seed=9)
+    out = tmp_path / "out"
+    args = ["run", str(prompts), "--output", str(out), "--model", str(model), "--task", "classify",
+            "--shard-size", "10", "--json"]  # fmt: skip
+    done = run_cli(args, tmp_path / "home", api_url=prefect_server)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (summary_of(done)["rows_ok"], summary_of(done)["rows_failed"]) == (24, 0)
+    table = read_output(out)
+    assert tuple(table.column_names) == CLASSIFY_OUTPUT_COLUMNS
+    rows = {r["custom_id"]: r for r in table.to_pylist()}
+    assert sorted(rows) == sorted(input_ids(prompts))
+
+    raw_out = tmp_path / "raw.json"
+    script = tmp_path / "raw.py"
+    script.write_text(_RAW_CLASSIFY)
+    raw = subprocess.run(
+        [sys.executable, str(script), str(model), str(prompts), str(raw_out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert raw.returncode == 0, raw.stderr[-3000:]
+    expected = json.loads(raw_out.read_text())
+    assert len(expected) == 24
+    for custom_id, probs in expected.items():
+        row = rows[custom_id]
+        assert row["error"] is None and len(row["probs"]) == 3
+        assert max(abs(a - b) for a, b in zip(row["probs"], probs, strict=True)) <= 1e-4, custom_id
+        assert row["label"] == classes[max(range(3), key=probs.__getitem__)]
+    no_engine_left()

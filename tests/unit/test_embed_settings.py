@@ -90,3 +90,34 @@ def test_an_embedding_shard_has_its_own_columns() -> None:
         "prompt_tokens": 2,
         "error": None,
     }
+
+
+def test_a_classification_row_names_its_most_likely_class() -> None:
+    from types import SimpleNamespace
+
+    from prefect_vllm._engine.vllm_io import class_names, classification_row
+
+    assert class_names(SimpleNamespace(id2label={0: "LABEL_0", 1: "LABEL_1"})) is None
+    assert class_names(SimpleNamespace(id2label={0: "no", 1: "yes"})) == ["no", "yes"]
+    assert class_names(SimpleNamespace()) is None
+    final = SimpleNamespace(
+        outputs=SimpleNamespace(data=[0.2, 0.7, 0.1]), prompt_token_ids=[1, 2, 3], error=None
+    )
+    assert classification_row(final, ["a", "b", "c"]) == {
+        "label": "b", "probs": [0.2, 0.7, 0.1], "prompt_tokens": 3, "error": None,
+    }  # fmt: skip
+    assert classification_row(final, None)["label"] == "1", "unnamed classes: the index"
+    refused = SimpleNamespace(outputs=None, prompt_token_ids=[], error="too long")
+    assert classification_row(refused, None)["error"] == "the engine refused the row: too long"
+
+
+def test_a_classification_job_is_its_own_job_on_the_pooling_runner(tmp_path: Path) -> None:
+    classify = _identity(tmp_path, task="classify")
+    assert classify.fingerprint["task"] == "classify" and classify.engine.engine_args["runner"] == "pooling"
+    assert not any(k.startswith(("embed.", "sampling.")) for k in classify.fingerprint)
+    assert classify.job_id not in (_identity(tmp_path).job_id, _identity(tmp_path, task="embed").job_id)
+    assert row_columns("classify") == ("label", "probs", "prompt_tokens", "error")
+    with pytest.raises(ConfigurationError, match=r"^export:"):
+        check_task("classify", warm_pool=None, export="openai", requests=RequestConfig())
+    with pytest.raises(ConfigurationError, match=r"^task:"):
+        check_task("score", warm_pool=None, export=None, requests=RequestConfig())
