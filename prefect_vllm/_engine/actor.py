@@ -188,12 +188,14 @@ class VllmEngineActor:
         return all(_is_engine_process(proc) for proc in self._engine_processes)
 
     async def info(self) -> dict[str, Any]:
-        """Who this actor is: pid, engine start time, context length, why its engines
-        died before (`deaths`, oldest first), and the model, engine and pool settings
-        it was made with."""
+        """Who this actor is: pid, engine start time, context length, the tasks its
+        engine serves (vLLM's names: `generate`, `embed`, `classify`, ...), why its
+        engines died before (`deaths`, oldest first), and the model, engine and pool
+        settings it was made with."""
         self._ensure_watchdog()
         return {
             "pid": self._pid,
+            "tasks": list(await self._engine.get_supported_tasks()),
             "start_s": self._start_s,
             "max_model_len": self._max_model_len,
             "hf_token_set": bool(os.environ.get("HF_TOKEN")),

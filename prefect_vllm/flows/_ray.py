@@ -16,7 +16,7 @@ from prefect_vllm._engine.pool import VllmActorPool
 from prefect_vllm._input.planning import ShardSpec
 from prefect_vllm._launch.ray_start import local_cluster, ray_init_kwargs, warm_shard_workers
 from prefect_vllm._logs import counted
-from prefect_vllm.exceptions import StorageError
+from prefect_vllm.exceptions import ConfigurationError, StorageError
 from prefect_vllm.results import ShardResult
 from prefect_vllm.tasks import ShardJob, run_shard
 
@@ -119,6 +119,7 @@ def run_on_ray(
                 ray_start_s, engine_start_s = t1 - t0, time.monotonic() - t1
             engine_start_s = round(engine_start_s, 3)  # the log says what the summary says
             _log_engines(pool, infos, engine_start_s)
+            _check_serves(pool.model, job.task, infos)
             job = dataclasses.replace(job, engines=pool.client(job.recovery.probe_timeout_s))
             started = time.monotonic()
             try:
@@ -155,6 +156,25 @@ def _starting(since: float) -> Any:
         )  # fmt: skip
 
     return say
+
+
+def _check_serves(model: str, task: str, infos: list[dict[str, Any]]) -> None:
+    """Refuse a job whose engines cannot do its task, before any shard runs (every row
+    would be a row error). Engines that do not say (a warm pool's older actors) pass.
+
+    Raises:
+        ConfigurationError: Naming the task, the model and what vLLM serves with it.
+    """
+    served = next((info["tasks"] for info in infos if "tasks" in info), None)
+    if served is None or task in served:
+        return
+    hint = (
+        "; a classifier is a *ForSequenceClassification model "
+        "(`prefect-vllm make-tiny-model DIR --classes a,b` makes a tiny one)"
+        if task == "classify"
+        else ""
+    )
+    raise ConfigurationError(f"task: {model} cannot {task}: vLLM serves {', '.join(served)} with it{hint}")
 
 
 def _log_engines(pool: VllmActorPool, infos: list[dict[str, Any]], ready_s: float) -> None:

@@ -131,7 +131,8 @@ def batch_inference(
         The run's summary.
 
     Raises:
-        ConfigurationError: Bad input or settings, before any engine starts.
+        ConfigurationError: Bad input or settings, before any engine starts; a model
+            whose engines cannot do `task`, once they are up and before any shard runs.
         IncompleteJobError: Some shards were not committed; re-run to resume.
 
     Examples:

@@ -126,7 +126,7 @@ if __name__ == "__main__":
 
 
 def test_a_classification_job_gives_raw_vllms_probabilities_and_the_models_class_names(
-    tmp_path: Path, prefect_server: str
+    tmp_path: Path, tiny_model: Path, prefect_server: str
 ) -> None:
     classes = ["negative", "neutral", "positive"]
     made = run_cli(
@@ -161,4 +161,13 @@ def test_a_classification_job_gives_raw_vllms_probabilities_and_the_models_class
         assert row["error"] is None and len(row["probs"]) == 3
         assert max(abs(a - b) for a, b in zip(row["probs"], probs, strict=True)) <= 1e-4, custom_id
         assert row["label"] == classes[max(range(3), key=probs.__getitem__)]
+
+    # A language model is no classifier: refused once its engine says so, nothing written.
+    not_a_classifier = run_cli(
+        [*args[:3], str(tmp_path / "out-lm"), "--model", str(tiny_model), *args[6:]], tmp_path / "home",
+        api_url=prefect_server,
+    )  # fmt: skip
+    last = not_a_classifier.stderr.strip().splitlines()[-1]
+    assert not_a_classifier.returncode == 2 and "cannot classify" in last, not_a_classifier.stderr[-3000:]
+    assert "Traceback" not in not_a_classifier.stderr and not list((tmp_path / "out-lm").glob("part-*"))
     no_engine_left()
