@@ -127,6 +127,8 @@ def run_on_ray(
                     runner, pending, job, pool, on_commit or (lambda _result: None),
                     on_engine_death or (lambda *_death: None),
                 )  # fmt: skip
+            except SystemError as exc:
+                raise signal_raised_in_ray(exc) from None
             finally:
                 generation_s = time.monotonic() - started
             # Only a run that ended by itself asks why engines died: an interrupted or
@@ -156,6 +158,24 @@ def _starting(since: float) -> Any:
         )  # fmt: skip
 
     return say
+
+
+def signal_raised_in_ray(exc: SystemError) -> BaseException:
+    """What a signal handler raised inside a Ray call, else `exc` itself.
+
+    A handler that raises while Ray's driver waits (`ray.wait`, `ray.get`: Prefect's
+    `TerminationSignal` on SIGTERM, `KeyboardInterrupt` on Ctrl-C) comes out of Ray's
+    compiled code as "SystemError: ... returned a result with an exception set", the
+    handler's exception its cause. Seen as it is, the flow run would count a Prefect
+    cancellation or `prefect-vllm cancel` as a crash (exit 1, a traceback) instead of
+    stopping as asked (exit 143, Cancelled).
+    """
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and (
+        isinstance(cause, KeyboardInterrupt) or type(cause).__name__ == "TerminationSignal"
+    ):
+        return cause
+    return exc
 
 
 def _check_serves(model: str, task: str, infos: list[dict[str, Any]]) -> None:

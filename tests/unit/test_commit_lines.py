@@ -51,3 +51,20 @@ def test_plain_commits_are_told_together_and_notable_ones_alone(monkeypatch: pyt
     assert log.lines[4] == "1 shard committed (000005): 2 rows, 3 tokens, 0.0 s; 6 of 6"
     lines.flush()
     assert len(log.lines) == 5, "nothing left to tell"
+
+
+def test_a_signal_raised_inside_ray_comes_out_as_itself() -> None:
+    from prefect.exceptions import TerminationSignal
+
+    for raised in (TerminationSignal(signal=15), KeyboardInterrupt()):
+        try:
+            try:
+                raise raised
+            except BaseException as cause:
+                raise SystemError(
+                    "<cyfunction CoreWorker.wait> returned a result with an exception set"
+                ) from cause
+        except SystemError as exc:
+            assert _ray.signal_raised_in_ray(exc) is raised
+    plain = SystemError("something else")
+    assert _ray.signal_raised_in_ray(plain) is plain
