@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,18 @@ if __name__ == "__main__":
     with open(out, "w") as f:
         json.dump({r["custom_id"]: [e.outputs.embedding, len(e.prompt_token_ids)] for r, e in zip(rows, embedded)}, f)
 """
+
+
+def _raw_vllm(script: str, model: Path, prompts: Path, tmp_path: Path) -> dict[str, Any]:
+    """Run a raw-vLLM reference `script` on `model` and `prompts` in its own process; its JSON."""
+    (tmp_path / "raw.py").write_text(script)
+    raw = subprocess.run(
+        [sys.executable, str(tmp_path / "raw.py"), str(model), str(prompts), str(tmp_path / "raw.json")],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert raw.returncode == 0, raw.stderr[-3000:]
+    result: dict[str, Any] = json.loads((tmp_path / "raw.json").read_text())
+    return result
 
 
 def _cosine(a: list[float], b: list[float]) -> float:
@@ -59,15 +72,7 @@ def test_an_embedding_job_gives_raw_vllms_vectors_and_resumes_without_an_engine(
     rows = {r["custom_id"]: r for r in table.to_pylist()}
     assert rows["chat-1"]["embedding"] is None and "not chat messages" in rows["chat-1"]["error"]
 
-    raw_out = tmp_path / "raw.json"
-    script = tmp_path / "raw.py"
-    script.write_text(_RAW)
-    raw = subprocess.run(
-        [sys.executable, str(script), str(tiny_model), str(prompts), str(raw_out)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )  # fmt: skip
-    assert raw.returncode == 0, raw.stderr[-3000:]
-    expected = json.loads(raw_out.read_text())
+    expected = _raw_vllm(_RAW, tiny_model, prompts, tmp_path)
     assert len(expected) == 40
     for custom_id, (vector, prompt_tokens) in expected.items():
         row = rows[custom_id]
@@ -146,15 +151,7 @@ def test_a_classification_job_gives_raw_vllms_probabilities_and_the_models_class
     rows = {r["custom_id"]: r for r in table.to_pylist()}
     assert sorted(rows) == sorted(input_ids(prompts))
 
-    raw_out = tmp_path / "raw.json"
-    script = tmp_path / "raw.py"
-    script.write_text(_RAW_CLASSIFY)
-    raw = subprocess.run(
-        [sys.executable, str(script), str(model), str(prompts), str(raw_out)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )  # fmt: skip
-    assert raw.returncode == 0, raw.stderr[-3000:]
-    expected = json.loads(raw_out.read_text())
+    expected = _raw_vllm(_RAW_CLASSIFY, model, prompts, tmp_path)
     assert len(expected) == 24
     for custom_id, probs in expected.items():
         row = rows[custom_id]
