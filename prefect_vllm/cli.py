@@ -80,9 +80,10 @@ def _parser() -> argparse.ArgumentParser:
         f"that long again for the answer before a frozen actor is killed (default {_default(recovery, 'probe_timeout_s')})",
     )
     run.add_argument(
-        "--task", choices=["generate", "embed", "classify"], default="generate",
-        help="generate text (default), embed each prompt (`embedding` column), or classify it "
-        "with a classifier model (`label`, `probs`)",
+        "--task", choices=["generate", "embed", "classify"], default=None,
+        help="generate text, embed each prompt (`embedding` column), or classify it with a "
+        "classifier model (`label`, `probs`); default: what an OpenAI Batch input's url asks "
+        "for (/v1/embeddings: embed), else generate",
     )  # fmt: skip
     run.add_argument("--dimensions", type=int, default=None, help="embed: keep the first N dimensions")
     run.add_argument(

@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
             lora_dir=args.lora_dir,
         )
         recovery = recovery_config(args)
-        check_task(args.task, warm_pool=args.pool, export=args.export, requests=requests)
+        args.task = _task(args)
+        check_task(args.task or "generate", warm_pool=args.pool, export=args.export, requests=requests)
         embed = _embed(args)
         _precheck(args)
         done, engines_needed = _answer_from_checkpoints(args, sampling, engine, requests, started)
@@ -253,6 +254,17 @@ def _identity(args: argparse.Namespace, sampling: Any, engine: Any, requests: An
         args.model, discover_inputs(args.input), columns, args.shard_size, sampling or SamplingConfig(),
         engine or EngineConfig(), requests, args.job_id, task=args.task, embed=_embed(args),
     )  # fmt: skip
+
+
+def _task(args: argparse.Namespace) -> str | None:
+    """`--task`, or the task an OpenAI Batch input's requests need (None: the flow decides,
+    when the input's name holds a date)."""
+    from prefect_vllm._input.planning import discover_inputs, input_task
+    from prefect_vllm.flows._resolve import resolve_task
+
+    if "{" in args.input:
+        return str(args.task) if args.task else None
+    return resolve_task(args.task, input_task(discover_inputs(args.input)))
 
 
 def _embed(args: argparse.Namespace) -> Any:

@@ -279,9 +279,6 @@ class VllmEngineActor:
         token_ids: list[int] | None,
         job_params: Any,
     ) -> dict[str, Any]:
-        from vllm.exceptions import VLLMValidationError
-        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
-
         if "error" in row:
             return failed_row(row["error"])
         try:
@@ -297,21 +294,13 @@ class VllmEngineActor:
             lora = lora_request(row, params.adapters)
         except (ValueError, TypeError) as exc:
             return failed_row(_row_error(exc))
-        final = None
-        async with self._in_flight:
-            try:
-                async for out in self._engine.generate(prompt, row_params, request_id, lora_request=lora):
-                    final = out
-            except EngineDeadError:
-                # Its message points at a stack trace that is not there: the cause is ours to say.
-                self._die("a request saw EngineDeadError")
-            except (VLLMValidationError, ValueError) as exc:
-                return failed_row(_row_error(exc))
-            except EngineGenerateError as exc:
-                if self._engine.errored:
-                    self._die(repr(exc.__cause__ or exc))
-                return failed_row(_row_error(exc.__cause__ or exc))
-        if final is None or not final.outputs:
+        try:
+            final = await self._final_output(
+                self._engine.generate(prompt, row_params, request_id, lora_request=lora)
+            )
+        except _RowFailed as exc:
+            return failed_row(str(exc))
+        if not final.outputs:
             return failed_row("the engine returned no output")
         return output_row(final, row_params)
 
@@ -324,43 +313,73 @@ class VllmEngineActor:
         token_ids: list[int] | None,
         job_params: Any,
     ) -> dict[str, Any]:
-        """One row's embedding or class probabilities, through vLLM's pooling runner
-        (`AsyncLLM.encode`)."""
-        from vllm.exceptions import VLLMValidationError
-        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
-
+        """One row's embedding (one per input, for a request of several) or class
+        probabilities, through vLLM's pooling runner (`AsyncLLM.encode`)."""
         task = params.task
         if "error" in row:
             return failed_row(row["error"], task)
         if row.get("messages") is not None:
             return failed_row(f"a {task} job reads text (the prompt column), not chat messages", task)
+        tokenizer = self._engine.get_tokenizer()
         try:
             if isinstance(job_params, Exception):
                 raise job_params
-            prompt = engine_prompt(
-                row, self._engine.get_tokenizer(), params.template, token_ids, self._max_model_len
+            # Shared by the call's rows: vLLM copies it for each request (`InputProcessor`).
+            row_params = (
+                pooling_params(task, {**params.pooling, **row["pooling"]})
+                if row.get("pooling")
+                else job_params
             )
+            if "inputs" in row:  # an OpenAI embeddings request of several inputs: vLLM tokenizes them
+                prompts = [
+                    engine_prompt({"prompt": p}, tokenizer, params.template, None, self._max_model_len)
+                    for p in row["inputs"]
+                ]
+            else:
+                prompts = [engine_prompt(row, tokenizer, params.template, token_ids, self._max_model_len)]
         except (ValueError, TypeError) as exc:
             return failed_row(_row_error(exc), task)
+        ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{j}" for j in range(len(prompts))]
+        try:
+            finals = await asyncio.gather(
+                *(
+                    self._final_output(self._engine.encode(prompt, row_params, one_id))
+                    for prompt, one_id in zip(prompts, ids, strict=True)
+                )
+            )
+        except _RowFailed as exc:
+            return failed_row(str(exc), task)
+        if task == "classify":
+            return classification_row(finals[0], self._class_names)
+        return embedding_row(finals, several="inputs" in row)
+
+    async def _final_output(self, outputs: AsyncIterator[Any]) -> Any:
+        """The final output of one engine request, holding one of the in-flight slots.
+
+        Raises:
+            _RowFailed: The request failed for its own sake (its row's error). An engine
+                that died instead crash-exits the actor.
+        """
+        from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
         final = None
         async with self._in_flight:
             try:
-                # Shared by the call's rows: vLLM copies it for each request (`InputProcessor`).
-                async for out in self._engine.encode(prompt, job_params, request_id):
+                async for out in outputs:
                     final = out
             except EngineDeadError:
+                # Its message points at a stack trace that is not there: the cause is ours to say.
                 self._die("a request saw EngineDeadError")
             except (VLLMValidationError, ValueError) as exc:
-                return failed_row(_row_error(exc), task)
+                raise _RowFailed(_row_error(exc)) from None
             except EngineGenerateError as exc:
                 if self._engine.errored:
                     self._die(repr(exc.__cause__ or exc))
-                return failed_row(_row_error(exc.__cause__ or exc), task)
+                raise _RowFailed(_row_error(exc.__cause__ or exc)) from None
         if final is None:
-            return failed_row("the engine returned no output", task)
-        if task == "classify":
-            return classification_row(final, self._class_names)
-        return embedding_row(final)
+            raise _RowFailed("the engine returned no output")
+        return final
 
     def __ray_shutdown__(self) -> None:
         """Shut the engine down when Ray kills the actor on purpose."""
@@ -372,6 +391,10 @@ def _is_engine_process(proc: psutil.Process) -> bool:
         return " ".join(proc.cmdline()).startswith("VLLM::")
     except psutil.Error:
         return False
+
+
+class _RowFailed(Exception):
+    """One request failed for its own sake: the message is its row's error."""
 
 
 class EngineStartFailure(RuntimeError):

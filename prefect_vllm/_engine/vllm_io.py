@@ -13,6 +13,7 @@ from prefect_vllm._input.columns import (
     CHOICES,
     COMPLETION_TOKENS,
     EMBEDDING,
+    EMBEDDINGS,
     ERROR,
     FINISH_REASON,
     LABEL,
@@ -33,9 +34,7 @@ def tokenize_prompts(
     tokens added, and cut at one token over the context so that an over-long prompt
     still fails vLLM's own length check as a row error.
     """
-    texts = {
-        i: row["prompt"] for i, row in enumerate(rows) if "error" not in row and row.get("messages") is None
-    }
+    texts = {i: row["prompt"] for i, row in enumerate(rows) if isinstance(row.get("prompt"), str)}
     ids: list[list[int] | None] = [None] * len(rows)
     if not texts:
         return ids
@@ -57,8 +56,8 @@ def engine_prompt(
     token_ids: list[int] | None = None,
     max_model_len: int | None = None,
 ) -> Any:
-    """The engine's input for a row: its token ids (tokenized here, or its messages rendered
-    with the chat template), else its text.
+    """The engine's input for a row: its token ids (given, tokenized here, or its messages
+    rendered with the chat template), else its text.
 
     Token ids go to the engine as its own `TokensInput`, already rendered: vLLM renders
     (and warns about) only what it gets as raw prompts.
@@ -79,7 +78,8 @@ def engine_prompt(
         return _tokens_input(token_ids, max_model_len)
     messages = row.get("messages")
     if messages is None:
-        return {"prompt": row["prompt"]}
+        prompt = row["prompt"]
+        return _tokens_input(prompt, max_model_len) if isinstance(prompt, list) else {"prompt": prompt}
     try:
         rendered = tokenizer.apply_chat_template(
             messages,
@@ -178,7 +178,8 @@ def failed_row(message: str, task: str = "generate") -> dict[str, Any]:
 
 
 def pooling_params(task: str, pooling: dict[str, Any]) -> Any:
-    """vLLM `PoolingParams` for a row of an `embed` or `classify` job, with the job's options.
+    """vLLM `PoolingParams` for a row of an `embed` or `classify` job, with the job's options
+    (or the row's own, over the job's).
 
     Raises:
         ValueError: vLLM rejects them.
@@ -208,16 +209,23 @@ def classification_row(final: Any, names: list[str] | None) -> dict[str, Any]:
     return {LABEL: label, PROBS: probs, PROMPT_TOKENS: len(final.prompt_token_ids or ()), ERROR: None}
 
 
-def embedding_row(final: Any) -> dict[str, Any]:
-    """One output row from vLLM's final `PoolingRequestOutput` of an embed request."""
-    if getattr(final, "error", None) is not None:
-        return failed_row(f"the engine refused the row: {str(final.error)[:300]}", "embed")
-    data = final.outputs.data
+def embedding_row(finals: list[Any], *, several: bool = False) -> dict[str, Any]:
+    """One output row from vLLM's final `PoolingRequestOutput`s of a row's embed requests:
+    one for a single input; one per input, in order, for a request of `several`."""
+    for final in finals:
+        if getattr(final, "error", None) is not None:
+            return failed_row(f"the engine refused the row: {str(final.error)[:300]}", "embed")
+    vectors = [_floats(final.outputs.data) for final in finals]
     return {
-        EMBEDDING: data.tolist() if hasattr(data, "tolist") else list(data),
-        PROMPT_TOKENS: len(final.prompt_token_ids or ()),
+        EMBEDDING: vectors[0],
+        PROMPT_TOKENS: sum(len(final.prompt_token_ids or ()) for final in finals),
         ERROR: None,
+        EMBEDDINGS: vectors if several else None,
     }
+
+
+def _floats(data: Any) -> list[float]:
+    return data.tolist() if hasattr(data, "tolist") else list(data)
 
 
 def _choice(completion: Any, top_k: int | None) -> dict[str, Any]:

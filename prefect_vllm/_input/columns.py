@@ -17,6 +17,8 @@ ERROR = "error"
 KIND = "kind"
 CHOICES = "choices"
 EMBEDDING = "embedding"
+EMBEDDINGS = "embeddings"
+ENCODING_FORMAT = "encoding_format"
 PROBS = "probs"
 LABEL = "label"
 
@@ -39,8 +41,12 @@ OUTPUT_COLUMNS = (CUSTOM_ID, TEXT, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKE
 ROW_COLUMNS = (TEXT, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS, ERROR, CHOICES)
 
 #: An embedding job's output columns, in order, and the per-row columns of its engine calls.
-EMBED_OUTPUT_COLUMNS = (CUSTOM_ID, EMBEDDING, PROMPT_TOKENS, ERROR)
-EMBED_ROW_COLUMNS = (EMBEDDING, PROMPT_TOKENS, ERROR)
+#: `embedding` is the row's vector (the first input's, for an OpenAI `/v1/embeddings`
+#: request of several inputs); `embeddings` holds every input's vector for such a
+#: request and is null otherwise, and `prompt_tokens` counts all its inputs' tokens.
+#: `encoding_format` is `base64` when such a request asked for it (for the OpenAI export).
+EMBED_OUTPUT_COLUMNS = (CUSTOM_ID, EMBEDDING, PROMPT_TOKENS, ERROR, EMBEDDINGS, ENCODING_FORMAT)
+EMBED_ROW_COLUMNS = (EMBEDDING, PROMPT_TOKENS, ERROR, EMBEDDINGS)
 
 #: A classification job's output columns, in order, and the per-row columns of its engine
 #: calls: every class's probability, and the most likely class's name (its index when
@@ -84,6 +90,8 @@ def output_schema(task: str = "generate") -> pa.Schema:
                 pa.field(EMBEDDING, pa.list_(pa.float32())),
                 pa.field(PROMPT_TOKENS, pa.int32()),
                 pa.field(ERROR, pa.string()),
+                pa.field(EMBEDDINGS, pa.list_(pa.list_(pa.float32()))),
+                pa.field(ENCODING_FORMAT, pa.string()),
             ]
         )
 

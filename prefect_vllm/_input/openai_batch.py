@@ -20,19 +20,48 @@ Examples:
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import struct
 from typing import Any, Literal
 
-from prefect_vllm._input.requests import RowRequest, checked, messages_of, parse_response_format
+from prefect_vllm._input.requests import (
+    RowRequest,
+    checked,
+    messages_of,
+    parse_response_format,
+    token_ids_of,
+)
 from prefect_vllm.exceptions import InputError
 
-__all__ = ["ENDPOINTS", "error_line", "looks_like_batch", "output_line", "parse_request"]
+__all__ = [
+    "EMBEDDINGS",
+    "ENDPOINTS",
+    "embedding_line",
+    "endpoint_task",
+    "error_line",
+    "looks_like_batch",
+    "output_line",
+    "parse_request",
+]
 
-#: The endpoints served, by URL, and the kind of request each one carries.
+#: The generation endpoints served, by URL, and the kind of request each one carries.
 ENDPOINTS: dict[str, Literal["chat", "completion"]] = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completion",
 }
+
+#: The embeddings endpoint: its requests make an embedding job (`task="embed"`).
+EMBEDDINGS = "/v1/embeddings"
+
+#: The job task each served endpoint's requests need.
+_TASKS = {**dict.fromkeys(ENDPOINTS, "generate"), EMBEDDINGS: "embed"}
+
+#: Every endpoint served, for messages.
+_SERVED = ", ".join(_TASKS)
+
+#: Embeddings body fields that need no mapping: the job's model serves every row.
+_EMBEDDING_ACCEPTED = {"model", "user"}
 
 #: Body fields that need no mapping: the job's model serves every row, and a batch
 #: never streams.
@@ -42,6 +71,13 @@ _ACCEPTED = {"model", "messages", "prompt", "stream", "user", "metadata"}
 def looks_like_batch(record: Any) -> bool:
     """Whether a parsed JSONL line is an OpenAI Batch request rather than a plain row."""
     return isinstance(record, dict) and "body" in record and "url" in record
+
+
+def endpoint_task(record: Any) -> str | None:
+    """The job task (`generate`, `embed`) a request's `url` needs; None for an endpoint
+    that is not served (such a request becomes a row error, in a job of any task)."""
+    url = record.get("url") if isinstance(record, dict) else None
+    return _TASKS.get(url) if isinstance(url, str) else None
 
 
 def parse_request(record: Any, *, path: str, line: int) -> RowRequest:
@@ -59,10 +95,12 @@ def parse_request(record: Any, *, path: str, line: int) -> RowRequest:
     if not isinstance(custom_id, str) or not custom_id:
         raise InputError("must be a non-empty string", path=path, line=line, column="custom_id")
     url = record.get("url")
+    if url == EMBEDDINGS:
+        return _embedding_request(custom_id, record)
     kind = ENDPOINTS.get(url) if isinstance(url, str) else None
     if kind is None:
         return RowRequest(
-            custom_id, "completion", error=f"unsupported endpoint {url!r}; supported: {', '.join(ENDPOINTS)}"
+            custom_id, "completion", error=f"unsupported endpoint {url!r}; supported: {_SERVED}"
         )
     if record.get("method", "POST") != "POST":
         return RowRequest(custom_id, kind, error=f"unsupported method {record.get('method')!r}; use POST")
@@ -91,6 +129,73 @@ def parse_request(record: Any, *, path: str, line: int) -> RowRequest:
         )
     except ValueError as exc:
         return RowRequest(custom_id, kind, error=str(exc))
+
+
+def _embedding_request(custom_id: str, record: dict[str, Any]) -> RowRequest:
+    """A `/v1/embeddings` request: its inputs, `dimensions` and `encoding_format`.
+
+    `input` is a string, a list of strings, a token array or a list of token arrays;
+    a list of several inputs is one row with one vector per input.
+    """
+    if record.get("method", "POST") != "POST":
+        return RowRequest(
+            custom_id, "embedding", error=f"unsupported method {record.get('method')!r}; use POST"
+        )
+    body = record.get("body")
+    if not isinstance(body, dict):
+        return RowRequest(custom_id, "embedding", error="body must be a JSON object")
+    try:
+        prompt, inputs = _embedding_inputs(body.get("input"))
+        encoding = body.get("encoding_format", "float")
+        if encoding not in ("float", "base64"):
+            raise ValueError(f"body.encoding_format must be float or base64, got {encoding!r}")
+        pooling = {}
+        if body.get("dimensions") is not None:
+            pooling["dimensions"] = checked("body.dimensions", body["dimensions"], "int>=1")
+        for key in body:
+            if key not in _EMBEDDING_ACCEPTED and key not in ("input", "encoding_format", "dimensions"):
+                raise ValueError(f"body.{key} is not supported")
+    except ValueError as exc:
+        return RowRequest(custom_id, "embedding", error=str(exc))
+    model = body.get("model") if isinstance(body.get("model"), str) else None
+    return RowRequest(
+        custom_id,
+        "embedding",
+        prompt=prompt,
+        inputs=inputs,
+        pooling=pooling,
+        encoding_format="base64" if encoding == "base64" else None,
+        model=model,
+    )
+
+
+def _embedding_inputs(value: Any) -> tuple[str | list[int] | None, list[str | list[int]] | None]:
+    """`body.input`: one text or token array (the prompt), or a list of several of them
+    (the inputs).
+
+    Raises:
+        ValueError: Empty, or not a string, token array or list of them.
+    """
+    where = "body.input"
+    if isinstance(value, str):
+        if not value:
+            raise ValueError(f"{where} is empty")
+        return value, None
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where} must be a string, a token array, or a non-empty list of them")
+    if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+        return token_ids_of(value, where), None
+    inputs: list[str | list[int]] = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            if not item:
+                raise ValueError(f"{where}[{i}] is empty")
+            inputs.append(item)
+        elif isinstance(item, list):
+            inputs.append(token_ids_of(item, f"{where}[{i}]"))
+        else:
+            raise ValueError(f"{where}[{i}] must be a string or a token array, got {type(item).__name__}")
+    return (inputs[0], None) if len(inputs) == 1 else (None, inputs)
 
 
 def _prompt(value: Any) -> str:
@@ -212,6 +317,44 @@ def output_line(
         "response": {"status_code": 200, "request_id": request_id, "body": body},
         "error": None,
     }
+
+
+def embedding_line(row: dict[str, Any], *, model: str, job_id: str) -> dict[str, Any]:
+    """A line of `output.jsonl` for an embedded row, in the OpenAI Batch shape: its body is
+    a `CreateEmbeddingResponse` (`object: "list"`, one `data` item per input, `usage`).
+
+    Args:
+        row: One output row of an embedding job: `custom_id`, `embedding`, `embeddings`
+            (every input's vector, for a request of several inputs), `prompt_tokens`
+            and `encoding_format` (`base64` for little-endian float32 bytes, as OpenAI
+            writes them; floats otherwise).
+        model: The model name reported in the body.
+        job_id: The job's id; ids are derived from it and `custom_id`.
+    """
+    request_id = _request_id(row["custom_id"], job_id)
+    vectors = row.get("embeddings") or [row["embedding"]]
+    as_base64 = row.get("encoding_format") == "base64"
+    prompt_tokens = int(row.get("prompt_tokens") or 0)
+    body = {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": _base64(v) if as_base64 else v}
+            for i, v in enumerate(vectors)
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+    return {
+        "id": f"batch_req_{request_id}",
+        "custom_id": row["custom_id"],
+        "response": {"status_code": 200, "request_id": request_id, "body": body},
+        "error": None,
+    }
+
+
+def _base64(vector: list[float]) -> str:
+    """A vector as OpenAI's `encoding_format: base64` writes it: little-endian float32 bytes."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
 def _chat_logprobs(tokens: list[dict[str, Any]] | None) -> dict[str, Any] | None:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from prefect_vllm._input.columns import CUSTOM_ID, MESSAGES
-from prefect_vllm._input.openai_batch import looks_like_batch, parse_request
+from prefect_vllm._input.openai_batch import endpoint_task, looks_like_batch, parse_request
 from prefect_vllm.exceptions import InputError
 
 #: `openai` is a JSONL file of OpenAI Batch requests (`{custom_id, method, url, body}`).
@@ -137,6 +137,44 @@ def _is_batch_file(path: str) -> bool:
         except (json.JSONDecodeError, UnicodeDecodeError):
             return False  # planning names the malformed line
     return False
+
+
+def input_task(files: list[InputFile]) -> str | None:
+    """The job task that the input's OpenAI Batch requests need (`generate`, `embed`), by
+    the first served endpoint of each such file; None when the input has none.
+
+    Planning checks every other line (`plan_job`).
+
+    Raises:
+        InputError: Two files' requests need different tasks (naming the second file).
+    """
+    needed: tuple[str, str] | None = None
+    for f in files:
+        if f.format != "openai":
+            continue
+        task = _first_task(f.path)
+        if task is None:
+            continue
+        if needed is not None and task != needed[0]:
+            raise InputError(
+                f"its requests are for task {task!r}, but those of {needed[1]} are for "
+                f"{needed[0]!r}: one job has one task",
+                path=f.path,
+                column="url",
+            )
+        needed = needed or (task, f.path)
+    return needed[0] if needed else None
+
+
+def _first_task(path: str) -> str | None:
+    for _offset, raw in iter_jsonl_lines(path):
+        try:
+            task = endpoint_task(json.loads(raw))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue  # planning names the malformed line
+        if task is not None:
+            return task
+    return None
 
 
 def check_columns(input_spec: str, columns: InputColumns) -> None:
@@ -299,6 +337,7 @@ def _scan_jsonl(
     rows = 0
     line_no = 0
     last_end = 0
+    first_task: tuple[str, int, Any] | None = None  # an OpenAI Batch file's task, line, url
     with open(path, "rb") as fh:
         pos = 0
         for raw in fh:
@@ -311,6 +350,7 @@ def _scan_jsonl(
             if batch:
                 chunk.append(parse_request(obj, path=path, line=line_no).custom_id)
                 has_id = True
+                first_task = _same_task(obj, first_task, path, line_no)
             elif columns.prompt not in obj and columns.messages not in obj:
                 raise InputError(
                     f"missing prompt field (or {columns.messages!r})",
@@ -363,6 +403,26 @@ def _scan_jsonl(
     if chunk:
         ids.append(pa.array(chunk, pa.string()))
     return ranges, rows, bool(has_id), ids
+
+
+def _same_task(
+    request: dict[str, Any], first: tuple[str, int, Any] | None, path: str, line: int
+) -> tuple[str, int, Any] | None:
+    """The file's task so far, after checking that `request`'s endpoint needs the same."""
+    task = endpoint_task(request)
+    if task is None:
+        return first  # an endpoint not served: that row's error
+    if first is None:
+        return task, line, request["url"]
+    if task != first[0]:
+        raise InputError(
+            f"a {request['url']} request is for task {task!r}, but line {first[1]}'s ({first[2]}) "
+            f"is for {first[0]!r}: one file is one job, of one task",
+            path=path,
+            line=line,
+            column="url",
+        )
+    return first
 
 
 def _scan_parquet(

@@ -33,9 +33,11 @@ __all__ = [
     "parse_response_format",
     "parse_sampling_params",
     "plain_row",
+    "token_ids_of",
 ]
 
-Kind = Literal["chat", "completion"]
+#: `embedding` is an OpenAI `/v1/embeddings` request.
+Kind = Literal["chat", "completion", "embedding"]
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 
@@ -64,8 +66,9 @@ class RowRequest:
 
     Attributes:
         custom_id: The row's id (filled in by the reader when it comes from a column).
-        kind: `chat` (messages, rendered with the chat template) or `completion`.
-        prompt: The prompt of a completion row.
+        kind: `chat` (messages, rendered with the chat template), `completion`, or
+            `embedding` (an OpenAI `/v1/embeddings` request).
+        prompt: The prompt of a completion row: text, or token ids.
         messages: The `{role, content}` messages of a chat row.
         sampling: vLLM `SamplingParams` overrides for this row (`max_tokens`, `n`, ...).
         response_format: OpenAI-style `response_format` (`json_schema` or
@@ -73,17 +76,26 @@ class RowRequest:
         error: Why the row cannot be served, when it cannot.
         model: The model the row names (an OpenAI Batch body's `model`, a `model` column).
         adapter: The LoRA adapter that generates the row, when its model names one.
+        inputs: The texts (or token ids) of an embeddings request of several inputs:
+            one vector each, in one output row. None for a single input (`prompt`).
+        pooling: vLLM `PoolingParams` overrides for this row (an embeddings request's
+            `dimensions`).
+        encoding_format: `base64` when an embeddings request asked for its vectors so
+            (kept in the output for the OpenAI export), else None.
     """
 
     custom_id: str
     kind: Kind
-    prompt: str | None = None
+    prompt: str | list[int] | None = None
     messages: list[dict[str, Any]] | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
     response_format: dict[str, Any] | None = None
     error: str | None = None
     model: str | None = None
     adapter: str | None = None
+    inputs: list[str | list[int]] | None = None
+    pooling: dict[str, Any] = field(default_factory=dict)
+    encoding_format: str | None = None
 
     def payload(self) -> dict[str, Any]:
         """The plain dict the engine actor receives for this row."""
@@ -92,8 +104,12 @@ class RowRequest:
             out["error"] = self.error
         elif self.kind == "chat":
             out["messages"] = self.messages
+        elif self.inputs is not None:
+            out["inputs"] = self.inputs
         else:
             out["prompt"] = self.prompt
+        if self.pooling:
+            out["pooling"] = self.pooling
         if self.sampling:
             out["sampling"] = self.sampling
         if self.response_format:
@@ -129,7 +145,8 @@ def plain_row(
     """The request for a row of a plain dataset (prompt or messages column).
 
     A row with non-null messages is a chat row; otherwise its prompt is sent as
-    text. A prompt that is not a string or is empty becomes a row error.
+    text, or as token ids when it is a list of integers. Any other prompt, or an
+    empty one, becomes a row error.
     """
     row = _plain_row(prompt, messages, sampling_params, custom_id)
     if model is None:
@@ -151,11 +168,34 @@ def _plain_row(prompt: Any, messages: Any, sampling_params: Any, custom_id: str)
             )
         except ValueError as exc:
             return RowRequest(custom_id, "chat", error=str(exc))
+    if isinstance(prompt, list):
+        try:
+            return RowRequest(
+                custom_id, "completion", prompt=token_ids_of(prompt, "prompt"), sampling=sampling
+            )
+        except ValueError as exc:
+            return RowRequest(custom_id, "completion", error=str(exc))
     if not isinstance(prompt, str):
-        return RowRequest(custom_id, "completion", error=f"prompt must be a string, got {_type(prompt)}")
+        return RowRequest(
+            custom_id, "completion", error=f"prompt must be a string or token ids, got {_type(prompt)}"
+        )
     if not prompt:
         return RowRequest(custom_id, "completion", error="prompt is empty")
     return RowRequest(custom_id, "completion", prompt=prompt, sampling=sampling)
+
+
+def token_ids_of(value: Any, where: str) -> list[int]:
+    """A prompt given as token ids: a non-empty list of non-negative integers.
+
+    Raises:
+        ValueError: What `where` must be.
+    """
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where}: token ids must be a non-empty list of integers")
+    for i, token in enumerate(value):
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ValueError(f"{where}[{i}]: a token id must be an integer >= 0, got {token!r}")
+    return list(value)
 
 
 def messages_of(value: Any, where: str) -> list[dict[str, Any]]:

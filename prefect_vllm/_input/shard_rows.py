@@ -11,6 +11,7 @@ from prefect_vllm._input.columns import (
     CHOICES,
     COMPLETION_TOKENS,
     CUSTOM_ID,
+    ENCODING_FORMAT,
     ERROR,
     FINISH_REASON,
     KIND,
@@ -157,6 +158,8 @@ def output_table(rows: list[RowRequest], generated: dict[str, Any], task: str = 
             CUSTOM_ID: [r.custom_id for r in rows],
             **{name: generated[name] for name in row_columns(task)},
         }
+        if task == "embed":
+            columns[ENCODING_FORMAT] = [r.encoding_format for r in rows]
         return pa.Table.from_pydict(columns, schema=output_schema(task))
     return pa.Table.from_pydict(
         {

@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect_vllm._engine.isolation import poison_message
 from prefect_vllm._input.columns import ERROR, KIND
-from prefect_vllm._input.openai_batch import error_line, output_line
+from prefect_vllm._input.openai_batch import embedding_line, error_line, output_line
 from prefect_vllm._store.checkpoint import EXPORTS, CheckpointStore
 from prefect_vllm.results import ShardResult
 
@@ -26,7 +26,7 @@ _POISON_PREFIX = poison_message(1).split(":")[0]
 
 
 def export_openai(
-    store: CheckpointStore, shards: list[ShardResult], *, job_id: str, model: str
+    store: CheckpointStore, shards: list[ShardResult], *, job_id: str, model: str, task: str = "generate"
 ) -> dict[str, int]:
     """Write both export files from the given committed shards, in the order given.
 
@@ -35,6 +35,7 @@ def export_openai(
         shards: The committed shards, in plan order.
         job_id: The job's id: response ids derive from it and each `custom_id`.
         model: The model name written into each response body.
+        task: The job's task: `generate` writes completions, `embed` embedding responses.
 
     Returns:
         OpenAI's `request_counts`: `total`, `completed`, `failed`.
@@ -45,8 +46,12 @@ def export_openai(
             created = int(shard.committed_at)
             for row in store.read_part(shard.shard_id).to_pylist():
                 if row[ERROR] is None:
-                    line = output_line(
-                        row, kind=row[KIND] or "completion", model=model, job_id=job_id, created=created
+                    line = (
+                        embedding_line(row, model=model, job_id=job_id)
+                        if task == "embed"
+                        else output_line(
+                            row, kind=row[KIND] or "completion", model=model, job_id=job_id, created=created
+                        )
                     )
                     out.write(_jsonl(line))
                     completed += 1

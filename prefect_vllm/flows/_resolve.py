@@ -18,7 +18,7 @@ from prefect_vllm.config import ActorPoolConfig, EngineConfig, RequestConfig, Sa
 from prefect_vllm.exceptions import ConfigurationError
 from prefect_vllm.flows._params import render_dated
 
-__all__ = ["JobSettings", "check_task", "resolve_settings"]
+__all__ = ["JobSettings", "check_task", "resolve_settings", "resolve_task"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,27 @@ def resolve_settings(
     )
 
 
+def resolve_task(task: str | None, needed: str | None) -> str:
+    """The job's task: the one asked for, else the one its OpenAI Batch requests need
+    (`needed`, from `input_task`: `/v1/embeddings` needs `embed`), else `generate`.
+
+    Raises:
+        ConfigurationError: The task asked for is not the one the requests need.
+    """
+    if task is None:
+        return needed or "generate"
+    if needed is not None and needed != task:
+        raise ConfigurationError(
+            f"task: {task!r}, but the input's OpenAI Batch requests are for task {needed!r} "
+            f"(their url); leave the task out, or use {needed!r}"
+        )
+    return task
+
+
+#: What each task's job is called in messages.
+_JOBS = {"embed": "an embedding job", "classify": "a classification job"}
+
+
 def check_task(task: str, *, warm_pool: str | None, export: str | None, requests: RequestConfig) -> None:
     """Refuse what an embedding or classification job cannot do yet, before anything starts.
 
@@ -119,14 +140,15 @@ def check_task(task: str, *, warm_pool: str | None, export: str | None, requests
     """
     if task == "generate":
         return
-    if task not in ("embed", "classify"):
-        raise ConfigurationError(f"task: {task!r} is not one of 'generate', 'embed', 'classify'")
-    job = "an embedding job" if task == "embed" else "a classification job"
+    if task not in _JOBS:
+        raise ConfigurationError(f"task: {task!r} is not one of 'generate', {', '.join(map(repr, _JOBS))}")
+    job = _JOBS[task]
     if warm_pool is not None:
         raise ConfigurationError(f"warm_pool: warm pools host generation engines; {job} starts its own")
-    if export is not None:
+    if export is not None and task != "embed":
         raise ConfigurationError(
-            f"export: the OpenAI export writes completion responses; {job}'s output is its part files"
+            f"export: the OpenAI Batch API has completion and embedding endpoints; {job}'s output "
+            "is its part files"
         )
     if requests.lora_dir is not None or requests.json_schema is not None:
         raise ConfigurationError(

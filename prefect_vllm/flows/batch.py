@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 from pydantic import Field
 
 from prefect_vllm._engine.pool import VllmActorPool
-from prefect_vllm._input.planning import InputColumns, plan_job
+from prefect_vllm._input.planning import InputColumns, input_task, plan_job
 from prefect_vllm._job import adopt_pool_settings, check_model, job_identity, job_summary
 from prefect_vllm._launch.server import run_api_url
 from prefect_vllm._logs import counted, quiet_refusals
@@ -41,7 +41,7 @@ from prefect_vllm.flows._events import JobEvents, materialize_output
 from prefect_vllm.flows._params import load_block, model_block, scheduled_time
 from prefect_vllm.flows._ray import RayRun, ray_connection, run_on_ray
 from prefect_vllm.flows._report import Progress, publish_results
-from prefect_vllm.flows._resolve import check_task, resolve_settings
+from prefect_vllm.flows._resolve import check_task, resolve_settings, resolve_task
 from prefect_vllm.results import BatchResult, ShardResult
 from prefect_vllm.tasks import ShardJob
 
@@ -70,7 +70,7 @@ def batch_inference(
     export: Literal["openai"] | None = None,
     warm_pool: str | None = None,
     verify: bool = False,
-    task: Literal["generate", "embed", "classify"] = "generate",
+    task: Literal["generate", "embed", "classify"] | None = None,
     embed: EmbedConfig | None = None,
 ) -> BatchResult:
     """Generate a completion (or an embedding) for every row of a prompt dataset, resumably.
@@ -110,7 +110,8 @@ def batch_inference(
         job_id: Explicit job id; default: a hash of everything that changes results.
         restart: Discard the job's checkpoints in `output` and start over.
         export: `openai` also writes `_openai/output.jsonl` and `_openai/errors.jsonl`
-            in the OpenAI Batch output shapes once every shard is committed.
+            in the OpenAI Batch output shapes once every shard is committed
+            (completions, or for `embed` embedding responses).
         warm_pool: The name of a warm engine pool (`prefect-vllm pool start NAME`) on
             the Ray cluster at `ray_address` (or `RAY_ADDRESS`): the run generates on
             its engines, which stay up afterwards, instead of starting its own. The
@@ -120,11 +121,12 @@ def batch_inference(
             commit marker before skipping it (presence and size are always checked).
             A part that does not match is generated again and counted in
             `shards_repaired`.
-        task: `generate` (text); `embed`: one vector per row's prompt text, from
-            vLLM's pooling runner (a generative checkpoint gets vLLM's own embedding
-            conversion), in an `embedding` column; `classify`: a classifier's class
-            probabilities (`probs`) and most likely class (`label`). Sampling applies
-            to `generate` only.
+        task: `generate` (text); `embed`: one vector per row's prompt (text or token
+            ids), from vLLM's pooling runner (a generative checkpoint gets vLLM's own
+            embedding conversion), in an `embedding` column; `classify`: a
+            classifier's class probabilities (`probs`) and most likely class
+            (`label`). Sampling applies to `generate` only. Default: what an OpenAI
+            Batch input's `url` needs (`/v1/embeddings`: `embed`), else `generate`.
         embed: Embedding options (`EmbedConfig`: dimensions, normalisation).
 
     Returns:
@@ -163,7 +165,7 @@ def batch_inference(
         pool=pool, cluster=load_block(RayCluster, cluster, "cluster"), ray_address=ray_address,
         warm_pool=warm_pool, when=scheduled_time(),
     )  # fmt: skip
-    check_task(task, warm_pool=settings.warm_pool, export=export, requests=settings.requests)
+    check_task(task or "generate", warm_pool=settings.warm_pool, export=export, requests=settings.requests)
     storage_block = load_block(CheckpointStorage, storage, "storage")
     with contextlib.ExitStack() as connection:
         warm = None
@@ -179,10 +181,12 @@ def batch_inference(
         assert settings.engine is not None  # a warm pool's, or resolved to the defaults
         check_model(settings.model)
         plan = plan_job(settings.input, settings.columns, shard_size)
+        job_task = resolve_task(task, input_task(plan.files))
+        check_task(job_task, warm_pool=settings.warm_pool, export=export, requests=settings.requests)
         store = open_store(settings.output, storage_block)
         identity = job_identity(
             settings.model, plan.files, settings.columns, shard_size, settings.sampling, settings.engine,
-            settings.requests, job_id, task=task, embed=embed,
+            settings.requests, job_id, task=job_task, embed=embed,
         )  # fmt: skip
         # The run's own engines are built with the job's engine settings (LoRA slots included).
         actor_pool = warm or VllmActorPool(settings.model, identity.engine, settings.pool, settings.hf_token)
@@ -205,7 +209,7 @@ def batch_inference(
                 job_id=identity.job_id, output=settings.output, columns=settings.columns,
                 has_id_column=manifest.plan.has_id_column, sampling=settings.sampling,
                 requests=settings.requests, recovery=recovery, adapters=identity.adapters,
-                storage=storage_block, task=task, embed=embed,
+                storage=storage_block, task=job_task, embed=embed,
             )  # fmt: skip
             plan_s = round(time.monotonic() - started, 3)
             committed, run, repaired = _run_pending(
@@ -223,7 +227,9 @@ def batch_inference(
             counts = None
             if export == "openai" and all(s.shard_id in results for s in manifest.plan.shards):
                 shards = [results[s.shard_id] for s in manifest.plan.shards]
-                counts = export_openai(store, shards, job_id=identity.job_id, model=settings.model)
+                counts = export_openai(
+                    store, shards, job_id=identity.job_id, model=settings.model, task=job_task
+                )
                 logger.info("exported %d requests (%d completed, %d failed) to %s/%s", counts["total"],
                             counts["completed"], counts["failed"], store.uri, EXPORTS)  # fmt: skip
             timings = {"plan_s": plan_s, **run.timings}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import subprocess
@@ -10,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from prefect_vllm._input.columns import CLASSIFY_OUTPUT_COLUMNS, EMBED_OUTPUT_COLUMNS
@@ -20,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 #: Raw vLLM on the same model and prompts: `LLM.embed` with the pooling runner.
 _RAW = """
-import json, sys
+import json, os, sys
 if __name__ == "__main__":
     from vllm import LLM
     from prefect_vllm.config import EngineConfig
@@ -31,6 +33,9 @@ if __name__ == "__main__":
     embedded = llm.embed([r["prompt"] for r in rows], use_tqdm=False)
     with open(out, "w") as f:
         json.dump({r["custom_id"]: [e.outputs.embedding, len(e.prompt_token_ids)] for r, e in zip(rows, embedded)}, f)
+    # The engine stopped, no interpreter teardown: it can abort in a C++ thread ("terminate called").
+    llm.llm_engine.engine_core.shutdown()
+    os._exit(0)
 """
 
 
@@ -80,6 +85,8 @@ def test_an_embedding_job_gives_raw_vllms_vectors_and_resumes_without_an_engine(
         assert len(row["embedding"]) == len(vector)
         assert _cosine(row["embedding"], vector) >= 0.9999, custom_id
 
+    _an_openai_embeddings_file_round_trips(tmp_path, tiny_model, prompts, expected, prefect_server)
+
     again = run_cli(args, tmp_path / "home", api_url=prefect_server)  # all committed: no engine starts
     assert again.returncode == 0, again.stderr[-3000:]
     assert (summary_of(again)["shards_skipped"], summary_of(again)["shards_run"]) == (3, 0)
@@ -88,6 +95,66 @@ def test_an_embedding_job_gives_raw_vllms_vectors_and_resumes_without_an_engine(
         -2000:
     ]
     no_engine_left()
+
+
+def _an_openai_embeddings_file_round_trips(
+    tmp_path: Path, model: Path, prompts: Path, expected: dict[str, Any], api_url: str
+) -> None:
+    """`/v1/embeddings` requests (a string, several strings, token ids, one malformed body)
+    make an embedding job by their url; the export is `openai`'s `CreateEmbeddingResponse`s."""
+    from openai.types import CreateEmbeddingResponse
+    from transformers import AutoTokenizer
+
+    texts = {
+        r["custom_id"]: r["prompt"]
+        for r in map(json.loads, prompts.read_text().splitlines())
+        if "prompt" in r
+    }
+    ids = list(expected)
+    token_ids = AutoTokenizer.from_pretrained(str(model))(texts[ids[3]])["input_ids"]
+
+    def request(custom_id: str, **body: Any) -> dict[str, Any]:
+        return {
+            "custom_id": custom_id,
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "m", **body},
+        }
+
+    requests = [
+        request("one", input=texts[ids[0]]),
+        request("several", input=[texts[i] for i in ids[1:3]], encoding_format="base64"),
+        request("tokens", input=token_ids),
+        request("bad", input=[{"text": "not an input"}]),
+    ]
+    batch = tmp_path / "embeddings.jsonl"
+    batch.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    out = tmp_path / "out-openai"
+    done = run_cli(
+        ["run", str(batch), "--output", str(out), "--model", str(model), "--export", "openai", "--json"],
+        tmp_path / "home", api_url=api_url,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert summary_of(done)["request_counts"] == {"total": 4, "completed": 3, "failed": 1}
+    lines = [json.loads(line) for line in (out / "_openai" / "output.jsonl").read_text().splitlines()]
+    assert [line["custom_id"] for line in lines] == ["one", "several", "tokens"]
+    wanted = {"one": [ids[0]], "several": ids[1:3], "tokens": [ids[3]]}
+    for line in lines:
+        body = line["response"]["body"]
+        if line["custom_id"] == "several":  # base64 as asked; the `openai` client decodes it so
+            raw = [
+                np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4").tolist() for d in body["data"]
+            ]
+            body = {**body, "data": [{**d, "embedding": v} for d, v in zip(body["data"], raw, strict=True)]}
+        response = CreateEmbeddingResponse.model_validate(body)
+        want = wanted[line["custom_id"]]
+        assert [d.index for d in response.data] == list(range(len(want)))
+        for d, custom_id in zip(response.data, want, strict=True):
+            assert _cosine(d.embedding, expected[custom_id][0]) >= 0.9999, (line["custom_id"], custom_id)
+        assert response.usage.prompt_tokens == sum(expected[i][1] for i in want)
+    errors = [json.loads(line) for line in (out / "_openai" / "errors.jsonl").read_text().splitlines()]
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [("bad", "invalid_request")]
+    assert "body.input[0] must be a string or a token array" in errors[0]["error"]["message"]
 
 
 def test_embedding_options_that_cannot_apply_are_refused_before_anything_starts(
@@ -105,7 +172,7 @@ def test_embedding_options_that_cannot_apply_are_refused_before_anything_starts(
         "embed",
     ]
     for extra, names in (
-        (["--export", "openai"], "export"),
+        (["--task", "classify", "--export", "openai"], "export"),
         (["--pool", "warm"], "warm_pool"),
         (["--dimensions", "0"], "dimensions"),
         (["--task", "classify", "--dimensions", "8"], "--dimensions"),
@@ -114,10 +181,31 @@ def test_embedding_options_that_cannot_apply_are_refused_before_anything_starts(
         last = refused.stderr.strip().splitlines()[-1]
         assert refused.returncode == 2 and names in last and "Traceback" not in refused.stderr, refused.stderr
 
+    # An OpenAI Batch file's url decides the task: another task asked for, or a file of two, is refused.
+    lines = [
+        {"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}
+        for i in range(3)
+    ]
+    lines.append({"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}})
+    embeddings, mixed = tmp_path / "embeddings.jsonl", tmp_path / "mixed.jsonl"
+    embeddings.write_text("".join(json.dumps(line) + "\n" for line in lines[:3]))
+    mixed.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    for given, extra, said in (
+        (
+            embeddings,
+            ["--task", "generate"],
+            "task: 'generate', but the input's OpenAI Batch requests are for",
+        ),
+        (mixed, [], f"{mixed}, line 4, column 'url': a /v1/completions request is for task 'generate'"),
+    ):
+        refused = run_cli(["run", str(given), *base[2:6], *extra], tmp_path / "home")
+        last = refused.stderr.strip().splitlines()[-1]
+        assert refused.returncode == 2 and said in last and "Traceback" not in refused.stderr, refused.stderr
+
 
 #: Raw vLLM's class probabilities for the same texts: `LLM.classify` with the pooling runner.
 _RAW_CLASSIFY = """
-import json, sys
+import json, os, sys
 if __name__ == "__main__":
     from vllm import LLM
     from prefect_vllm.config import EngineConfig
@@ -127,6 +215,8 @@ if __name__ == "__main__":
     classified = llm.classify([r["prompt"] for r in rows], use_tqdm=False)
     with open(out, "w") as f:
         json.dump({r["custom_id"]: c.outputs.probs for r, c in zip(rows, classified)}, f)
+    llm.llm_engine.engine_core.shutdown()  # as in _RAW
+    os._exit(0)
 """
 
 

@@ -63,7 +63,7 @@ def batch_file(path: Path) -> list[dict[str, Any]]:
         chat("json-object", "Any JSON.", response_format={"type": "json_object"}, max_tokens=64),
         *(completion(f"text-{i}", f"Once upon a time {i}", max_tokens=5, temperature=0) for i in range(5)),
         completion("text-logprobs", "The river", logprobs=1, max_tokens=3),
-        request("bad-endpoint", "/v1/embeddings", input="embed me"),
+        request("bad-endpoint", "/v1/moderations", input="moderate me"),
         completion("too-long", "cat dog bird " * 2000, max_tokens=4),
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in requests))
@@ -116,7 +116,7 @@ def test_openai_batch_file_exports_responses_the_openai_models_parse(
     for e in errors:
         assert e["response"] is None and e["error"]["code"] == "invalid_request" and e["error"]["message"]
     assert (
-        "unsupported endpoint '/v1/embeddings'"
+        "unsupported endpoint '/v1/moderations'"
         in next(e for e in errors if e["custom_id"] == "bad-endpoint")["error"]["message"]
     )
 

@@ -59,7 +59,6 @@ def test_embed_options_become_pooling_params() -> None:
     ("kwargs", "named"),
     [
         ({"warm_pool": "p"}, "warm_pool"),
-        ({"export": "openai"}, "export"),
         ({"requests": RequestConfig(json_schema={"type": "object"})}, "requests"),
     ],
 )
@@ -72,16 +71,24 @@ def test_what_an_embedding_job_cannot_do_is_refused_naming_the_parameter(
         check_task("embed", **given)  # type: ignore[arg-type]
 
 
+def test_an_embedding_job_exports_to_openai_and_a_classification_job_does_not() -> None:
+    check_task("embed", warm_pool=None, export="openai", requests=RequestConfig())
+    with pytest.raises(
+        ConfigurationError, match=r"^export: the OpenAI Batch API has completion and embedding"
+    ):
+        check_task("classify", warm_pool=None, export="openai", requests=RequestConfig())
+
+
 def test_an_embedding_shard_has_its_own_columns() -> None:
     assert row_columns("embed") == EMBED_ROW_COLUMNS and row_columns("generate") == ROW_COLUMNS
     error = failed_row("bad", "embed")
-    assert error == {"embedding": None, "prompt_tokens": None, "error": "bad"}
+    assert error == {"embedding": None, "prompt_tokens": None, "error": "bad", "embeddings": None}
     GenerateResult(columns={k: [None] for k in EMBED_ROW_COLUMNS}, pid=1, seconds=0.1, task="embed")
     with pytest.raises(ValueError, match="lacks"):
         GenerateResult(columns={k: [None] for k in EMBED_ROW_COLUMNS}, pid=1, seconds=0.1)
     rows = [plain_row("a", None, None, custom_id="r1"), plain_row("b", None, None, custom_id="r2")]
     table = output_table(rows, {"embedding": [[0.5, 0.25], None], "prompt_tokens": [2, None],
-                                "error": [None, "bad"]}, "embed")  # fmt: skip
+                                "error": [None, "bad"], "embeddings": [None, None]}, "embed")  # fmt: skip
     assert tuple(table.column_names) == EMBED_OUTPUT_COLUMNS
     assert str(table.schema.field("embedding").type) == "list<item: float>"
     assert table.to_pylist()[0] == {
@@ -89,6 +96,8 @@ def test_an_embedding_shard_has_its_own_columns() -> None:
         "embedding": [0.5, 0.25],
         "prompt_tokens": 2,
         "error": None,
+        "embeddings": None,
+        "encoding_format": None,
     }
 
 
@@ -117,7 +126,5 @@ def test_a_classification_job_is_its_own_job_on_the_pooling_runner(tmp_path: Pat
     assert not any(k.startswith(("embed.", "sampling.")) for k in classify.fingerprint)
     assert classify.job_id not in (_identity(tmp_path).job_id, _identity(tmp_path, task="embed").job_id)
     assert row_columns("classify") == ("label", "probs", "prompt_tokens", "error")
-    with pytest.raises(ConfigurationError, match=r"^export:"):
-        check_task("classify", warm_pool=None, export="openai", requests=RequestConfig())
     with pytest.raises(ConfigurationError, match=r"^task:"):
         check_task("score", warm_pool=None, export=None, requests=RequestConfig())

@@ -67,8 +67,8 @@ def test_text_content_parts_are_joined_and_other_parts_are_row_errors() -> None:
     ("record", "message"),
     [
         (
-            {"custom_id": "e", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
-            "unsupported endpoint '/v1/embeddings'",
+            {"custom_id": "e", "method": "POST", "url": "/v1/moderations", "body": {"input": "x"}},
+            "unsupported endpoint '/v1/moderations'",
         ),
         ({**chat("g"), "method": "GET"}, "unsupported method 'GET'"),
         (chat(tools=[{"type": "function"}]), "body.tools is not supported"),

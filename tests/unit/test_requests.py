@@ -72,7 +72,7 @@ def test_a_row_with_messages_is_a_chat_row_and_bad_messages_are_row_errors() -> 
     assert plain_row("text", None, None).payload() == {"prompt": "text"}
     assert "messages[0] needs a role" in (plain_row(None, [{"content": "x"}], None).error or "")
     assert "non-empty list" in (plain_row(None, [], None).error or "")
-    assert plain_row(None, None, None).error == "prompt must be a string, got null"
+    assert plain_row(None, None, None).error == "prompt must be a string or token ids, got null"
 
 
 def test_an_openai_batch_file_is_recognised_and_its_rows_carry_their_own_parameters(tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ def test_an_openai_batch_file_is_recognised_and_its_rows_carry_their_own_paramet
         [
             batch_line("a", max_tokens=4),
             batch_line("b", "/v1/chat/completions", messages=[{"role": "user", "content": "Hi"}], n=2),
-            batch_line("c", "/v1/embeddings"),
+            batch_line("c", "/v1/moderations"),
             batch_line("d", logit_bias={"1": 2}),
         ],
     )
@@ -91,7 +91,7 @@ def test_an_openai_batch_file_is_recognised_and_its_rows_carry_their_own_paramet
     rows = [r for s in plan.shards for r in read_shard(s, COLUMNS, True)]
     assert [r.custom_id for r in rows] == ["a", "b", "c", "d"]
     assert rows[0].sampling == {"max_tokens": 4} and rows[1].kind == "chat" and rows[1].sampling == {"n": 2}
-    assert "unsupported endpoint '/v1/embeddings'" in (rows[2].error or "")
+    assert "unsupported endpoint '/v1/moderations'" in (rows[2].error or "")
     assert rows[3].error == "body.logit_bias is not supported"
 
 
@@ -124,7 +124,7 @@ def test_messages_columns_are_read_from_parquet_structs_and_csv_json_text(tmp_pa
     plan = plan_job(str(tmp_path), COLUMNS, shard_size=10)
     rows = {r.custom_id: r for s in plan.shards for r in read_shard(s, COLUMNS, True)}
     assert rows["p1"].messages == messages and rows["p1"].sampling == {"n": 2}
-    assert rows["p2"].error == "prompt must be a string, got null"
+    assert rows["p2"].error == "prompt must be a string or token ids, got null"
     assert rows["c1"].kind == "chat" and rows["c1"].messages == messages
 
 
