@@ -67,6 +67,7 @@ def job_fingerprint(
     *,
     task: str = "generate",
     embed: EmbedConfig | None = None,
+    truncate_prompt_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Everything that changes the job's results, flat; its hash is the default job id.
 
@@ -79,6 +80,7 @@ def job_fingerprint(
         "prompt_column": columns.prompt,
         "messages_column": columns.messages,
         "id_column": columns.id,
+        **({"pair_column": columns.pair} if columns.pair is not None else {}),
         "shard_size": shard_size,
         "inputs": [[f.path, f.size, f.mtime_ns] for f in files],
     }
@@ -92,6 +94,8 @@ def job_fingerprint(
         fingerprint.update(
             {f"embed.{k}": v for k, v in (embed or EmbedConfig()).model_dump(mode="json").items()}
         )
+    if truncate_prompt_tokens is not None:
+        fingerprint["truncate_prompt_tokens"] = truncate_prompt_tokens
     return fingerprint
 
 
@@ -125,6 +129,7 @@ def job_identity(
     *,
     task: str = "generate",
     embed: EmbedConfig | None = None,
+    truncate_prompt_tokens: int | None = None,
 ) -> JobIdentity:
     """The job's id and fingerprint from its settings and its input files' identity.
 
@@ -132,8 +137,9 @@ def job_identity(
         ConfigurationError: A bad job id or LoRA folder.
     """
     fingerprint = job_fingerprint(
-        model, files, columns, shard_size, sampling, engine, requests, task=task, embed=embed
-    )
+        model, files, columns, shard_size, sampling, engine, requests, task=task, embed=embed,
+        truncate_prompt_tokens=truncate_prompt_tokens,
+    )  # fmt: skip
     if task != "generate":  # vLLM's pooling runner; a generative checkpoint gets vLLM's embed conversion
         engine = engine.model_copy(update={"engine_args": {"runner": "pooling", **engine.engine_args}})
     adapters = None

@@ -240,7 +240,8 @@ def make_tiny_model(
         shape: `tiny`, or a full-size layout named in `SHAPES`.
         classes: Class names: a tiny classifier (`LlamaForSequenceClassification`, a
             random score head over them, named in `id2label`) instead of a language
-            model, for `--task classify`.
+            model, for `--task classify`. One name makes a classifier of one label:
+            a cross-encoder, which vLLM scores text pairs with (`--task score`).
 
     Returns:
         The model folder.
@@ -268,8 +269,8 @@ def make_tiny_model(
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    if classes is not None and (len(classes) < 2 or len(set(classes)) != len(classes)):
-        raise ValueError(f"a classifier needs two or more distinct class names, got {classes}")
+    if classes is not None and (not classes or len(set(classes)) != len(classes)):
+        raise ValueError(f"a classifier needs distinct class names, got {classes}")
     fast = _tokenizer(out, seed, vocab_size, max_position_embeddings)
     config = LlamaConfig(
         vocab_size=len(fast),

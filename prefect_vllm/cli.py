@@ -47,7 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--model", required=True, help="Hugging Face id, local model folder, or vllm-model/BLOCK_NAME"
     )
-    run.add_argument("--prompt-column", default="prompt")
+    run.add_argument(
+        "--prompt-column", "--text-column", dest="prompt_column", default="prompt",
+        help="the prompt, or the text to embed, classify or score (default prompt)",
+    )  # fmt: skip
+    run.add_argument(
+        "--text-pair-column", dest="pair_column", default=None,
+        help="score: the column of each pair's second text (default text_pair)",
+    )  # fmt: skip
     run.add_argument("--messages-column", default="messages", help="chat messages column (default messages)")
     run.add_argument("--id-column", default="custom_id")
     run.add_argument("--shard-size", type=int, default=512, help="rows per shard (default 512)")
@@ -80,12 +87,17 @@ def _parser() -> argparse.ArgumentParser:
         f"that long again for the answer before a frozen actor is killed (default {_default(recovery, 'probe_timeout_s')})",
     )
     run.add_argument(
-        "--task", choices=["generate", "embed", "classify"], default=None,
-        help="generate text, embed each prompt (`embedding` column), or classify it with a "
-        "classifier model (`label`, `probs`); default: what an OpenAI Batch input's url asks "
-        "for (/v1/embeddings: embed), else generate",
+        "--task", choices=["generate", "embed", "classify", "score"], default=None,
+        help="generate text, embed each prompt (`embedding` column), classify it with a "
+        "classifier model (`label`, `probs`), or score it against --text-pair-column (`score`); "
+        "default: what an OpenAI Batch input's url asks for (/v1/embeddings: embed), else generate",
     )  # fmt: skip
     run.add_argument("--dimensions", type=int, default=None, help="embed: keep the first N dimensions")
+    run.add_argument(
+        "--truncate-prompt-tokens", type=int, default=None, metavar="N",
+        help="embed, classify, score: cut longer prompts to N tokens as vLLM does (-1: the model's "
+        "context) instead of making them row errors",
+    )  # fmt: skip
     run.add_argument(
         "--normalize", action=argparse.BooleanOptionalAction, default=None,
         help="embed: L2-normalize each vector (default: the model's pooler settings)",
@@ -141,7 +153,8 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
     tiny.add_argument(
         "--classes", default=None, metavar="A,B,...",
-        help="a tiny classifier over these class names (for --task classify) instead of a language model",
+        help="a tiny classifier over these class names (for --task classify) instead of a language "
+        "model; one name makes a cross-encoder (for --task score)",
     )  # fmt: skip
     return parser
 

@@ -28,6 +28,7 @@ from prefect_vllm._cli.common import (
 )
 from prefect_vllm._cli.common import fail as _fail
 from prefect_vllm._cli.common import json_object as _json_object
+from prefect_vllm._input.columns import PAIR_COLUMN
 
 if TYPE_CHECKING:
     from prefect_vllm._engine.pool import VllmActorPool
@@ -96,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
         )
         recovery = recovery_config(args)
         args.task = _task(args)
-        check_task(args.task or "generate", warm_pool=args.pool, export=args.export, requests=requests)
+        check_task(
+            args.task or "generate", warm_pool=args.pool, export=args.export, requests=requests,
+            truncate_prompt_tokens=args.truncate_prompt_tokens if args.task else None,
+        )  # fmt: skip
         embed = _embed(args)
         _precheck(args)
         done, engines_needed = _answer_from_checkpoints(args, sampling, engine, requests, started)
@@ -156,10 +160,12 @@ def run(args: argparse.Namespace) -> int:
                 result = batch_inference(
                     input=args.input, output=args.output, model=args.model,
                     prompt_column=args.prompt_column, messages_column=args.messages_column, id_column=args.id_column,
+                    pair_column=args.pair_column or PAIR_COLUMN,
                     shard_size=args.shard_size, sampling=sampling, requests=requests, engine=engine, pool=pool,
                     recovery=recovery, ray_address=args.ray_address, job_id=args.job_id, restart=args.restart,
                     verify=args.verify, export=args.export, cluster=args.cluster, storage=args.storage,
                     warm_pool=args.pool, task=args.task, embed=embed,
+                    truncate_prompt_tokens=args.truncate_prompt_tokens,
                 )  # fmt: skip
         except BaseException as exc:
             failure = _failure(exc, interrupt_status(), args.json, stdout)
@@ -207,15 +213,13 @@ def _failure(exc: BaseException, interrupted: int | None, as_json: bool, stdout:
 
 def _precheck(args: argparse.Namespace) -> None:
     """The checks that need no server and no engine: input files and the model folder."""
-    from prefect_vllm._input.planning import InputColumns, check_columns
+    from prefect_vllm._input.planning import check_columns
     from prefect_vllm._job import check_model
     from prefect_vllm.exceptions import ConfigurationError
 
     if args.shard_size < 1:
         raise ConfigurationError(f"--shard-size must be at least 1, got {args.shard_size}")
-    check_columns(
-        args.input, InputColumns(prompt=args.prompt_column, messages=args.messages_column, id=args.id_column)
-    )
+    check_columns(args.input, _columns(args))
     check_model(args.model)
 
 
@@ -245,14 +249,27 @@ def _decided_by_the_flow(args: argparse.Namespace) -> bool:
 
 def _identity(args: argparse.Namespace, sampling: Any, engine: Any, requests: Any) -> Any:
     """The job's identity (`JobIdentity`) from the command's arguments and the input files."""
-    from prefect_vllm._input.planning import InputColumns, discover_inputs
+    from prefect_vllm._input.planning import discover_inputs
     from prefect_vllm._job import job_identity
     from prefect_vllm.config import EngineConfig, SamplingConfig
 
-    columns = InputColumns(prompt=args.prompt_column, messages=args.messages_column, id=args.id_column)
     return job_identity(
-        args.model, discover_inputs(args.input), columns, args.shard_size, sampling or SamplingConfig(),
+        args.model, discover_inputs(args.input), _columns(args), args.shard_size, sampling or SamplingConfig(),
         engine or EngineConfig(), requests, args.job_id, task=args.task, embed=_embed(args),
+        truncate_prompt_tokens=args.truncate_prompt_tokens,
+    )  # fmt: skip
+
+
+def _columns(args: argparse.Namespace) -> Any:
+    """The input's columns (`InputColumns`); a scoring job's second text too."""
+    from prefect_vllm._input.planning import InputColumns
+    from prefect_vllm.exceptions import ConfigurationError
+
+    if args.pair_column is not None and args.task != "score":
+        raise ConfigurationError("--text-pair-column: only a scoring job (--task score) has it")
+    return InputColumns(
+        prompt=args.prompt_column, messages=args.messages_column, id=args.id_column,
+        pair=(args.pair_column or PAIR_COLUMN) if args.task == "score" else None,
     )  # fmt: skip
 
 

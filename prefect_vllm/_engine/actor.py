@@ -43,6 +43,9 @@ from prefect_vllm._engine.vllm_io import (
     output_row,
     pooling_params,
     sampling_params,
+    score_inputs,
+    score_row,
+    scorer,
     tokenize_prompts,
 )
 from prefect_vllm._input.columns import row_columns
@@ -136,6 +139,8 @@ class VllmEngineActor:
         self._identity = {"model": model, "engine": engine_config, "pool": pool_config or {}}
         self._max_model_len = self._engine.model_config.max_model_len
         self._class_names = class_names(self._engine.model_config.hf_config)
+        self._scorer: Any = None  # vLLM's scoring processor, made on first use (`_tasks`)
+        self._served: tuple[str, ...] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._gate = _ExclusiveGate()
         self._engine_processes = [
@@ -195,13 +200,21 @@ class VllmEngineActor:
         self._ensure_watchdog()
         return {
             "pid": self._pid,
-            "tasks": list(await self._engine.get_supported_tasks()),
+            "tasks": list(await self._tasks()),
             "start_s": self._start_s,
             "max_model_len": self._max_model_len,
             "hf_token_set": bool(os.environ.get("HF_TOKEN")),
             "deaths": list(self._deaths),
             **self._identity,
         }
+
+    async def _tasks(self) -> tuple[str, ...]:
+        """What the engine serves, as vLLM names it, and `score` when vLLM can score with it."""
+        if self._served is None:
+            tasks = tuple(await self._engine.get_supported_tasks())
+            self._scorer = scorer(self._engine, tasks)
+            self._served = tasks + (("score",) if self._scorer is not None else ())
+        return self._served
 
     async def check_health(self) -> None:
         """Crash-exit if the engine is dead; an idle dead engine is noticed only here."""
@@ -231,27 +244,14 @@ class VllmEngineActor:
 
         Yields:
             `GenerateStarted`, then the rows' columns (`row_columns(task)`, in row order):
-            generated text, or embeddings when the call's task is `embed`.
+            generated text, or embeddings, class probabilities or scores for the pooling tasks.
         """
         await self.check_health()
         batch = uuid.uuid4().hex[:12]
         async with self._gate.enter(exclusive=call.exclusive):
             yield GenerateStarted(self._pid)
             started = time.monotonic()
-            tokenizer = self._engine.get_tokenizer()
-            token_ids = tokenize_prompts(call.rows, tokenizer, self._max_model_len)
-            # The rows that only use the job's sampling (or pooling) share one SamplingParams
-            # (PoolingParams), built here, or the error vLLM raised building it, each such row's error.
-            pooled = call.params.task != "generate"
-            try:
-                job_params: Any = (
-                    pooling_params(call.params.task, call.params.pooling)
-                    if pooled
-                    else sampling_params({}, None, call.params.sampling, call.params.response_format)
-                )
-            except (ValueError, TypeError) as exc:
-                job_params = exc
-            one = self._pool_one if pooled else self._generate_one
+            one, job_params, token_ids = await self._call_plan(call)
             work = asyncio.gather(
                 *(
                     one(f"{batch}-{i}", row, seed, call.params, ids, job_params)
@@ -269,6 +269,31 @@ class VllmEngineActor:
         yield GenerateResult(
             columns=columns, pid=self._pid, seconds=time.monotonic() - started, task=call.params.task
         )
+
+    async def _call_plan(self, call: GenerateCall) -> tuple[Any, Any, list[list[int] | None]]:
+        """How a call's rows are served: the per-row method, what its rows share, and their
+        prompts' token ids (tokenized here in one batch where that is what vLLM would do).
+
+        The rows that only use the job's sampling (or pooling) share one `SamplingParams`
+        (`PoolingParams`), built here, or the error vLLM raised building it: each such row's error.
+        """
+        task = call.params.task
+        if task == "score":  # vLLM's scoring processor tokenizes each pair itself
+            await self._tasks()
+            return self._score_one, None, [None] * len(call.rows)
+        if call.params.tokenization:  # vLLM tokenizes, and cuts, each prompt itself
+            token_ids: list[list[int] | None] = [None] * len(call.rows)
+        else:
+            token_ids = tokenize_prompts(call.rows, self._engine.get_tokenizer(), self._max_model_len)
+        job_params: Any
+        try:
+            if task == "generate":
+                job_params = sampling_params({}, None, call.params.sampling, call.params.response_format)
+            else:
+                job_params = pooling_params(task, call.params.pooling)
+        except (ValueError, TypeError) as exc:
+            job_params = exc
+        return (self._generate_one if task == "generate" else self._pool_one), job_params, token_ids
 
     async def _generate_one(
         self,
@@ -321,6 +346,8 @@ class VllmEngineActor:
         if row.get("messages") is not None:
             return failed_row(f"a {task} job reads text (the prompt column), not chat messages", task)
         tokenizer = self._engine.get_tokenizer()
+        # With a cut, vLLM's renderer checks lengths after it: token ids go to it unchecked.
+        max_len = None if params.tokenization else self._max_model_len
         try:
             if isinstance(job_params, Exception):
                 raise job_params
@@ -332,18 +359,22 @@ class VllmEngineActor:
             )
             if "inputs" in row:  # an OpenAI embeddings request of several inputs: vLLM tokenizes them
                 prompts = [
-                    engine_prompt({"prompt": p}, tokenizer, params.template, None, self._max_model_len)
+                    engine_prompt({"prompt": p}, tokenizer, params.template, None, max_len)
                     for p in row["inputs"]
                 ]
             else:
-                prompts = [engine_prompt(row, tokenizer, params.template, token_ids, self._max_model_len)]
+                prompts = [engine_prompt(row, tokenizer, params.template, token_ids, max_len)]
         except (ValueError, TypeError) as exc:
             return failed_row(_row_error(exc), task)
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{j}" for j in range(len(prompts))]
         try:
             finals = await asyncio.gather(
                 *(
-                    self._final_output(self._engine.encode(prompt, row_params, one_id))
+                    self._final_output(
+                        self._engine.encode(
+                            prompt, row_params, one_id, tokenization_kwargs=params.tokenization or None
+                        )
+                    )
                     for prompt, one_id in zip(prompts, ids, strict=True)
                 )
             )
@@ -352,6 +383,37 @@ class VllmEngineActor:
         if task == "classify":
             return classification_row(finals[0], self._class_names)
         return embedding_row(finals, several="inputs" in row)
+
+    async def _score_one(
+        self,
+        request_id: str,
+        row: dict[str, Any],
+        _seed: int | None,
+        params: CallParams,
+        _token_ids: list[int] | None,
+        _job_params: Any,
+    ) -> dict[str, Any]:
+        """One text pair's score, as vLLM's `LLM.score` makes it (`vllm_io.score_inputs`)."""
+        if "error" in row:
+            return failed_row(row["error"], "score")
+        if self._scorer is None:
+            return failed_row("vLLM cannot score with this model", "score")
+        try:
+            inputs = score_inputs(self._scorer, row["prompt"], row["pair"], params.tokenization)
+        except (ValueError, TypeError) as exc:
+            return failed_row(_row_error(exc), "score")
+        try:
+            finals = await asyncio.gather(
+                *(
+                    self._final_output(
+                        self._engine.encode(one["prompts"], one["params"], f"{request_id}-{j}")
+                    )
+                    for j, one in enumerate(inputs)
+                )
+            )
+        except _RowFailed as exc:
+            return failed_row(str(exc), "score")
+        return score_row(self._scorer, list(finals))
 
     async def _final_output(self, outputs: AsyncIterator[Any]) -> Any:
         """The final output of one engine request, holding one of the in-flight slots.

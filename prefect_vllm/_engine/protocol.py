@@ -23,8 +23,10 @@ class CallParams:
         response_format: Job-wide structured output (`json_schema`), for rows without their own.
         template: `chat_template` and `chat_template_kwargs` for chat rows.
         adapters: LoRA adapters by name -> path, for rows that name one.
-        task: `generate`, or `embed` (an engine started with vLLM's pooling runner).
+        task: `generate`, or a pooling task (`embed`, `classify`, `score`: an engine started with
+            vLLM's pooling runner).
         pooling: Keyword arguments for vLLM's `PoolingParams` of an `embed` call.
+        tokenization: vLLM's `tokenization_kwargs` of a pooling call (`truncate_prompt_tokens`).
     """
 
     sampling: dict[str, Any] = field(default_factory=dict)
@@ -33,6 +35,7 @@ class CallParams:
     adapters: dict[str, str] = field(default_factory=dict)
     task: str = "generate"
     pooling: dict[str, Any] = field(default_factory=dict)
+    tokenization: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

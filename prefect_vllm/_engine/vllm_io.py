@@ -19,6 +19,7 @@ from prefect_vllm._input.columns import (
     LABEL,
     PROBS,
     PROMPT_TOKENS,
+    SCORE,
     TEXT,
     row_columns,
 )
@@ -221,6 +222,71 @@ def embedding_row(finals: list[Any], *, several: bool = False) -> dict[str, Any]
         PROMPT_TOKENS: sum(len(final.prompt_token_ids or ()) for final in finals),
         ERROR: None,
         EMBEDDINGS: vectors if several else None,
+    }
+
+
+def scorer(engine: Any, tasks: tuple[Any, ...]) -> Any:
+    """vLLM's own scoring processor for the engine's model, the one `LLM.score` uses: a
+    cross-encoder's (a classifier with one label), or an embedding model's (the cosine
+    similarity of the two texts' vectors). None when vLLM cannot score with the model.
+
+    Args:
+        engine: The `AsyncLLM`.
+        tasks: What the engine serves (`get_supported_tasks`).
+    """
+    from vllm.entrypoints.pooling.factories import init_pooling_io_processors
+    from vllm.renderers.chat_utils import ChatTemplateConfig
+    from vllm.tasks import SCORE_TYPE_MAP
+
+    score_type = SCORE_TYPE_MAP.get(engine.model_config.get_pooling_task(tasks))
+    if score_type is None:
+        return None
+    processors = init_pooling_io_processors(
+        supported_tasks=tasks,
+        vllm_config=engine.vllm_config,
+        renderer=engine.renderer,
+        chat_template_config=ChatTemplateConfig(chat_template=None),
+    )
+    return processors.get(score_type)
+
+
+def score_inputs(processor: Any, text: str, pair: str, tokenization: dict[str, Any]) -> list[Any]:
+    """The engine requests (`PoolingEngineInput`s: prompt and params) that score one text
+    pair, made as `LLM.score` makes them: one for a cross-encoder, two for an embedding model.
+    `tokenization` is `LLM.score`'s `tokenization_kwargs` (`truncate_prompt_tokens`).
+
+    Raises:
+        ValueError: vLLM refuses the pair (e.g. longer than the context).
+    """
+    from vllm import PoolingParams
+    from vllm.entrypoints.pooling.typing import OfflineScoringInputsContext
+
+    context = OfflineScoringInputsContext(
+        pooling_task=processor.pooling_task,
+        tokenization_kwargs=tokenization or None,
+        lora_request=None,
+        priorities=None,
+        scoring_data=processor.valid_inputs(text, pair),
+        chat_template=None,
+        pooling_params=PoolingParams(task=processor.pooling_task),
+    )
+    factory, _count = processor.get_request_factory_offline(context)
+    return [processor.render(params) for params in factory()]
+
+
+def score_row(processor: Any, finals: list[Any]) -> dict[str, Any]:
+    """One output row from the final outputs of a pair's requests (`score_inputs`), scored
+    as `LLM.score` scores them."""
+    from vllm.entrypoints.pooling.typing import OfflineOutputsContext
+    from vllm.outputs import ScoringRequestOutput
+
+    (scored,) = processor.post_process_offline(OfflineOutputsContext(outputs=finals, n_queries=1))
+    if getattr(scored, "error", None) is not None:
+        return failed_row(f"the engine refused the row: {str(scored.error)[:300]}", "score")
+    return {
+        SCORE: ScoringRequestOutput.from_base(scored).outputs.score,
+        PROMPT_TOKENS: len(scored.prompt_token_ids or ()),
+        ERROR: None,
     }
 
 

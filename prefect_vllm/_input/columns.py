@@ -21,11 +21,15 @@ EMBEDDINGS = "embeddings"
 ENCODING_FORMAT = "encoding_format"
 PROBS = "probs"
 LABEL = "label"
+SCORE = "score"
 
-#: What a job does with each row: generate text, embed it, or classify it (the last two
-#: with vLLM's pooling runner).
-TASKS = ("generate", "embed", "classify")
-POOLING_TASKS = ("embed", "classify")
+#: A scoring job's default column of each pair's second text (`InputColumns.pair`).
+PAIR_COLUMN = "text_pair"
+
+#: What a job does with each row: generate text, embed it, classify it, or score a pair of
+#: texts (the last three with vLLM's pooling runner).
+TASKS = ("generate", "embed", "classify", "score")
+POOLING_TASKS = ("embed", "classify", "score")
 
 #: Optional input columns: chat messages, per-row sampling overrides, a LoRA adapter's name.
 MESSAGES = "messages"
@@ -55,14 +59,27 @@ CLASSIFY_OUTPUT_COLUMNS = (CUSTOM_ID, LABEL, PROBS, PROMPT_TOKENS, ERROR)
 CLASSIFY_ROW_COLUMNS = (LABEL, PROBS, PROMPT_TOKENS, ERROR)
 
 
+#: A scoring job's output columns, in order, and the per-row columns of its engine calls:
+#: the relevance of the row's text pair (a cross-encoder's score, or the cosine
+#: similarity of an embedding model's two vectors, as vLLM's `LLM.score` gives it).
+SCORE_OUTPUT_COLUMNS = (CUSTOM_ID, SCORE, PROMPT_TOKENS, ERROR)
+SCORE_ROW_COLUMNS = (SCORE, PROMPT_TOKENS, ERROR)
+
+
 def row_columns(task: str) -> tuple[str, ...]:
     """The per-row columns an engine call of `task` returns, in order."""
-    return {"embed": EMBED_ROW_COLUMNS, "classify": CLASSIFY_ROW_COLUMNS}.get(task, ROW_COLUMNS)
+    by_task = {"embed": EMBED_ROW_COLUMNS, "classify": CLASSIFY_ROW_COLUMNS, "score": SCORE_ROW_COLUMNS}
+    return by_task.get(task, ROW_COLUMNS)
 
 
 def output_columns(task: str) -> tuple[str, ...]:
     """The columns of a `task` job's part files, in order."""
-    return {"embed": EMBED_OUTPUT_COLUMNS, "classify": CLASSIFY_OUTPUT_COLUMNS}.get(task, OUTPUT_COLUMNS)
+    by_task = {
+        "embed": EMBED_OUTPUT_COLUMNS,
+        "classify": CLASSIFY_OUTPUT_COLUMNS,
+        "score": SCORE_OUTPUT_COLUMNS,
+    }
+    return by_task.get(task, OUTPUT_COLUMNS)
 
 
 #: Prefix of metadata files in the output folder; part files never start with it.
@@ -79,6 +96,15 @@ def output_schema(task: str = "generate") -> pa.Schema:
                 pa.field(CUSTOM_ID, pa.string(), nullable=False),
                 pa.field(LABEL, pa.string()),
                 pa.field(PROBS, pa.list_(pa.float32())),
+                pa.field(PROMPT_TOKENS, pa.int32()),
+                pa.field(ERROR, pa.string()),
+            ]
+        )
+    if task == "score":
+        return pa.schema(
+            [
+                pa.field(CUSTOM_ID, pa.string(), nullable=False),
+                pa.field(SCORE, pa.float64()),
                 pa.field(PROMPT_TOKENS, pa.int32()),
                 pa.field(ERROR, pa.string()),
             ]

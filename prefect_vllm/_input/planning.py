@@ -74,10 +74,12 @@ class ShardSpec(BaseModel):
 
 
 class InputColumns(BaseModel):
-    """Which input columns hold the prompt, the chat messages and the row id.
+    """Which input columns hold the prompt, the chat messages, the row id, and for a
+    scoring job the second text of each pair.
 
     A row needs a prompt or messages; a row with non-null messages is a chat row.
-    OpenAI Batch files ignore these names: their requests say it all.
+    A scoring job's rows need the `pair` column too (None for other jobs). OpenAI
+    Batch files ignore these names: their requests say it all.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -85,6 +87,7 @@ class InputColumns(BaseModel):
     prompt: str = "prompt"
     messages: str = MESSAGES
     id: str = CUSTOM_ID
+    pair: str | None = None
 
 
 class JobPlan(BaseModel):
@@ -213,6 +216,12 @@ def _require_prompt(names: list[str], columns: InputColumns, path: str) -> None:
             f"missing prompt column (or {columns.messages!r} column); the input has {names}",
             path=path,
             column=columns.prompt,
+        )
+    if columns.pair is not None and columns.pair not in names:
+        raise InputError(
+            f"missing the column of each pair's second text (a scoring job); the input has {names}",
+            path=path,
+            column=columns.pair,
         )
 
 
@@ -357,6 +366,13 @@ def _scan_jsonl(
                     path=path,
                     line=line_no,
                     column=columns.prompt,
+                )
+            elif columns.pair is not None and columns.pair not in obj:
+                raise InputError(
+                    "missing the field of the pair's second text (a scoring job)",
+                    path=path,
+                    line=line_no,
+                    column=columns.pair,
                 )
             row_has_id = batch or columns.id in obj
             if has_id is None:

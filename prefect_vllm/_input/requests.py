@@ -34,6 +34,7 @@ __all__ = [
     "parse_sampling_params",
     "plain_row",
     "token_ids_of",
+    "with_pair",
 ]
 
 #: `embedding` is an OpenAI `/v1/embeddings` request.
@@ -82,6 +83,7 @@ class RowRequest:
             `dimensions`).
         encoding_format: `base64` when an embeddings request asked for its vectors so
             (kept in the output for the OpenAI export), else None.
+        pair: A scoring job's second text (`prompt` is the first).
     """
 
     custom_id: str
@@ -96,6 +98,7 @@ class RowRequest:
     inputs: list[str | list[int]] | None = None
     pooling: dict[str, Any] = field(default_factory=dict)
     encoding_format: str | None = None
+    pair: str | None = None
 
     def payload(self) -> dict[str, Any]:
         """The plain dict the engine actor receives for this row."""
@@ -108,6 +111,8 @@ class RowRequest:
             out["inputs"] = self.inputs
         else:
             out["prompt"] = self.prompt
+        if self.pair is not None and self.error is None:
+            out["pair"] = self.pair
         if self.pooling:
             out["pooling"] = self.pooling
         if self.sampling:
@@ -182,6 +187,23 @@ def _plain_row(prompt: Any, messages: Any, sampling_params: Any, custom_id: str)
     if not prompt:
         return RowRequest(custom_id, "completion", error="prompt is empty")
     return RowRequest(custom_id, "completion", prompt=prompt, sampling=sampling)
+
+
+def with_pair(row: RowRequest, pair: Any, column: str) -> RowRequest:
+    """A scoring job's row: its prompt is the pair's first text, `pair` (from `column`)
+    the second. Anything but two texts is the row's error."""
+    if row.error is not None:
+        return row
+    if row.kind == "chat":
+        return dataclasses.replace(row, error="a score job reads text pairs, not chat messages")
+    if not isinstance(row.prompt, str):
+        return dataclasses.replace(row, error="prompt: a score job reads text, not token ids")
+    if not isinstance(pair, str) or not pair:
+        what = "empty" if pair == "" else _type(pair)
+        return dataclasses.replace(
+            row, error=f"{column}: the pair's second text must be a string, got {what}"
+        )
+    return dataclasses.replace(row, pair=pair)
 
 
 def token_ids_of(value: Any, where: str) -> list[int]:

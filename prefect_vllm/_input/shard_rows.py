@@ -25,7 +25,7 @@ from prefect_vllm._input.columns import (
 )
 from prefect_vllm._input.openai_batch import parse_request
 from prefect_vllm._input.planning import InputColumns, ShardSpec, iter_jsonl_lines, parse_jsonl_line
-from prefect_vllm._input.requests import RowRequest, plain_row
+from prefect_vllm._input.requests import RowRequest, plain_row, with_pair
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -61,6 +61,8 @@ def _read_rows(spec: ShardSpec, columns: InputColumns, has_id: bool, with_model:
                     obj.get(SAMPLING_PARAMS),
                     model=obj.get(MODEL) if with_model else None,
                 )
+                if columns.pair is not None:
+                    row = with_pair(row, obj.get(columns.pair), columns.pair)
                 rows.append(dataclasses.replace(row, custom_id=str(obj[columns.id]) if has_id else ""))
             line += 1
         if not has_id:
@@ -69,7 +71,9 @@ def _read_rows(spec: ShardSpec, columns: InputColumns, has_id: bool, with_model:
             ]
         return rows
     names = _read_schema_names(spec)
-    wanted = [n for n in (columns.prompt, columns.messages, SAMPLING_PARAMS, MODEL) if n in names]
+    wanted = [
+        n for n in (columns.prompt, columns.messages, SAMPLING_PARAMS, MODEL, columns.pair) if n in names
+    ]
     if not with_model and MODEL in wanted:
         wanted.remove(MODEL)
     table = _read_table_range(spec, wanted + ([columns.id] if has_id else []))
@@ -79,7 +83,7 @@ def _read_rows(spec: ShardSpec, columns: InputColumns, has_id: bool, with_model:
     def column(name: str) -> list[Any]:
         return table.column(name).to_pylist() if name in wanted else empty
 
-    return [
+    rows = [
         plain_row(prompt, messages, sampling, custom_id=cid, model=model)
         for cid, prompt, messages, sampling, model in zip(
             ids,
@@ -90,6 +94,9 @@ def _read_rows(spec: ShardSpec, columns: InputColumns, has_id: bool, with_model:
             strict=True,
         )
     ]
+    if columns.pair is None:
+        return rows
+    return [with_pair(r, p, columns.pair) for r, p in zip(rows, column(columns.pair), strict=True)]
 
 
 def _read_schema_names(spec: ShardSpec) -> list[str]:

@@ -188,12 +188,13 @@ def _check_serves(model: str, task: str, infos: list[dict[str, Any]]) -> None:
     served = next((info["tasks"] for info in infos if "tasks" in info), None)
     if served is None or task in served:
         return
-    hint = (
-        "; a classifier is a *ForSequenceClassification model "
-        "(`prefect-vllm make-tiny-model DIR --classes a,b` makes a tiny one)"
-        if task == "classify"
-        else ""
-    )
+    hints = {
+        "classify": "; a classifier is a *ForSequenceClassification model "
+        "(`prefect-vllm make-tiny-model DIR --classes a,b` makes a tiny one)",
+        "score": "; vLLM scores with a cross-encoder (a classifier of one label: "
+        "`prefect-vllm make-tiny-model DIR --classes relevance` makes a tiny one) or an embedding model",
+    }
+    hint = hints.get(task, "")
     raise ConfigurationError(f"task: {model} cannot {task}: vLLM serves {', '.join(served)} with it{hint}")
 
 
@@ -230,11 +231,11 @@ class _CommitLines:
         if result.rows_failed or result.attempt > 1 or result.engine_deaths:
             self.flush()
             self._done += 1
+            tokens = f", {counted(result.output_tokens, 'token')}" if result.output_tokens else ""
             self._logger.info(
-                "shard %s committed: %s (%s, %s), %s, %.1f s, attempt %d, %s; %d of %d",
+                "shard %s committed: %s (%s, %s)%s, %.1f s, attempt %d, %s; %d of %d",
                 result.shard_id, counted(result.rows, "row"), counted(result.rows_failed, "error"),
-                counted(len(result.poisoned_rows), "poison row"), counted(result.output_tokens, "token"),
-                result.total_s, result.attempt, counted(result.engine_deaths, "engine death"),
+                counted(len(result.poisoned_rows), "poison row"), tokens, result.total_s, result.attempt, counted(result.engine_deaths, "engine death"),
                 self._done, self._to_run,
             )  # fmt: skip
             return

@@ -124,7 +124,11 @@ def publish_results(summary: BatchResult, results: dict[str, ShardResult], rerun
             "attempt": r.attempt,
             "engine deaths": r.engine_deaths,
             "seconds": round(r.total_s, 2),
-            "tokens/s": round(r.output_tokens / r.generate_s, 1) if r.generate_s else 0.0,
+            **(
+                {"tokens/s": round(r.output_tokens / r.generate_s, 1) if r.generate_s else 0.0}
+                if summary.output_tokens
+                else {"rows/s": round(r.rows / r.generate_s, 1) if r.generate_s else 0.0}
+            ),
         }
         for _, r in sorted(results.items())[:TABLE_ROWS]
     ]
@@ -147,6 +151,19 @@ def publish_results(summary: BatchResult, results: dict[str, ShardResult], rerun
     )
 
 
+def _throughput(summary: BatchResult) -> list[str]:
+    """Tokens generated and their rate; rows per second for a job that generates none
+    (embeddings, classes, scores)."""
+    if summary.output_tokens or not summary.wall_s:
+        return [
+            f"| generated tokens | {summary.output_tokens} |",
+            f"| throughput | {summary.tokens_per_s:.1f} tokens/s end to end, "
+            f"{summary.generation_tokens_per_s:.1f} while generating |",
+        ]
+    rows = summary.rows_ok + summary.rows_failed
+    return [f"| throughput | {rows / summary.wall_s:.1f} rows/s end to end |"]
+
+
 def summary_markdown(summary: BatchResult, rerun: str) -> str:
     """The run summary as markdown: totals, throughput, where the output is, how to resume."""
     state = (
@@ -163,9 +180,7 @@ def summary_markdown(summary: BatchResult, rerun: str) -> str:
         f"| shards | {summary.shards_total} ({summary.shards_run} run now, {summary.shards_skipped} "
         "committed before) |",
         f"| engine restarts | {summary.engine_restarts} |",
-        f"| generated tokens | {summary.output_tokens} |",
-        f"| throughput | {summary.tokens_per_s:.1f} tokens/s end to end, "
-        f"{summary.generation_tokens_per_s:.1f} while generating |",
+        *_throughput(summary),
         f"| wall time | {summary.wall_s:.1f} s |",
         f"| output | `{summary.output}` |",
     ]

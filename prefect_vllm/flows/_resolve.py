@@ -129,15 +129,33 @@ def resolve_task(task: str | None, needed: str | None) -> str:
 
 
 #: What each task's job is called in messages.
-_JOBS = {"embed": "an embedding job", "classify": "a classification job"}
+_JOBS = {"embed": "an embedding job", "classify": "a classification job", "score": "a scoring job"}
 
 
-def check_task(task: str, *, warm_pool: str | None, export: str | None, requests: RequestConfig) -> None:
-    """Refuse what an embedding or classification job cannot do yet, before anything starts.
+def check_task(
+    task: str,
+    *,
+    warm_pool: str | None,
+    export: str | None,
+    requests: RequestConfig,
+    truncate_prompt_tokens: int | None = None,
+) -> None:
+    """Refuse what a job of `task` cannot do (yet), before anything starts.
 
     Raises:
         ConfigurationError: Naming the parameter.
     """
+    if truncate_prompt_tokens is not None:
+        if task == "generate":
+            raise ConfigurationError(
+                "truncate_prompt_tokens: only embed, classify and score jobs cut their prompts; a "
+                "generation job's over-long prompt is a row error"
+            )
+        if truncate_prompt_tokens == 0 or truncate_prompt_tokens < -1:
+            raise ConfigurationError(
+                f"truncate_prompt_tokens: keep N >= 1 tokens, or -1 for the model's context; "
+                f"got {truncate_prompt_tokens}"
+            )
     if task == "generate":
         return
     if task not in _JOBS:

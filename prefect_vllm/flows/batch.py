@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 from pydantic import Field
 
 from prefect_vllm._engine.pool import VllmActorPool
+from prefect_vllm._input.columns import PAIR_COLUMN
 from prefect_vllm._input.planning import InputColumns, input_task, plan_job
 from prefect_vllm._job import adopt_pool_settings, check_model, job_identity, job_summary
 from prefect_vllm._launch.server import run_api_url
@@ -70,7 +71,9 @@ def batch_inference(
     export: Literal["openai"] | None = None,
     warm_pool: str | None = None,
     verify: bool = False,
-    task: Literal["generate", "embed", "classify"] | None = None,
+    task: Literal["generate", "embed", "classify", "score"] | None = None,
+    pair_column: str = PAIR_COLUMN,
+    truncate_prompt_tokens: int | None = None,
     embed: EmbedConfig | None = None,
 ) -> BatchResult:
     """Generate a completion (or an embedding) for every row of a prompt dataset, resumably.
@@ -125,8 +128,15 @@ def batch_inference(
             ids), from vLLM's pooling runner (a generative checkpoint gets vLLM's own
             embedding conversion), in an `embedding` column; `classify`: a
             classifier's class probabilities (`probs`) and most likely class
-            (`label`). Sampling applies to `generate` only. Default: what an OpenAI
-            Batch input's `url` needs (`/v1/embeddings`: `embed`), else `generate`.
+            (`label`); `score`: the relevance of each row's text (`prompt_column`) to
+            its second text (`pair_column`), as vLLM's `LLM.score` gives it, from a
+            cross-encoder or an embedding model. Sampling applies to `generate`
+            only. Default: what an OpenAI Batch input's `url` needs
+            (`/v1/embeddings`: `embed`), else `generate`.
+        pair_column: For `score`: the column of each pair's second text.
+        truncate_prompt_tokens: For `embed`, `classify` and `score`: cut each prompt
+            longer than this many tokens as vLLM's `truncate_prompt_tokens` does (-1:
+            the model's context) instead of making it a row error.
         embed: Embedding options (`EmbedConfig`: dimensions, normalisation).
 
     Returns:
@@ -161,11 +171,17 @@ def batch_inference(
     settings = resolve_settings(
         input=input, output=output, model=model if isinstance(model, str) else model.model,
         model_block=model_block(model), engine=engine, sampling=sampling, requests=requests,
-        columns=InputColumns(prompt=prompt_column, messages=messages_column, id=id_column),
+        columns=InputColumns(
+            prompt=prompt_column, messages=messages_column, id=id_column,
+            pair=pair_column if task == "score" else None,
+        ),
         pool=pool, cluster=load_block(RayCluster, cluster, "cluster"), ray_address=ray_address,
         warm_pool=warm_pool, when=scheduled_time(),
     )  # fmt: skip
-    check_task(task or "generate", warm_pool=settings.warm_pool, export=export, requests=settings.requests)
+    check_task(
+        task or "generate", warm_pool=settings.warm_pool, export=export, requests=settings.requests,
+        truncate_prompt_tokens=truncate_prompt_tokens if task is not None else None,
+    )  # fmt: skip
     storage_block = load_block(CheckpointStorage, storage, "storage")
     with contextlib.ExitStack() as connection:
         warm = None
@@ -182,11 +198,14 @@ def batch_inference(
         check_model(settings.model)
         plan = plan_job(settings.input, settings.columns, shard_size)
         job_task = resolve_task(task, input_task(plan.files))
-        check_task(job_task, warm_pool=settings.warm_pool, export=export, requests=settings.requests)
+        check_task(
+            job_task, warm_pool=settings.warm_pool, export=export, requests=settings.requests,
+            truncate_prompt_tokens=truncate_prompt_tokens,
+        )  # fmt: skip
         store = open_store(settings.output, storage_block)
         identity = job_identity(
             settings.model, plan.files, settings.columns, shard_size, settings.sampling, settings.engine,
-            settings.requests, job_id, task=job_task, embed=embed,
+            settings.requests, job_id, task=job_task, embed=embed, truncate_prompt_tokens=truncate_prompt_tokens,
         )  # fmt: skip
         # The run's own engines are built with the job's engine settings (LoRA slots included).
         actor_pool = warm or VllmActorPool(settings.model, identity.engine, settings.pool, settings.hf_token)
@@ -209,7 +228,7 @@ def batch_inference(
                 job_id=identity.job_id, output=settings.output, columns=settings.columns,
                 has_id_column=manifest.plan.has_id_column, sampling=settings.sampling,
                 requests=settings.requests, recovery=recovery, adapters=identity.adapters,
-                storage=storage_block, task=job_task, embed=embed,
+                storage=storage_block, task=job_task, embed=embed, truncate_prompt_tokens=truncate_prompt_tokens,
             )  # fmt: skip
             plan_s = round(time.monotonic() - started, 3)
             committed, run, repaired = _run_pending(

@@ -41,8 +41,12 @@ class ShardJob:
         recovery: Deadlines and poison isolation.
         engines: The engine actors to call (handles and failover only: no settings, no
             secrets); set by the flow once its pool is up.
-        task: `generate`, or `embed` or `classify` (engines started with vLLM's pooling runner).
+        task: `generate`, or `embed`, `classify` or `score` (engines started with vLLM's pooling
+            runner).
         embed: How an `embed` job pools each row.
+        truncate_prompt_tokens: A pooling job's prompts are cut to this many tokens
+            (vLLM's `truncate_prompt_tokens`; -1: the model's context) instead of being
+            row errors when too long. None: no cut.
     """
 
     job_id: str
@@ -57,6 +61,7 @@ class ShardJob:
     storage: Any = None
     task: str = "generate"
     embed: EmbedConfig | None = None
+    truncate_prompt_tokens: int | None = None
 
     def store(self) -> CheckpointStore:
         """The job's output location, with the storage block's credentials if any."""
@@ -126,6 +131,11 @@ def _engine_call(job: ShardJob, rows: list[RowRequest], actor_index: int) -> Eng
         pooling=(job.embed or EmbedConfig()).pooling_params()
         if job.task == "embed"
         else {},  # classify: none
+        tokenization=(
+            {"truncate_prompt_tokens": job.truncate_prompt_tokens}
+            if job.truncate_prompt_tokens is not None
+            else {}
+        ),
     )
     greedy = job.sampling.temperature == 0.0
     seeds: list[int | None] = (

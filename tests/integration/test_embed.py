@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from prefect_vllm._input.columns import CLASSIFY_OUTPUT_COLUMNS, EMBED_OUTPUT_COLUMNS
+from prefect_vllm._input.columns import CLASSIFY_OUTPUT_COLUMNS, EMBED_OUTPUT_COLUMNS, SCORE_OUTPUT_COLUMNS
 from prefect_vllm.testing import write_sample_prompts
 from tests.helpers import REPO, input_ids, no_engine_left, read_output, run_cli, summary_of
 
@@ -176,6 +176,9 @@ def test_embedding_options_that_cannot_apply_are_refused_before_anything_starts(
         (["--pool", "warm"], "warm_pool"),
         (["--dimensions", "0"], "dimensions"),
         (["--task", "classify", "--dimensions", "8"], "--dimensions"),
+        (["--text-pair-column", "doc"], "--text-pair-column"),
+        (["--task", "score", "--export", "openai"], "export"),
+        (["--task", "score"], "column 'text_pair'"),  # the input has no second texts
     ):
         refused = run_cli([*base, *extra], tmp_path / "home")
         last = refused.stderr.strip().splitlines()[-1]
@@ -212,9 +215,14 @@ if __name__ == "__main__":
     model, prompts, out = sys.argv[1:4]
     rows = [json.loads(line) for line in open(prompts)]
     llm = LLM(**EngineConfig().engine_kwargs(model, on_cpu=True), runner="pooling")
-    classified = llm.classify([r["prompt"] for r in rows], use_tqdm=False)
+    fits = [r for r in rows if r["custom_id"] != "too-long"]  # vLLM refuses the whole call else
+    classified = llm.classify([r["prompt"] for r in fits], use_tqdm=False)
+    cut = llm.classify([r["prompt"] for r in rows], use_tqdm=False, tokenization_kwargs={"truncate_prompt_tokens": 6})
     with open(out, "w") as f:
-        json.dump({r["custom_id"]: c.outputs.probs for r, c in zip(rows, classified)}, f)
+        json.dump({
+            "plain": {r["custom_id"]: c.outputs.probs for r, c in zip(fits, classified)},
+            "cut": {r["custom_id"]: [c.outputs.probs, len(c.prompt_token_ids)] for r, c in zip(rows, cut)},
+        }, f)
     llm.llm_engine.engine_core.shutdown()  # as in _RAW
     os._exit(0)
 """
@@ -230,24 +238,41 @@ def test_a_classification_job_gives_raw_vllms_probabilities_and_the_models_class
     assert made.returncode == 0, made.stderr[-2000:]
     model = tmp_path / "classifier"
     prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=24, seed=9)
+    with prompts.open("a") as f:  # longer than the model's context: a row error unless cut
+        f.write(json.dumps({"custom_id": "too-long", "prompt": "cat dog bird " * 1000}) + "\n")
     out = tmp_path / "out"
     args = ["run", str(prompts), "--output", str(out), "--model", str(model), "--task", "classify",
             "--shard-size", "10", "--json"]  # fmt: skip
     done = run_cli(args, tmp_path / "home", api_url=prefect_server)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (summary_of(done)["rows_ok"], summary_of(done)["rows_failed"]) == (24, 0)
+    assert (summary_of(done)["rows_ok"], summary_of(done)["rows_failed"]) == (24, 1)
     table = read_output(out)
     assert tuple(table.column_names) == CLASSIFY_OUTPUT_COLUMNS
     rows = {r["custom_id"]: r for r in table.to_pylist()}
     assert sorted(rows) == sorted(input_ids(prompts))
+    assert "maximum context length is 1024 tokens" in rows["too-long"]["error"]
 
-    expected = _raw_vllm(_RAW_CLASSIFY, model, prompts, tmp_path)
+    raw = _raw_vllm(_RAW_CLASSIFY, model, prompts, tmp_path)
+    expected = raw["plain"]
     assert len(expected) == 24
     for custom_id, probs in expected.items():
         row = rows[custom_id]
         assert row["error"] is None and len(row["probs"]) == 3
         assert max(abs(a - b) for a, b in zip(row["probs"], probs, strict=True)) <= 1e-4, custom_id
         assert row["label"] == classes[max(range(3), key=probs.__getitem__)]
+
+    # Cut to 6 tokens as vLLM cuts them: the too-long row is classified, every row as raw vLLM's.
+    cut_out = tmp_path / "out-cut"
+    cut = run_cli([*args[:3], str(cut_out), *args[4:], "--truncate-prompt-tokens", "6"], tmp_path / "home",
+                  api_url=prefect_server)  # fmt: skip
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert (summary_of(cut)["rows_ok"], summary_of(cut)["rows_failed"]) == (25, 0)
+    assert summary_of(cut)["job_id"] != summary_of(done)["job_id"], "a cut is another job"
+    for row in read_output(cut_out).to_pylist():
+        probs, prompt_tokens = raw["cut"][row["custom_id"]]
+        assert row["error"] is None and row["prompt_tokens"] == prompt_tokens <= 6, row["custom_id"]
+        assert prompt_tokens == 6 or row["custom_id"] != "too-long"
+        assert max(abs(a - b) for a, b in zip(row["probs"], probs, strict=True)) <= 1e-4, row["custom_id"]
 
     # A language model is no classifier: refused once its engine says so, nothing written.
     not_a_classifier = run_cli(
@@ -257,4 +282,65 @@ def test_a_classification_job_gives_raw_vllms_probabilities_and_the_models_class
     last = not_a_classifier.stderr.strip().splitlines()[-1]
     assert not_a_classifier.returncode == 2 and "cannot classify" in last, not_a_classifier.stderr[-3000:]
     assert "Traceback" not in not_a_classifier.stderr and not list((tmp_path / "out-lm").glob("part-*"))
+    no_engine_left()
+
+
+#: Raw vLLM's scores for the same text pairs: `LLM.score` with the pooling runner.
+_RAW_SCORE = """
+import json, os, sys
+if __name__ == "__main__":
+    from vllm import LLM
+    from prefect_vllm.config import EngineConfig
+    model, pairs, out = sys.argv[1:4]
+    rows = [r for r in map(json.loads, open(pairs)) if r["document"]]
+    llm = LLM(**EngineConfig().engine_kwargs(model, on_cpu=True), runner="pooling")
+    scored = llm.score([r["query"] for r in rows], [r["document"] for r in rows], use_tqdm=False)
+    with open(out, "w") as f:
+        json.dump({r["custom_id"]: [s.outputs.score, len(s.prompt_token_ids)] for r, s in zip(rows, scored)}, f)
+    llm.llm_engine.engine_core.shutdown()  # as in _RAW
+    os._exit(0)
+"""
+
+
+def test_a_scoring_job_gives_raw_vllms_scores_from_a_cross_encoder_and_from_an_embedding_model(
+    tmp_path: Path, tiny_model: Path, prefect_server: str
+) -> None:
+    made = run_cli(
+        ["make-tiny-model", str(tmp_path / "reranker"), "--classes", "relevance"], tmp_path / "home"
+    )
+    assert made.returncode == 0, made.stderr[-2000:]
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [
+        {
+            "custom_id": f"q{i}",
+            "query": f"how many legs has animal {i}?",
+            "document": f"animal {i} has {i % 5} legs",
+        }
+        for i in range(24)
+    ]
+    rows.append({"custom_id": "no-document", "query": "anything?", "document": None})
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # A cross-encoder (a classifier of one label) scores each pair in one pass; an embedding
+    # model (the tiny Llama, converted by vLLM) by the cosine similarity of two vectors.
+    for model, name in ((tmp_path / "reranker", "cross-encoder"), (tiny_model, "embedding model")):
+        out = tmp_path / f"out-{model.name}"
+        args = ["run", str(pairs), "--output", str(out), "--model", str(model), "--task", "score",
+                "--text-column", "query", "--text-pair-column", "document", "--shard-size", "10", "--json"]  # fmt: skip
+        done = run_cli(args, tmp_path / "home", api_url=prefect_server)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (summary_of(done)["rows_ok"], summary_of(done)["rows_failed"]) == (24, 1), name
+        table = read_output(out)
+        assert tuple(table.column_names) == SCORE_OUTPUT_COLUMNS
+        scored = {r["custom_id"]: r for r in table.to_pylist()}
+        assert sorted(scored) == sorted(r["custom_id"] for r in rows)
+        assert scored["no-document"]["score"] is None
+        assert scored["no-document"]["error"] == "document: the pair's second text must be a string, got null"
+
+        expected = _raw_vllm(_RAW_SCORE, model, pairs, tmp_path)
+        assert len(expected) == 24
+        for custom_id, (score, prompt_tokens) in expected.items():
+            row = scored[custom_id]
+            assert row["error"] is None and row["prompt_tokens"] == prompt_tokens, (name, custom_id)
+            assert abs(row["score"] - score) <= 1e-4, (name, custom_id, row["score"], score)
+        assert len({round(r["score"], 6) for r in scored.values() if r["error"] is None}) > 1, "scores differ"
     no_engine_left()

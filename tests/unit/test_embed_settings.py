@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -127,4 +128,81 @@ def test_a_classification_job_is_its_own_job_on_the_pooling_runner(tmp_path: Pat
     assert classify.job_id not in (_identity(tmp_path).job_id, _identity(tmp_path, task="embed").job_id)
     assert row_columns("classify") == ("label", "probs", "prompt_tokens", "error")
     with pytest.raises(ConfigurationError, match=r"^task:"):
-        check_task("score", warm_pool=None, export=None, requests=RequestConfig())
+        check_task("rerank", warm_pool=None, export=None, requests=RequestConfig())
+
+
+def test_a_scoring_job_reads_text_pairs_and_anything_else_is_a_row_error(tmp_path: Path) -> None:
+    from prefect_vllm._input.planning import plan_job
+    from prefect_vllm._input.requests import with_pair
+    from prefect_vllm.exceptions import InputError
+
+    scored = with_pair(plain_row("q", None, None), "d", "doc")
+    assert scored.pair == "d" and scored.payload() == {"prompt": "q", "pair": "d"}
+    assert (
+        with_pair(plain_row("q", None, None), "", "doc").error
+        == "doc: the pair's second text must be a string, got empty"
+    )
+    assert (
+        with_pair(plain_row("q", None, None), 3, "doc").error
+        == "doc: the pair's second text must be a string, got int"
+    )
+    assert (
+        with_pair(plain_row([1, 2], None, None), "d", "doc").error
+        == "prompt: a score job reads text, not token ids"
+    )
+    chat = plain_row(None, [{"role": "user", "content": "hi"}], None)
+    assert with_pair(chat, "d", "doc").error == "a score job reads text pairs, not chat messages"
+    assert (
+        with_pair(plain_row(None, None, None), "d", "doc").error
+        == "prompt must be a string or token ids, got null"
+    )
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "q", "doc": "d"}\n{"prompt": "q2"}\n')
+    with pytest.raises(
+        InputError, match=r"line 2, column 'doc': missing the field of the pair's second text"
+    ):
+        plan_job(str(path), InputColumns(pair="doc"), 8)
+    assert plan_job(str(path), InputColumns(), 8).rows_total == 2, "only a scoring job needs the pair"
+
+
+def test_a_scoring_job_is_its_own_job_and_names_its_pair_column(tmp_path: Path) -> None:
+    files = [InputFile(path=str(tmp_path / "in.jsonl"), format="jsonl", size=10, mtime_ns=1)]
+
+    def identity(columns: InputColumns, task: str) -> JobIdentity:
+        return job_identity(
+            "m", files, columns, 8, SamplingConfig(), EngineConfig(), RequestConfig(), None, task=task
+        )
+
+    score = identity(InputColumns(pair="doc"), "score")
+    assert score.fingerprint["pair_column"] == "doc" and score.fingerprint["task"] == "score"
+    assert score.engine.engine_args["runner"] == "pooling"
+    assert identity(InputColumns(pair="other"), "score").job_id != score.job_id
+    assert "pair_column" not in identity(InputColumns(), "generate").fingerprint
+    assert row_columns("score") == ("score", "prompt_tokens", "error")
+    with pytest.raises(ConfigurationError, match=r"^export: .* a scoring job's output is its part files"):
+        check_task("score", warm_pool=None, export="openai", requests=RequestConfig())
+
+
+def test_a_prompt_cut_is_a_pooling_jobs_option_and_part_of_its_identity(tmp_path: Path) -> None:
+    files = [InputFile(path=str(tmp_path / "in.jsonl"), format="jsonl", size=10, mtime_ns=1)]
+
+    def identity(cut: int | None) -> JobIdentity:
+        return job_identity(
+            "m", files, InputColumns(), 8, SamplingConfig(), EngineConfig(), RequestConfig(), None,
+            task="embed", truncate_prompt_tokens=cut,
+        )  # fmt: skip
+
+    assert "truncate_prompt_tokens" not in identity(None).fingerprint
+    assert (
+        identity(16).fingerprint["truncate_prompt_tokens"] == 16
+        and identity(16).job_id != identity(None).job_id
+    )
+    given: dict[str, Any] = {"warm_pool": None, "export": None, "requests": RequestConfig()}
+    for task in ("embed", "classify", "score"):
+        check_task(task, **given, truncate_prompt_tokens=-1)
+    with pytest.raises(ConfigurationError, match=r"^truncate_prompt_tokens: only embed, classify and score"):
+        check_task("generate", **given, truncate_prompt_tokens=8)
+    for bad in (0, -2):
+        with pytest.raises(ConfigurationError, match=r"^truncate_prompt_tokens: keep N >= 1 tokens, or -1"):
+            check_task("embed", **given, truncate_prompt_tokens=bad)
