@@ -42,6 +42,7 @@ from prefect_vllm._engine.vllm_io import (
     lora_request,
     output_row,
     pooling_params,
+    rendered_prompt,
     sampling_params,
     score_inputs,
     score_row,
@@ -345,9 +346,8 @@ class VllmEngineActor:
             return failed_row(row["error"], task)
         if row.get("messages") is not None:
             return failed_row(f"a {task} job reads text (the prompt column), not chat messages", task)
-        tokenizer = self._engine.get_tokenizer()
-        # With a cut, vLLM's renderer checks lengths after it: token ids go to it unchecked.
-        max_len = None if params.tokenization else self._max_model_len
+        from vllm.exceptions import VLLMValidationError
+
         try:
             if isinstance(job_params, Exception):
                 raise job_params
@@ -357,24 +357,21 @@ class VllmEngineActor:
                 if row.get("pooling")
                 else job_params
             )
-            if "inputs" in row:  # an OpenAI embeddings request of several inputs: vLLM tokenizes them
-                prompts = [
-                    engine_prompt({"prompt": p}, tokenizer, params.template, None, max_len)
-                    for p in row["inputs"]
-                ]
+            if "inputs" in row or params.tokenization:
+                # Several inputs (an OpenAI embeddings request), or prompts to cut: vLLM's
+                # renderer tokenizes, cuts and checks each one, as `LLM.embed` has it do.
+                texts = row["inputs"] if "inputs" in row else [row["prompt"]]
+                prompts = [rendered_prompt(self._engine, text, params.tokenization) for text in texts]
             else:
-                prompts = [engine_prompt(row, tokenizer, params.template, token_ids, max_len)]
-        except (ValueError, TypeError) as exc:
+                tokenizer = self._engine.get_tokenizer()
+                prompts = [engine_prompt(row, tokenizer, params.template, token_ids, self._max_model_len)]
+        except (ValueError, TypeError, VLLMValidationError) as exc:
             return failed_row(_row_error(exc), task)
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{j}" for j in range(len(prompts))]
         try:
             finals = await asyncio.gather(
                 *(
-                    self._final_output(
-                        self._engine.encode(
-                            prompt, row_params, one_id, tokenization_kwargs=params.tokenization or None
-                        )
-                    )
+                    self._final_output(self._engine.encode(prompt, row_params, one_id))
                     for prompt, one_id in zip(prompts, ids, strict=True)
                 )
             )

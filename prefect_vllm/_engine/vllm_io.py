@@ -109,6 +109,23 @@ def _tokens_input(token_ids: list[int], max_model_len: int | None) -> Any:
     return tokens_input(token_ids)
 
 
+def rendered_prompt(engine: Any, prompt: str | list[int], tokenization: dict[str, Any]) -> Any:
+    """The engine's input for a text (or token ids) tokenized, cut and checked by vLLM's own
+    renderer with `tokenization` (`tokenization_kwargs`, e.g. `truncate_prompt_tokens`), as
+    `LLM.embed` and its siblings do; not a raw prompt, which vLLM deprecates.
+
+    Raises:
+        ValueError, VLLMValidationError: The prompt is too long (and not cut) or malformed.
+    """
+    from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+    params = engine.renderer.default_cmpl_tok_params
+    if tokenization:
+        params = params.with_kwargs(**tokenization)
+    (engine_input,) = engine.renderer.render_cmpl([parse_model_prompt(engine.model_config, prompt)], params)
+    return engine_input
+
+
 def lora_request(row: dict[str, Any], adapters: dict[str, str]) -> Any:
     """vLLM's `LoRARequest` for a row that names an adapter, else None.
 

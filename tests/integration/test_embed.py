@@ -136,6 +136,7 @@ def _an_openai_embeddings_file_round_trips(
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert summary_of(done)["request_counts"] == {"total": 4, "completed": 3, "failed": 1}
+    assert "deprecated" not in done.stderr, "every input goes through vLLM's renderer, no raw prompt"
     lines = [json.loads(line) for line in (out / "_openai" / "output.jsonl").read_text().splitlines()]
     assert [line["custom_id"] for line in lines] == ["one", "several", "tokens"]
     wanted = {"one": [ids[0]], "several": ids[1:3], "tokens": [ids[3]]}
