@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         recovery = recovery_config(args)
         args.task = _task(args)
         check_task(
-            args.task or "generate", warm_pool=args.pool, export=args.export, requests=requests,
+            args.task or "generate", export=args.export, requests=requests,
             truncate_prompt_tokens=args.truncate_prompt_tokens if args.task else None,
         )  # fmt: skip
         embed = _embed(args)
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
                     shard_size=args.shard_size, sampling=sampling, requests=requests, engine=engine, pool=pool,
                     recovery=recovery, ray_address=args.ray_address, job_id=args.job_id, restart=args.restart,
                     verify=args.verify, export=args.export, cluster=args.cluster, storage=args.storage,
-                    warm_pool=args.pool, task=args.task, embed=embed,
+                    task=args.task, embed=embed,
                     truncate_prompt_tokens=args.truncate_prompt_tokens,
                 )  # fmt: skip
         except BaseException as exc:

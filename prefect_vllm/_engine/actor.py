@@ -393,11 +393,13 @@ class VllmEngineActor:
         """One text pair's score, as vLLM's `LLM.score` makes it (`vllm_io.score_inputs`)."""
         if "error" in row:
             return failed_row(row["error"], "score")
+        from vllm.exceptions import VLLMValidationError
+
         if self._scorer is None:
             return failed_row("vLLM cannot score with this model", "score")
         try:
             inputs = score_inputs(self._scorer, row["prompt"], row["pair"], params.tokenization)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, VLLMValidationError) as exc:
             return failed_row(_row_error(exc), "score")
         try:
             finals = await asyncio.gather(

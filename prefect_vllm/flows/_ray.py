@@ -188,13 +188,20 @@ def _check_serves(model: str, task: str, infos: list[dict[str, Any]]) -> None:
     served = next((info["tasks"] for info in infos if "tasks" in info), None)
     if served is None or task in served:
         return
-    hints = {
-        "classify": "; a classifier is a *ForSequenceClassification model "
-        "(`prefect-vllm make-tiny-model DIR --classes a,b` makes a tiny one)",
-        "score": "; vLLM scores with a cross-encoder (a classifier of one label: "
-        "`prefect-vllm make-tiny-model DIR --classes relevance` makes a tiny one) or an embedding model",
-    }
-    hint = hints.get(task, "")
+    if task == "generate":
+        hint = "; a warm pool started with the pooling runner does not generate"
+    elif "generate" in served:  # a warm pool of generation engines
+        hint = (
+            "; a warm pool's engines embed, classify or score when the pool is started with "
+            """--engine-args '{"runner": "pooling"}'"""
+        )
+    else:
+        hint = {
+            "classify": "; a classifier is a *ForSequenceClassification model "
+            "(`prefect-vllm make-tiny-model DIR --classes a,b` makes a tiny one)",
+            "score": "; vLLM scores with a cross-encoder (a classifier of one label: "
+            "`prefect-vllm make-tiny-model DIR --classes relevance` makes a tiny one) or an embedding model",
+        }.get(task, "")
     raise ConfigurationError(f"task: {model} cannot {task}: vLLM serves {', '.join(served)} with it{hint}")
 
 

@@ -135,7 +135,6 @@ _JOBS = {"embed": "an embedding job", "classify": "a classification job", "score
 def check_task(
     task: str,
     *,
-    warm_pool: str | None,
     export: str | None,
     requests: RequestConfig,
     truncate_prompt_tokens: int | None = None,
@@ -161,8 +160,6 @@ def check_task(
     if task not in _JOBS:
         raise ConfigurationError(f"task: {task!r} is not one of 'generate', {', '.join(map(repr, _JOBS))}")
     job = _JOBS[task]
-    if warm_pool is not None:
-        raise ConfigurationError(f"warm_pool: warm pools host generation engines; {job} starts its own")
     if export is not None and task != "embed":
         raise ConfigurationError(
             f"export: the OpenAI Batch API has completion and embedding endpoints; {job}'s output "

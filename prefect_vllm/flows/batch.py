@@ -179,7 +179,7 @@ def batch_inference(
         warm_pool=warm_pool, when=scheduled_time(),
     )  # fmt: skip
     check_task(
-        task or "generate", warm_pool=settings.warm_pool, export=export, requests=settings.requests,
+        task or "generate", export=export, requests=settings.requests,
         truncate_prompt_tokens=truncate_prompt_tokens if task is not None else None,
     )  # fmt: skip
     storage_block = load_block(CheckpointStorage, storage, "storage")
@@ -199,7 +199,7 @@ def batch_inference(
         plan = plan_job(settings.input, settings.columns, shard_size)
         job_task = resolve_task(task, input_task(plan.files))
         check_task(
-            job_task, warm_pool=settings.warm_pool, export=export, requests=settings.requests,
+            job_task, export=export, requests=settings.requests,
             truncate_prompt_tokens=truncate_prompt_tokens,
         )  # fmt: skip
         store = open_store(settings.output, storage_block)

@@ -174,7 +174,6 @@ def test_embedding_options_that_cannot_apply_are_refused_before_anything_starts(
     ]
     for extra, names in (
         (["--task", "classify", "--export", "openai"], "export"),
-        (["--pool", "warm"], "warm_pool"),
         (["--dimensions", "0"], "dimensions"),
         (["--task", "classify", "--dimensions", "8"], "--dimensions"),
         (["--text-pair-column", "doc"], "--text-pair-column"),
@@ -293,7 +292,7 @@ if __name__ == "__main__":
     from vllm import LLM
     from prefect_vllm.config import EngineConfig
     model, pairs, out = sys.argv[1:4]
-    rows = [r for r in map(json.loads, open(pairs)) if r["document"]]
+    rows = [r for r in map(json.loads, open(pairs)) if r["document"] and r["custom_id"] != "too-long"]
     llm = LLM(**EngineConfig().engine_kwargs(model, on_cpu=True), runner="pooling")
     scored = llm.score([r["query"] for r in rows], [r["document"] for r in rows], use_tqdm=False)
     with open(out, "w") as f:
@@ -320,6 +319,7 @@ def test_a_scoring_job_gives_raw_vllms_scores_from_a_cross_encoder_and_from_an_e
         for i in range(24)
     ]
     rows.append({"custom_id": "no-document", "query": "anything?", "document": None})
+    rows.append({"custom_id": "too-long", "query": "anything?", "document": "cat dog bird " * 1000})
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     # A cross-encoder (a classifier of one label) scores each pair in one pass; an embedding
     # model (the tiny Llama, converted by vLLM) by the cosine similarity of two vectors.
@@ -329,13 +329,14 @@ def test_a_scoring_job_gives_raw_vllms_scores_from_a_cross_encoder_and_from_an_e
                 "--text-column", "query", "--text-pair-column", "document", "--shard-size", "10", "--json"]  # fmt: skip
         done = run_cli(args, tmp_path / "home", api_url=prefect_server)
         assert done.returncode == 0, done.stderr[-3000:]
-        assert (summary_of(done)["rows_ok"], summary_of(done)["rows_failed"]) == (24, 1), name
+        assert (summary_of(done)["rows_ok"], summary_of(done)["rows_failed"]) == (24, 2), name
         table = read_output(out)
         assert tuple(table.column_names) == SCORE_OUTPUT_COLUMNS
         scored = {r["custom_id"]: r for r in table.to_pylist()}
         assert sorted(scored) == sorted(r["custom_id"] for r in rows)
         assert scored["no-document"]["score"] is None
         assert scored["no-document"]["error"] == "document: the pair's second text must be a string, got null"
+        assert "maximum context length" in scored["too-long"]["error"], scored["too-long"]["error"]
 
         expected = _raw_vllm(_RAW_SCORE, model, pairs, tmp_path)
         assert len(expected) == 24

@@ -192,6 +192,46 @@ def test_an_engine_killed_inside_a_warm_pool_is_restarted_and_the_pool_stays_hea
     assert healthy.returncode == 0 and summary_of(healthy)["engine_restarts"] == 0, healthy.stderr[-3000:]
 
 
+def test_embedding_jobs_run_on_a_pool_of_pooling_engines_and_a_generation_pool_refuses_them(
+    tmp_path: Path, cluster: SharedPool, pool: dict[str, Any], tiny_model: Path, prefect_server: str
+) -> None:
+    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=60)
+    embed = ["--task", "embed"]
+    refused = run_cli([*run_args(prompts, tmp_path / "refused", tiny_model, cluster), *embed], tmp_path / "home",
+                      api_url=prefect_server)  # fmt: skip
+    last = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and "cannot embed: vLLM serves generate" in last, refused.stderr[-3000:]
+    assert """--engine-args '{"runner": "pooling"}'""" in last and not list(
+        (tmp_path / "refused").glob("part-*")
+    )
+
+    started = pool_cli(cluster, tmp_path, "start", "embedder", "--model", str(tiny_model), "--engine-args",
+                       '{"runner": "pooling"}', "--json")  # fmt: skip
+    assert started.returncode == 0, started.stderr[-4000:]
+    try:
+        engines = sorted(engine_processes())
+        args = run_args(prompts, tmp_path / "one", tiny_model, cluster, *embed, "--pool", "embedder")
+        outputs = {}
+        for out in ("one", "two"):  # two jobs (other outputs, the same job id) on the one engine
+            args[args.index("--output") + 1] = str(tmp_path / out)
+            done = run_cli(args, tmp_path / "home", api_url=prefect_server)
+            assert done.returncode == 0, done.stderr[-4000:]
+            assert "using warm pool 'embedder'" in done.stderr and "engine(s) ready" not in done.stderr
+            assert summary_of(done)["rows_ok"] == 60
+            table = read_output(tmp_path / out).sort_by("custom_id")
+            assert table.column("custom_id").to_pylist() == sorted(input_ids(prompts))
+            outputs[out] = table.column("embedding").to_pylist()
+        assert outputs["one"] == outputs["two"] and len(outputs["one"][0]) == 128
+        assert sorted(engine_processes()) == engines, "an embedding run started or stopped an engine"
+        generate = run_cli(run_args(prompts, tmp_path / "text", tiny_model, cluster, "--pool", "embedder"),
+                           tmp_path / "home", api_url=prefect_server)  # fmt: skip
+        assert generate.returncode == 2, generate.stderr[-3000:]
+        assert "cannot generate" in generate.stderr.strip().splitlines()[-1]
+    finally:
+        stopped = pool_cli(cluster, tmp_path, "stop", "embedder")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+
+
 def test_pool_stop_ends_every_engine_process(
     tmp_path: Path, cluster: SharedPool, pool: dict[str, Any]
 ) -> None:

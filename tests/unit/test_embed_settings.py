@@ -59,25 +59,24 @@ def test_embed_options_become_pooling_params() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "named"),
     [
-        ({"warm_pool": "p"}, "warm_pool"),
         ({"requests": RequestConfig(json_schema={"type": "object"})}, "requests"),
     ],
 )
 def test_what_an_embedding_job_cannot_do_is_refused_naming_the_parameter(
     kwargs: dict[str, object], named: str
 ) -> None:
-    given: dict[str, object] = {"warm_pool": None, "export": None, "requests": RequestConfig(), **kwargs}
+    given: dict[str, object] = {"export": None, "requests": RequestConfig(), **kwargs}
     check_task("generate", **given)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match=f"^{named}:"):
         check_task("embed", **given)  # type: ignore[arg-type]
 
 
 def test_an_embedding_job_exports_to_openai_and_a_classification_job_does_not() -> None:
-    check_task("embed", warm_pool=None, export="openai", requests=RequestConfig())
+    check_task("embed", export="openai", requests=RequestConfig())
     with pytest.raises(
         ConfigurationError, match=r"^export: the OpenAI Batch API has completion and embedding"
     ):
-        check_task("classify", warm_pool=None, export="openai", requests=RequestConfig())
+        check_task("classify", export="openai", requests=RequestConfig())
 
 
 def test_an_embedding_shard_has_its_own_columns() -> None:
@@ -128,7 +127,7 @@ def test_a_classification_job_is_its_own_job_on_the_pooling_runner(tmp_path: Pat
     assert classify.job_id not in (_identity(tmp_path).job_id, _identity(tmp_path, task="embed").job_id)
     assert row_columns("classify") == ("label", "probs", "prompt_tokens", "error")
     with pytest.raises(ConfigurationError, match=r"^task:"):
-        check_task("rerank", warm_pool=None, export=None, requests=RequestConfig())
+        check_task("rerank", export=None, requests=RequestConfig())
 
 
 def test_a_scoring_job_reads_text_pairs_and_anything_else_is_a_row_error(tmp_path: Path) -> None:
@@ -181,7 +180,7 @@ def test_a_scoring_job_is_its_own_job_and_names_its_pair_column(tmp_path: Path) 
     assert "pair_column" not in identity(InputColumns(), "generate").fingerprint
     assert row_columns("score") == ("score", "prompt_tokens", "error")
     with pytest.raises(ConfigurationError, match=r"^export: .* a scoring job's output is its part files"):
-        check_task("score", warm_pool=None, export="openai", requests=RequestConfig())
+        check_task("score", export="openai", requests=RequestConfig())
 
 
 def test_a_prompt_cut_is_a_pooling_jobs_option_and_part_of_its_identity(tmp_path: Path) -> None:
@@ -198,7 +197,7 @@ def test_a_prompt_cut_is_a_pooling_jobs_option_and_part_of_its_identity(tmp_path
         identity(16).fingerprint["truncate_prompt_tokens"] == 16
         and identity(16).job_id != identity(None).job_id
     )
-    given: dict[str, Any] = {"warm_pool": None, "export": None, "requests": RequestConfig()}
+    given: dict[str, Any] = {"export": None, "requests": RequestConfig()}
     for task in ("embed", "classify", "score"):
         check_task(task, **given, truncate_prompt_tokens=-1)
     with pytest.raises(ConfigurationError, match=r"^truncate_prompt_tokens: only embed, classify and score"):
@@ -206,3 +205,23 @@ def test_a_prompt_cut_is_a_pooling_jobs_option_and_part_of_its_identity(tmp_path
     for bad in (0, -2):
         with pytest.raises(ConfigurationError, match=r"^truncate_prompt_tokens: keep N >= 1 tokens, or -1"):
             check_task("embed", **given, truncate_prompt_tokens=bad)
+
+
+def test_engines_that_cannot_do_the_jobs_task_are_refused_with_a_way_out() -> None:
+    from prefect_vllm.flows._ray import _check_serves
+
+    _check_serves("m", "embed", [{"tasks": ["embed", "score"]}])
+    _check_serves("m", "embed", [{"pid": 1}])  # an actor that does not say: it is let through
+    with pytest.raises(
+        ConfigurationError,
+        match=r"""^task: m cannot embed: vLLM serves generate with it; a warm pool's engines embed, classify or score when the pool is started with --engine-args '\{"runner": "pooling"\}'$""",
+    ):
+        _check_serves("m", "embed", [{"tasks": ["generate"]}])
+    with pytest.raises(
+        ConfigurationError, match=r"^task: m cannot generate: vLLM serves embed with it; a warm pool started"
+    ):
+        _check_serves("m", "generate", [{"tasks": ["embed"]}])
+    with pytest.raises(
+        ConfigurationError, match=r"^task: m cannot classify: vLLM serves embed with it; a classifier is"
+    ):
+        _check_serves("m", "classify", [{"tasks": ["embed"]}])
