@@ -105,7 +105,8 @@ def test_cli_run_generates_every_row_against_one_local_prefect_server(
 def test_python_api_turns_an_overlong_prompt_into_a_row_error(
     tmp_path: Path, tiny_model: Path, prefect_server: str, shared_pool: SharedPool
 ) -> None:
-    """One prompt longer than the context is a row error; the engine is not restarted."""
+    """One prompt longer than the context is a row error; the engine is not restarted.
+    A prompt may be token ids; too many of them, or a list that is not ids, is a row error too."""
     from prefect_vllm.config import SamplingConfig
     from prefect_vllm.flows import batch_inference
 
@@ -113,6 +114,11 @@ def test_python_api_turns_an_overlong_prompt_into_a_row_error(
     rows = [{"custom_id": f"ok-{i}", "prompt": f"Tell me about cat {i}."} for i in range(40)]
     rows.insert(17, {"custom_id": "too-long", "prompt": "cat dog bird " * 2000})
     rows.insert(5, {"custom_id": "empty", "prompt": ""})
+    rows += [
+        {"custom_id": "token-ids", "prompt": [1, 20, 30, 40]},
+        {"custom_id": "too-many-ids", "prompt": [5] * 2000},
+        {"custom_id": "not-ids", "prompt": [1, "x"]},
+    ]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = batch_inference(
         input=str(prompts),
@@ -122,10 +128,13 @@ def test_python_api_turns_an_overlong_prompt_into_a_row_error(
         sampling=SamplingConfig(max_tokens=8, temperature=0.7, seed=3),
         **shared_pool.kwargs(),
     )
-    assert (result.rows_ok, result.rows_failed, result.engine_restarts) == (40, 2, 0)
+    assert (result.rows_ok, result.rows_failed, result.engine_restarts) == (41, 4, 0)
     table = read_output(tmp_path / "out").to_pylist()
     errors = {r["custom_id"]: r["error"] for r in table if r["error"]}
-    assert set(errors) == {"too-long", "empty"}
+    assert set(errors) == {"too-long", "empty", "too-many-ids", "not-ids"}
+    assert "maximum context length is 1024" in errors["too-many-ids"]
+    assert errors["not-ids"] == "prompt[1]: a token id must be an integer >= 0, got 'x'"
+    assert next(r for r in table if r["custom_id"] == "token-ids")["prompt_tokens"] == 4
     assert "maximum context length is 1024" in errors["too-long"] and "cat dog" not in errors["too-long"]
     assert errors["empty"] == "prompt is empty"
     assert all(r["text"] is not None and r["finish_reason"] for r in table if not r["error"])
