@@ -84,7 +84,13 @@ def job_fingerprint(
         "shard_size": shard_size,
         "inputs": [[f.path, f.size, f.mtime_ns] for f in files],
     }
-    fingerprint.update({f"engine.{k}": v for k, v in engine.model_dump(mode="json").items()})
+    engine_settings = engine.model_dump(mode="json")
+    if task != "generate" and engine_settings["engine_args"].get("runner") == "pooling":
+        # Implied by the task: the same job on its own engines and on a pooling warm pool.
+        engine_settings["engine_args"] = {
+            k: v for k, v in engine_settings["engine_args"].items() if k != "runner"
+        }
+    fingerprint.update({f"engine.{k}": v for k, v in engine_settings.items()})
     if task == "generate":  # an embedding or a classification samples nothing
         fingerprint.update({f"sampling.{k}": v for k, v in sampling.model_dump(mode="json").items()})
     fingerprint.update({f"requests.{k}": v for k, v in requests.model_dump(mode="json").items()})

@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
                     shard_size=args.shard_size, sampling=sampling, requests=requests, engine=engine, pool=pool,
                     recovery=recovery, ray_address=args.ray_address, job_id=args.job_id, restart=args.restart,
                     verify=args.verify, export=args.export, cluster=args.cluster, storage=args.storage,
-                    task=args.task, embed=embed,
+                    warm_pool=args.pool, task=args.task, embed=embed,
                     truncate_prompt_tokens=args.truncate_prompt_tokens,
                 )  # fmt: skip
         except BaseException as exc:

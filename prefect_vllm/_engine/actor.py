@@ -34,6 +34,7 @@ from prefect_vllm._engine.deaths import (
 )
 from prefect_vllm._engine.protocol import CallParams, GenerateCall, GenerateResult, GenerateStarted
 from prefect_vllm._engine.vllm_io import (
+    can_score,
     class_names,
     classification_row,
     embedding_row,
@@ -140,7 +141,9 @@ class VllmEngineActor:
         self._identity = {"model": model, "engine": engine_config, "pool": pool_config or {}}
         self._max_model_len = self._engine.model_config.max_model_len
         self._class_names = class_names(self._engine.model_config.hf_config)
-        self._scorer: Any = None  # vLLM's scoring processor, made on first use (`_tasks`)
+        self._scorer: Any = None  # vLLM's scoring processor, made for the first score call
+        self._scorer_error: str | None = None
+        self._supported: tuple[str, ...] = ()
         self._served: tuple[str, ...] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._gate = _ExclusiveGate()
@@ -212,10 +215,24 @@ class VllmEngineActor:
     async def _tasks(self) -> tuple[str, ...]:
         """What the engine serves, as vLLM names it, and `score` when vLLM can score with it."""
         if self._served is None:
-            tasks = tuple(await self._engine.get_supported_tasks())
-            self._scorer = scorer(self._engine, tasks)
-            self._served = tasks + (("score",) if self._scorer is not None else ())
+            self._supported = tuple(await self._engine.get_supported_tasks())
+            scores = can_score(self._engine, self._supported)
+            self._served = self._supported + (("score",) if scores else ())
         return self._served
+
+    async def _scoring(self) -> None:
+        """Make vLLM's scoring processor, once, or keep why it could not be made."""
+        if self._scorer is not None or self._scorer_error is not None:
+            return
+        if "score" not in await self._tasks():
+            self._scorer_error = "vLLM cannot score with this model"
+            return
+        try:
+            self._scorer = scorer(self._engine, self._supported)
+        except Exception as exc:
+            self._scorer_error = f"vLLM cannot score with this model: {_row_error(exc)}"
+        if self._scorer is None and self._scorer_error is None:
+            self._scorer_error = "vLLM cannot score with this model"
 
     async def check_health(self) -> None:
         """Crash-exit if the engine is dead; an idle dead engine is noticed only here."""
@@ -280,7 +297,7 @@ class VllmEngineActor:
         """
         task = call.params.task
         if task == "score":  # vLLM's scoring processor tokenizes each pair itself
-            await self._tasks()
+            await self._scoring()
             return self._score_one, None, [None] * len(call.rows)
         if call.params.tokenization:  # vLLM tokenizes, and cuts, each prompt itself
             token_ids: list[list[int] | None] = [None] * len(call.rows)
@@ -369,11 +386,11 @@ class VllmEngineActor:
             return failed_row(_row_error(exc), task)
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{j}" for j in range(len(prompts))]
         try:
-            finals = await asyncio.gather(
-                *(
-                    self._final_output(self._engine.encode(prompt, row_params, one_id))
+            finals = await self._final_outputs(
+                [
+                    self._engine.encode(prompt, row_params, one_id)
                     for prompt, one_id in zip(prompts, ids, strict=True)
-                )
+                ]
             )
         except _RowFailed as exc:
             return failed_row(str(exc), task)
@@ -396,23 +413,36 @@ class VllmEngineActor:
         from vllm.exceptions import VLLMValidationError
 
         if self._scorer is None:
-            return failed_row("vLLM cannot score with this model", "score")
+            return failed_row(self._scorer_error or "vLLM cannot score with this model", "score")
         try:
             inputs = score_inputs(self._scorer, row["prompt"], row["pair"], params.tokenization)
         except (ValueError, TypeError, VLLMValidationError) as exc:
             return failed_row(_row_error(exc), "score")
         try:
-            finals = await asyncio.gather(
-                *(
-                    self._final_output(
-                        self._engine.encode(one["prompts"], one["params"], f"{request_id}-{j}")
-                    )
+            finals = await self._final_outputs(
+                [
+                    self._engine.encode(one["prompts"], one["params"], f"{request_id}-{j}")
                     for j, one in enumerate(inputs)
-                )
+                ]
             )
+            return score_row(self._scorer, finals)
         except _RowFailed as exc:
             return failed_row(str(exc), "score")
-        return score_row(self._scorer, list(finals))
+        except (ValueError, TypeError) as exc:  # vLLM's scoring of the outputs
+            return failed_row(_row_error(exc), "score")
+
+    async def _final_outputs(self, requests: list[AsyncIterator[Any]]) -> list[Any]:
+        """The final outputs of one row's engine requests (several for some rows), every one
+        of them finished before the row is answered.
+
+        Raises:
+            _RowFailed: One of them failed for its own sake (the first such failure).
+        """
+        results = await asyncio.gather(*(self._final_output(r) for r in requests), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return list(results)
 
     async def _final_output(self, outputs: AsyncIterator[Any]) -> Any:
         """The final output of one engine request, holding one of the in-flight slots.
@@ -421,7 +451,7 @@ class VllmEngineActor:
             _RowFailed: The request failed for its own sake (its row's error). An engine
                 that died instead crash-exits the actor.
         """
-        from vllm.exceptions import VLLMValidationError
+        from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         final = None
@@ -432,7 +462,7 @@ class VllmEngineActor:
             except EngineDeadError:
                 # Its message points at a stack trace that is not there: the cause is ours to say.
                 self._die("a request saw EngineDeadError")
-            except (VLLMValidationError, ValueError) as exc:
+            except (VLLMClientError, ValueError) as exc:  # the request's own fault (vLLM's 4xx)
                 raise _RowFailed(_row_error(exc)) from None
             except EngineGenerateError as exc:
                 if self._engine.errored:

@@ -242,6 +242,19 @@ def embedding_row(finals: list[Any], *, several: bool = False) -> dict[str, Any]
     }
 
 
+def can_score(engine: Any, tasks: tuple[Any, ...]) -> bool:
+    """Whether vLLM scores text pairs with the engine's model (its scoring API is on for it:
+    an embedding model, or a classifier of one label), without building anything."""
+    if "generate" in tasks:
+        return False
+    from vllm.entrypoints.pooling.utils import enable_scoring_api
+
+    try:
+        return bool(enable_scoring_api(tasks, engine.model_config))
+    except Exception:  # vLLM could not tell the model's pooling task: it cannot score either
+        return False
+
+
 def scorer(engine: Any, tasks: tuple[Any, ...]) -> Any:
     """vLLM's own scoring processor for the engine's model, the one `LLM.score` uses: a
     cross-encoder's (a classifier with one label), or an embedding model's (the cosine

@@ -146,7 +146,7 @@ def _embedding_request(custom_id: str, record: dict[str, Any]) -> RowRequest:
         return RowRequest(custom_id, "embedding", error="body must be a JSON object")
     try:
         prompt, inputs = _embedding_inputs(body.get("input"))
-        encoding = body.get("encoding_format", "float")
+        encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
             raise ValueError(f"body.encoding_format must be float or base64, got {encoding!r}")
         pooling = {}

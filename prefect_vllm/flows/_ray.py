@@ -119,7 +119,7 @@ def run_on_ray(
                 ray_start_s, engine_start_s = t1 - t0, time.monotonic() - t1
             engine_start_s = round(engine_start_s, 3)  # the log says what the summary says
             _log_engines(pool, infos, engine_start_s)
-            _check_serves(pool.model, job.task, infos)
+            _check_serves(pool.model, job.task, infos, warm=pool.warm)
             job = dataclasses.replace(job, engines=pool.client(job.recovery.probe_timeout_s))
             started = time.monotonic()
             try:
@@ -178,7 +178,7 @@ def signal_raised_in_ray(exc: SystemError) -> BaseException:
     return exc
 
 
-def _check_serves(model: str, task: str, infos: list[dict[str, Any]]) -> None:
+def _check_serves(model: str, task: str, infos: list[dict[str, Any]], *, warm: bool = False) -> None:
     """Refuse a job whose engines cannot do its task, before any shard runs (every row
     would be a row error). Engines that do not say (a warm pool's older actors) pass.
 
@@ -189,11 +189,17 @@ def _check_serves(model: str, task: str, infos: list[dict[str, Any]]) -> None:
     if served is None or task in served:
         return
     if task == "generate":
-        hint = "; a warm pool started with the pooling runner does not generate"
-    elif "generate" in served:  # a warm pool of generation engines
+        hint = (
+            "; a warm pool started with the pooling runner does not generate"
+            if warm
+            else f"; run it with --task {next(t for t in (*served, 'embed') if t in ('embed', 'classify', 'score'))}"
+        )
+    elif "generate" in served:  # engines of vLLM's generation runner: a warm pool's, or asked for
         hint = (
             "; a warm pool's engines embed, classify or score when the pool is started with "
             """--engine-args '{"runner": "pooling"}'"""
+            if warm
+            else """; leave "runner" out of the engine arguments"""
         )
     else:
         hint = {

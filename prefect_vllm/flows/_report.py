@@ -106,13 +106,22 @@ def _log_above(bar: Any) -> list[tuple[logging.Handler, Any]]:
     return changed
 
 
-def publish_results(summary: BatchResult, results: dict[str, ShardResult], rerun: str) -> None:
+def publish_results(
+    summary: BatchResult,
+    results: dict[str, ShardResult],
+    rerun: str,
+    *,
+    task: str = "generate",
+    rows_run: int = 0,
+) -> None:
     """The per-shard table and the markdown summary of the run, as Prefect artifacts.
 
     Args:
         summary: The run's summary.
         results: Every committed shard of the job, by id.
         rerun: How to resume or re-run the job, for the summary.
+        task: The job's task: a generation job's rates are tokens, the others' rows.
+        rows_run: Rows of the shards this run committed.
     """
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -126,7 +135,7 @@ def publish_results(summary: BatchResult, results: dict[str, ShardResult], rerun
             "seconds": round(r.total_s, 2),
             **(
                 {"tokens/s": round(r.output_tokens / r.generate_s, 1) if r.generate_s else 0.0}
-                if summary.output_tokens
+                if task == "generate"
                 else {"rows/s": round(r.rows / r.generate_s, 1) if r.generate_s else 0.0}
             ),
         }
@@ -144,28 +153,30 @@ def publish_results(summary: BatchResult, results: dict[str, ShardResult], rerun
     _quietly(
         "create the summary",
         lambda: create_markdown_artifact(
-            summary_markdown(summary, rerun),
+            summary_markdown(summary, rerun, task=task, rows_run=rows_run),
             key=artifact_key(summary.job_id, "summary"),
             description="prefect-vllm run summary.",
         ),
     )
 
 
-def _throughput(summary: BatchResult) -> list[str]:
-    """Tokens generated and their rate; rows per second for a job that generates none
-    (embeddings, classes, scores)."""
-    if summary.output_tokens or not summary.wall_s:
+def _throughput(summary: BatchResult, task: str, rows_run: int) -> list[str]:
+    """Tokens generated and their rate; for a job that generates none (embeddings, classes,
+    scores), the rows this run committed per second."""
+    if task == "generate":
         return [
             f"| generated tokens | {summary.output_tokens} |",
             f"| throughput | {summary.tokens_per_s:.1f} tokens/s end to end, "
             f"{summary.generation_tokens_per_s:.1f} while generating |",
         ]
-    rows = summary.rows_ok + summary.rows_failed
-    return [f"| throughput | {rows / summary.wall_s:.1f} rows/s end to end |"]
+    end_to_end = rows_run / summary.wall_s if summary.wall_s else 0.0
+    running = rows_run / summary.generation_s if summary.generation_s else 0.0
+    return [f"| throughput | {end_to_end:.1f} rows/s end to end, {running:.1f} while running |"]
 
 
-def summary_markdown(summary: BatchResult, rerun: str) -> str:
-    """The run summary as markdown: totals, throughput, where the output is, how to resume."""
+def summary_markdown(summary: BatchResult, rerun: str, *, task: str = "generate", rows_run: int = 0) -> str:
+    """The run summary as markdown: totals, throughput (tokens for a generation `task`, else
+    the `rows_run` by this run), where the output is, how to resume."""
     state = (
         "complete"
         if not summary.shards_incomplete
@@ -180,7 +191,7 @@ def summary_markdown(summary: BatchResult, rerun: str) -> str:
         f"| shards | {summary.shards_total} ({summary.shards_run} run now, {summary.shards_skipped} "
         "committed before) |",
         f"| engine restarts | {summary.engine_restarts} |",
-        *_throughput(summary),
+        *_throughput(summary, task, rows_run),
         f"| wall time | {summary.wall_s:.1f} s |",
         f"| output | `{summary.output}` |",
     ]

@@ -263,7 +263,9 @@ def batch_inference(
                 store.write_summary(summary)
             except StorageError as exc:  # the run's outcome matters more than its copy on disk
                 logger.warning("the summary was not kept beside the output: %s", exc)
-    publish_results(summary, results, _RERUN)
+    publish_results(
+        summary, results, _RERUN, task=job_task, rows_run=sum(r.rows for r in run.results.values())
+    )
     events.finished(summary)
     if not summary.shards_incomplete:
         materialize_output(settings.input, summary, settings.model)

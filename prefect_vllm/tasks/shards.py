@@ -142,9 +142,10 @@ def _engine_call(job: ShardJob, rows: list[RowRequest], actor_index: int) -> Eng
         [None] * len(rows) if greedy else list(row_seeds(job.sampling.seed, [r.custom_id for r in rows]))
     )
     payloads = [r.payload() for r in rows]
-    # The most tokens each row may generate: its own max_tokens, times n choices (pooling: one step).
+    # The most tokens each row may generate: its own max_tokens, times n choices; a pooling
+    # row is one step per engine request (an embeddings request's inputs, a score's two texts).
     budgets = (
-        [1] * len(rows)
+        [(len(r.inputs or ()) or 1) * (2 if job.task == "score" else 1) for r in rows]
         if job.task != "generate"
         else [r.sampling.get("max_tokens", job.sampling.max_tokens) * r.sampling.get("n", 1) for r in rows]
     )

@@ -216,12 +216,33 @@ def test_engines_that_cannot_do_the_jobs_task_are_refused_with_a_way_out() -> No
         ConfigurationError,
         match=r"""^task: m cannot embed: vLLM serves generate with it; a warm pool's engines embed, classify or score when the pool is started with --engine-args '\{"runner": "pooling"\}'$""",
     ):
+        _check_serves("m", "embed", [{"tasks": ["generate"]}], warm=True)
+    with pytest.raises(ConfigurationError, match=r'leave "runner" out of the engine arguments$'):
         _check_serves("m", "embed", [{"tasks": ["generate"]}])
     with pytest.raises(
         ConfigurationError, match=r"^task: m cannot generate: vLLM serves embed with it; a warm pool started"
     ):
-        _check_serves("m", "generate", [{"tasks": ["embed"]}])
+        _check_serves("m", "generate", [{"tasks": ["embed"]}], warm=True)
+    with pytest.raises(
+        ConfigurationError,
+        match=r"^task: m cannot generate: vLLM serves classify, score with it; run it with --task classify$",
+    ):
+        _check_serves("m", "generate", [{"tasks": ["classify", "score"]}])
     with pytest.raises(
         ConfigurationError, match=r"^task: m cannot classify: vLLM serves embed with it; a classifier is"
     ):
         _check_serves("m", "classify", [{"tasks": ["embed"]}])
+
+
+def test_a_pooling_job_is_the_same_job_on_its_own_engines_and_on_a_pooling_warm_pool(tmp_path: Path) -> None:
+    files = [InputFile(path=str(tmp_path / "in.jsonl"), format="jsonl", size=10, mtime_ns=1)]
+
+    def identity(engine: EngineConfig, task: str) -> JobIdentity:
+        return job_identity(
+            "m", files, InputColumns(), 8, SamplingConfig(), engine, RequestConfig(), None, task=task
+        )
+
+    pooling_pool = EngineConfig(engine_args={"runner": "pooling"})
+    assert identity(pooling_pool, "embed").job_id == identity(EngineConfig(), "embed").job_id
+    assert identity(pooling_pool, "embed").engine.engine_args == {"runner": "pooling"}
+    assert identity(pooling_pool, "generate").job_id != identity(EngineConfig(), "generate").job_id

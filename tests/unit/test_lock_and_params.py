@@ -146,7 +146,8 @@ def test_artifact_keys_and_the_summary_say_where_the_output_is_and_how_to_resume
     assert "**incomplete**: 1 shards not committed" in text and "`/data/out`" in text
     assert "100 (70 ok, 5 row errors)" in text and "To resume or re-run: run it again" in text
     assert "| throughput | 80.0 tokens/s end to end, 100.0 while generating |" in text
-    pooled = summary_markdown(summary.model_copy(update={"output_tokens": 0}), "again")
-    assert "| throughput | 7.5 rows/s end to end |" in pooled and "tokens" not in pooled, (
-        "embeddings make no tokens"
+    pooled = summary_markdown(
+        summary.model_copy(update={"output_tokens": 0}), "again", task="embed", rows_run=40
     )
+    assert "| throughput | 4.0 rows/s end to end, 5.0 while running |" in pooled, pooled
+    assert "tokens" not in pooled, "embeddings make no tokens"

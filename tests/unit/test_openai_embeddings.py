@@ -40,6 +40,7 @@ def test_every_input_form_openai_accepts_becomes_one_row() -> None:
     assert several.encoding_format == "base64"
     assert _parse(embedding(input=["only"])).prompt == "only", "a list of one input is that input"
     assert _parse(embedding(input="x", encoding_format="float")).encoding_format is None
+    assert _parse(embedding(input="x", encoding_format=None, dimensions=None)).error is None
     assert _parse(embedding(input="x", user="u")).error is None
 
 
