@@ -438,6 +438,8 @@ class VllmEngineActor:
         Raises:
             _RowFailed: One of them failed for its own sake (the first such failure).
         """
+        if len(requests) == 1:  # the common row: no task of its own
+            return [await self._final_output(requests[0])]
         results = await asyncio.gather(*(self._final_output(r) for r in requests), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
