@@ -205,10 +205,11 @@ def test_embedding_jobs_run_on_a_pool_of_pooling_engines_and_a_generation_pool_r
         (tmp_path / "refused").glob("part-*")
     )
 
-    started = pool_cli(cluster, tmp_path, "start", "embedder", "--model", str(tiny_model), "--engine-args",
-                       '{"runner": "pooling"}', "--json")  # fmt: skip
-    assert started.returncode == 0, started.stderr[-4000:]
     try:
+        # The session cluster's two CPUs are the two generation pools': this one reserves none.
+        started = pool_cli(cluster, tmp_path, "start", "embedder", "--model", str(tiny_model), "--engine-args",
+                           '{"runner": "pooling"}', "--cpus-per-actor", "0", "--json")  # fmt: skip
+        assert started.returncode == 0, started.stderr[-4000:]
         engines = sorted(engine_processes())
         args = run_args(prompts, tmp_path / "one", tiny_model, cluster, *embed, "--pool", "embedder")
         outputs = {}
