@@ -119,7 +119,7 @@ def run_on_ray(
                 ray_start_s, engine_start_s = t1 - t0, time.monotonic() - t1
             engine_start_s = round(engine_start_s, 3)  # the log says what the summary says
             _log_engines(pool, infos, engine_start_s)
-            _check_serves(pool.model, job.task, infos, warm=pool.warm)
+            _check_serves(pool.model, job.task, infos, warm=pool.warm, cut=job.truncate_prompt_tokens)
             job = dataclasses.replace(job, engines=pool.client(job.recovery.probe_timeout_s))
             started = time.monotonic()
             try:
@@ -178,13 +178,22 @@ def signal_raised_in_ray(exc: SystemError) -> BaseException:
     return exc
 
 
-def _check_serves(model: str, task: str, infos: list[dict[str, Any]], *, warm: bool = False) -> None:
-    """Refuse a job whose engines cannot do its task, before any shard runs (every row
-    would be a row error). Engines that do not say (a warm pool's older actors) pass.
+def _check_serves(
+    model: str, task: str, infos: list[dict[str, Any]], *, warm: bool = False, cut: int | None = None
+) -> None:
+    """Refuse a job whose engines cannot do its task, or cut its prompts longer than their
+    context (`cut`), before any shard runs (every row would be a row error). Engines that
+    do not say (a warm pool's older actors) pass.
 
     Raises:
         ConfigurationError: Naming the task, the model and what vLLM serves with it.
     """
+    context = min((info["max_model_len"] for info in infos if "max_model_len" in info), default=None)
+    if cut is not None and context is not None and cut > context:
+        raise ConfigurationError(
+            f"truncate_prompt_tokens: {cut} is more than {model}'s context of {context} tokens; "
+            "use at most that, or -1 for the whole context"
+        )
     served = next((info["tasks"] for info in infos if "tasks" in info), None)
     if served is None or task in served:
         return

@@ -246,3 +246,15 @@ def test_a_pooling_job_is_the_same_job_on_its_own_engines_and_on_a_pooling_warm_
     assert identity(pooling_pool, "embed").job_id == identity(EngineConfig(), "embed").job_id
     assert identity(pooling_pool, "embed").engine.engine_args == {"runner": "pooling"}
     assert identity(pooling_pool, "generate").job_id != identity(EngineConfig(), "generate").job_id
+
+
+def test_a_cut_longer_than_the_engines_context_is_refused_before_any_shard() -> None:
+    from prefect_vllm.flows._ray import _check_serves
+
+    infos = [{"tasks": ["embed"], "max_model_len": 1024}]
+    _check_serves("m", "embed", infos, cut=1024)
+    _check_serves("m", "embed", infos, cut=-1)
+    with pytest.raises(
+        ConfigurationError, match=r"^truncate_prompt_tokens: 2000 is more than m's context of 1024 tokens"
+    ):
+        _check_serves("m", "embed", infos, cut=2000)
