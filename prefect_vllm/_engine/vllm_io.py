@@ -220,8 +220,7 @@ def classification_row(final: Any, names: list[str] | None) -> dict[str, Any]:
     every class's probability, and the most likely class's name (else its index)."""
     if getattr(final, "error", None) is not None:
         return failed_row(f"the engine refused the row: {str(final.error)[:300]}", "classify")
-    data = final.outputs.data
-    probs = [float(p) for p in (data.tolist() if hasattr(data, "tolist") else data)]
+    probs = [float(p) for p in _floats(final.outputs.data)]
     best = max(range(len(probs)), key=probs.__getitem__) if probs else None
     label = None if best is None else (names[best] if names and best < len(names) else str(best))
     return {LABEL: label, PROBS: probs, PROMPT_TOKENS: len(final.prompt_token_ids or ()), ERROR: None}

@@ -311,12 +311,7 @@ def output_line(
             ],
             "usage": usage,
         }
-    return {
-        "id": f"batch_req_{request_id}",
-        "custom_id": row["custom_id"],
-        "response": {"status_code": 200, "request_id": request_id, "body": body},
-        "error": None,
-    }
+    return _response_line(row["custom_id"], request_id, body)
 
 
 def embedding_line(row: dict[str, Any], *, model: str, job_id: str) -> dict[str, Any]:
@@ -344,9 +339,14 @@ def embedding_line(row: dict[str, Any], *, model: str, job_id: str) -> dict[str,
         "model": model,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }
+    return _response_line(row["custom_id"], request_id, body)
+
+
+def _response_line(custom_id: str, request_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A line of `output.jsonl`: a successful response's envelope around its `body`."""
     return {
         "id": f"batch_req_{request_id}",
-        "custom_id": row["custom_id"],
+        "custom_id": custom_id,
         "response": {"status_code": 200, "request_id": request_id, "body": body},
         "error": None,
     }
