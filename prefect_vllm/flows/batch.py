@@ -15,7 +15,7 @@ from pydantic import Field
 
 from prefect_vllm._engine.pool import VllmActorPool
 from prefect_vllm._input.columns import PAIR_COLUMN
-from prefect_vllm._input.planning import InputColumns, input_task, plan_job
+from prefect_vllm._input.planning import InputColumns, discover_inputs, input_task, plan_job
 from prefect_vllm._job import adopt_pool_settings, check_model, job_identity, job_summary
 from prefect_vllm._launch.server import run_api_url
 from prefect_vllm._logs import counted, quiet_refusals
@@ -178,10 +178,11 @@ def batch_inference(
         pool=pool, cluster=load_block(RayCluster, cluster, "cluster"), ray_address=ray_address,
         warm_pool=warm_pool, when=scheduled_time(),
     )  # fmt: skip
+    # The task asked for, or the one an OpenAI Batch input's urls need (planning checks each line).
+    job_task = resolve_task(task, input_task(discover_inputs(settings.input)))
     check_task(
-        task or "generate", export=export, requests=settings.requests,
-        truncate_prompt_tokens=truncate_prompt_tokens if task is not None else None,
-    )  # fmt: skip
+        job_task, export=export, requests=settings.requests, truncate_prompt_tokens=truncate_prompt_tokens
+    )
     storage_block = load_block(CheckpointStorage, storage, "storage")
     with contextlib.ExitStack() as connection:
         warm = None
@@ -197,11 +198,6 @@ def batch_inference(
         assert settings.engine is not None  # a warm pool's, or resolved to the defaults
         check_model(settings.model)
         plan = plan_job(settings.input, settings.columns, shard_size)
-        job_task = resolve_task(task, input_task(plan.files))
-        check_task(
-            job_task, export=export, requests=settings.requests,
-            truncate_prompt_tokens=truncate_prompt_tokens,
-        )  # fmt: skip
         store = open_store(settings.output, storage_block)
         identity = job_identity(
             settings.model, plan.files, settings.columns, shard_size, settings.sampling, settings.engine,
