@@ -224,15 +224,14 @@ class VllmEngineActor:
         """Make vLLM's scoring processor, once, or keep why it could not be made."""
         if self._scorer is not None or self._scorer_error is not None:
             return
-        if "score" not in await self._tasks():
-            self._scorer_error = "vLLM cannot score with this model"
-            return
+        scores = "score" in await self._tasks()  # an engine that fails to answer fails the call
         try:
-            self._scorer = scorer(self._engine, self._supported)
+            self._scorer = scorer(self._engine, self._supported) if scores else None
         except Exception as exc:
-            self._scorer_error = f"vLLM cannot score with this model: {_row_error(exc)}"
-        if self._scorer is None and self._scorer_error is None:
-            self._scorer_error = "vLLM cannot score with this model"
+            self._scorer_error = f"{_CANNOT_SCORE}: {_row_error(exc)}"
+            return
+        if self._scorer is None:
+            self._scorer_error = _CANNOT_SCORE
 
     async def check_health(self) -> None:
         """Crash-exit if the engine is dead; an idle dead engine is noticed only here."""
@@ -413,7 +412,7 @@ class VllmEngineActor:
         from vllm.exceptions import VLLMValidationError
 
         if self._scorer is None:
-            return failed_row(self._scorer_error or "vLLM cannot score with this model", "score")
+            return failed_row(self._scorer_error or _CANNOT_SCORE, "score")
         try:
             inputs = score_inputs(self._scorer, row["prompt"], row["pair"], params.tokenization)
         except (ValueError, TypeError, VLLMValidationError) as exc:
@@ -484,6 +483,10 @@ def _is_engine_process(proc: psutil.Process) -> bool:
         return " ".join(proc.cmdline()).startswith("VLLM::")
     except psutil.Error:
         return False
+
+
+#: Each row's error in a score job whose model vLLM does not score with.
+_CANNOT_SCORE = "vLLM cannot score with this model"
 
 
 class _RowFailed(Exception):
