@@ -137,9 +137,21 @@ class EngineCrashedError(EngineError):
 
 
 class EngineUnavailableError(EngineError):
-    """No healthy engine actor is left (Ray exhausted its restarts, or a node was lost)."""
+    """No healthy engine actor is left (Ray exhausted its restarts, or a node was lost).
+
+    Retryable by a re-run, which starts engines of its own; within the run, only while
+    some actor may still come back.
+
+    Attributes:
+        for_good: True when every actor of the pool is dead for good (Ray will restart
+            none of them): no shard of this run can be served any more.
+    """
 
     retryable = True
+
+    def __init__(self, message: str, *, for_good: bool = False) -> None:
+        super().__init__(message)
+        self.for_good = for_good
 
 
 class IncompleteJobError(PrefectVllmError, RuntimeError):

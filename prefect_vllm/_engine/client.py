@@ -85,7 +85,7 @@ class EngineClient:
                 tried_since_wait = 0
             index = (index + 1) % count
         if len(dead) == count:
-            raise EngineUnavailableError(f"no live vLLM engine actor is left out of {count}")
+            raise EngineUnavailableError(f"no live vLLM engine actor is left out of {count}", for_good=True)
         raise EngineUnavailableError(
             f"no vLLM engine actor took the call within {UNAVAILABLE_WAIT_S:.0f} s (all restarting)"
         )

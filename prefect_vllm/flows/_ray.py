@@ -16,7 +16,7 @@ from prefect_vllm._engine.pool import VllmActorPool
 from prefect_vllm._input.planning import ShardSpec
 from prefect_vllm._launch.ray_start import local_cluster, ray_init_kwargs, warm_shard_workers
 from prefect_vllm._logs import counted
-from prefect_vllm.exceptions import ConfigurationError, StorageError
+from prefect_vllm.exceptions import ConfigurationError, EngineUnavailableError, StorageError
 from prefect_vllm.results import ShardResult
 from prefect_vllm.tasks import ShardJob, run_shard
 
@@ -299,8 +299,8 @@ def _stream_shards(
     requests are queued while the previous one is written) without turning
     thousands of shards into thousands of Ray workers at once. Once the pool has
     restarted engines more than the job's budget, nothing new starts and the
-    shards in flight are cancelled; once the output location refuses a write,
-    nothing new starts and the shards in flight finish. Either way they stay
+    shards in flight are cancelled; once the output location refuses a write, or
+    every actor is dead for good, nothing new starts and the shards in flight finish. Either way they stay
     incomplete for a re-run.
 
     Returns:
@@ -372,12 +372,21 @@ def _stream_shards(
                 error = _failure(state)
                 commit_lines.flush()
                 logger.error("shard %s not committed: %s", spec.shard_id, error or state.message)
-                if isinstance(error, StorageError) and stopped_by is None:
+                if stopped_by is None and (why := _stops_the_run(error)):
                     queue.clear()  # every shard would fail the same way: nothing new starts
-                    stopped_by = f"{error}; fix the output location"
+                    stopped_by = why
     commit_lines.flush()
     restarts_now(final=True)  # deaths since the last look
     return results, stopped_by
+
+
+def _stops_the_run(error: BaseException | None) -> str | None:
+    """Why no further shard of this run can succeed after `error`, if none can."""
+    if isinstance(error, StorageError):
+        return f"{error}; fix the output location"
+    if isinstance(error, EngineUnavailableError) and error.for_good:
+        return f"{error} (Ray restarts an actor at most --max-restarts times)"
+    return None
 
 
 def _failure(state: Any) -> BaseException | None:

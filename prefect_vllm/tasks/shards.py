@@ -21,7 +21,7 @@ from prefect_vllm._input.shard_rows import output_table, read_shard, row_seeds
 from prefect_vllm._store.checkpoint import CheckpointStore
 from prefect_vllm.blocks.storage import open_store
 from prefect_vllm.config import EmbedConfig, RecoveryConfig, RequestConfig, SamplingConfig
-from prefect_vllm.exceptions import PrefectVllmError
+from prefect_vllm.exceptions import EngineUnavailableError, PrefectVllmError
 from prefect_vllm.results import ShardResult
 
 
@@ -164,9 +164,12 @@ def _engine_call(job: ShardJob, rows: list[RowRequest], actor_index: int) -> Eng
 
 
 def _retry_if_retryable(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retries only the failures a new attempt can fix (Ray gave up on an actor)."""
+    """Prefect retries only the failures a new attempt can fix (Ray gave up on an actor):
+    not a pool whose every actor is dead for good, which no attempt of this run can reach."""
     try:
         state.result()
+    except EngineUnavailableError as exc:
+        return not exc.for_good
     except PrefectVllmError as exc:
         return exc.retryable
     except Exception:

@@ -11,6 +11,7 @@ from prefect_vllm._engine.client import UNSTARTED_RETRIES, EngineClient
 from prefect_vllm._engine.protocol import GenerateCall, GenerateResult, GenerateStarted
 from prefect_vllm._input.columns import ROW_COLUMNS
 from prefect_vllm.exceptions import EngineCrashedError, EngineUnavailableError
+from prefect_vllm.flows._ray import _stops_the_run
 
 CALL = GenerateCall.of_prompts(["hi"], deadline_s=10.0)
 DONE = GenerateResult(columns={name: [None] for name in ROW_COLUMNS}, pid=7, seconds=0.1)
@@ -77,8 +78,10 @@ def test_an_actor_dead_for_good_is_left_out_and_the_next_one_serves(fake_ray: No
 
 def test_when_every_actor_is_dead_the_call_fails_over_to_none(fake_ray: None) -> None:
     actors = (FakeActor("a", [[died()]], state="DEAD"), FakeActor("b", [[died()]], state="DEAD"))
-    with pytest.raises(EngineUnavailableError, match="no live vLLM engine actor is left out of 2"):
+    with pytest.raises(EngineUnavailableError, match="no live vLLM engine actor is left out of 2") as raised:
         EngineClient(actors).generate(CALL)
+    assert raised.value.for_good, "no attempt of this run can be served: the run stops starting shards"
+    assert _stops_the_run(raised.value) and _stops_the_run(EngineUnavailableError("all restarting")) is None
 
 
 def test_a_death_after_the_call_started_is_the_rows_and_the_caller_decides(fake_ray: None) -> None:

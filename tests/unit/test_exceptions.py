@@ -15,6 +15,7 @@ EXAMPLES = [
     ex.EngineStartError("the engine did not start"),
     ex.EngineCrashedError("the engine of actor 1 died", actor_index=1, hung=True),
     ex.EngineUnavailableError("no live actor"),
+    ex.EngineUnavailableError("no live vLLM engine actor is left out of 2", for_good=True),
     ex.IncompleteJobError("2 of 9 shards were not committed", incomplete=["000001", "000007"]),
     ex.JobRunningError("job x is already running"),
     ex.StorageError("/out/part-000003.parquet", "[Errno 28] No space left on device"),
