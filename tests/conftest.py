@@ -113,3 +113,10 @@ def prefect_server() -> Iterator[str]:
 
     with prefect_test_harness(server_startup_timeout=180):
         yield str(PREFECT_API_URL.value())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Count what each test starts, and print the tally at the end (`tests/starts.py`)."""
+    from tests.starts import StartsPlugin
+
+    config.pluginmanager.register(StartsPlugin(config), "pv-starts")
