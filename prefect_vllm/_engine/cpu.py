@@ -18,15 +18,24 @@ then a `VLLM::Worker` that runs the model, each importing vLLM and torch from sc
 
 Killing the engine still means killing `VLLM::EngineCore`: the model runs in it. An
 engine given `distributed_executor_backend="mp"` gets vLLM's own processes, spawned.
+
+The changes touch vLLM internals (`INTERNALS`). When the installed vLLM has moved one
+of them, the engine starts in vLLM's own layout with one warning line, never half
+patched; `tests/unit/test_cpu_engine.py` fails loudly on such a vLLM.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib
+import inspect
+import logging
 import os
 import signal
 from collections.abc import Callable
 from typing import Any
+
+logger = logging.getLogger("prefect_vllm.engine")
 
 #: The engine argument that picks the executor; a value given by the user is kept.
 EXECUTOR_ARG = "distributed_executor_backend"
@@ -35,6 +44,49 @@ EXECUTOR_ARG = "distributed_executor_backend"
 START_METHOD_ENV = "VLLM_WORKER_MULTIPROC_METHOD"
 
 _PATCHED = "_prefect_vllm_patched"
+
+#: The vLLM (and Ray) internals the one-process engine relies on: (module, attribute,
+#: the parameters it must take). `get_mp_context` must find `_maybe_force_spawn` as a
+#: module global, so that replacing the module's attribute takes effect.
+INTERNALS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("vllm.platforms.cpu", "CpuPlatform.check_and_update_config", ("vllm_config",)),
+    ("vllm.utils.system_utils", "_maybe_force_spawn", ()),
+    ("vllm.utils.system_utils", "get_mp_context", ()),
+    ("vllm.v1.engine.core", "set_process_title", ("name", "suffix", "prefix")),
+    ("vllm.envs", "VLLM_PROCESS_NAME_PREFIX", ()),
+    ("ray._raylet", "setproctitle", ()),
+)
+
+
+def moved_internals() -> list[str]:
+    """What the installed vLLM lacks or has changed of `INTERNALS`: one phrase each,
+    empty when the one-process engine can be set up."""
+    moved = []
+    for module_name, path, parameters in INTERNALS:
+        where = f"{module_name}.{path}"
+        try:
+            value: Any = importlib.import_module(module_name)
+            for part in path.split("."):
+                value = getattr(value, part)
+        except (ImportError, AttributeError):
+            moved.append(f"{where} is gone")
+            continue
+        if getattr(value, _PATCHED, False) or not parameters:
+            continue
+        try:
+            found = tuple(inspect.signature(value).parameters)
+        except (TypeError, ValueError):
+            moved.append(f"{where} is no longer a function")
+            continue
+        if found[: len(parameters)] != parameters:
+            moved.append(f"{where} takes ({', '.join(found)}), not ({', '.join(parameters)})")
+    if not moved:
+        from vllm.utils import system_utils
+
+        code = getattr(system_utils.get_mp_context, "__code__", None)
+        if code is None or "_maybe_force_spawn" not in code.co_names:
+            moved.append("vllm.utils.system_utils.get_mp_context no longer calls _maybe_force_spawn")
+    return moved
 
 
 def one_process_engine(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -51,6 +103,16 @@ def one_process_engine(kwargs: dict[str, Any]) -> dict[str, Any]:
         The same arguments, with the executor filled in.
     """
     if kwargs.get("tensor_parallel_size", 1) != 1 or kwargs.get("pipeline_parallel_size", 1) != 1:
+        return kwargs
+    moved = moved_internals()
+    if moved:
+        import vllm
+
+        logger.warning(
+            "vLLM %s has moved what the one-process CPU engine relies on (%s): this engine starts "
+            "in vLLM's own layout (a spawned EngineCore and worker), some seconds slower",
+            vllm.__version__, "; ".join(moved),
+        )  # fmt: skip
         return kwargs
     _keep_uni_executor()
     _fork_uni_engine()
