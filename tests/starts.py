@@ -53,19 +53,13 @@ def _kind(cmdline: str) -> str | None:
     return None
 
 
-#: After this many looks a process of no kind is not looked at again (a process forked
-#: from a Ray actor is retitled `VLLM::EngineCore` within milliseconds).
-_LOOKS = 3
-
-
 @dataclass
 class _Watcher:
     """Reads the process table every `_POLL_S` in a thread; counts since the last `take`."""
 
     mark: str
-    #: pid -> the kind it is counted as, or None for a process that is not counted.
+    #: pid -> the kind it is counted as, or None for a process of another session.
     seen: dict[int, str | None] = field(default_factory=dict)
-    looks: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     starts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     alive_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -79,13 +73,14 @@ class _Watcher:
             now = time.monotonic()
             live = set(psutil.pids())
             for pid in live:
+                # A process of no kind is looked at again each time: a spawned engine
+                # process takes its `VLLM::EngineCore` title only once vLLM is imported.
                 kind = self.seen[pid] if pid in self.seen else self._classify(pid)
                 if kind is not None:
                     with self.lock:
                         self.alive_s[kind] += now - last
             for pid in set(self.seen) - live:  # gone: a new process may reuse the pid
                 del self.seen[pid]
-                self.looks.pop(pid, None)
             last = now
 
     def _classify(self, pid: int) -> str | None:
@@ -93,17 +88,23 @@ class _Watcher:
         import psutil
 
         try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:  # cheaper than psutil, read often
+                kind = _kind(f.read().replace(b"\0", b" ").decode(errors="replace").strip())
+        except OSError:
+            return None
+        if kind is None:
+            return None
+        try:
             proc = psutil.Process(pid)
-            kind = _kind(" ".join(proc.cmdline()))
-            if kind is None:
-                self.looks[pid] += 1
-                if self.looks[pid] >= _LOOKS:
-                    self.seen[pid] = None
-                return None
-            if proc.environ().get(SESSION_MARK) != self.mark:
+            parents = proc.parents()
+            # A process that retitled itself (setproctitle) may have written over the
+            # environment the kernel shows: then its parent's tells whose it is.
+            mark = proc.environ().get(SESSION_MARK) or (
+                parents[0].environ().get(SESSION_MARK) if parents else None
+            )
+            if mark != self.mark:
                 self.seen[pid] = None
                 return None
-            parents = proc.parents()
             if kind == "engine" and parents and not any(_under_ray(p) for p in parents):
                 # A raw reference: the script that made it is what it costs, imports included.
                 script = parents[0]
@@ -192,6 +193,8 @@ class StartsPlugin:
         for line in render(tally):
             terminalreporter.write_line(line)
         if out := os.environ.get("PV_STARTS_JSON"):
+            every = sorted(self.tests.items(), key=lambda kv: -kv[1]["s"])
+            tally["every_test"] = [{"test": nodeid, **t} for nodeid, t in every]
             Path(out).write_text(json.dumps(tally, indent=1) + "\n")
 
     def _distributed(self) -> bool:
