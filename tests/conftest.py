@@ -8,7 +8,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from tests.helpers import (
     free_port,
     run_cli,
 )
+from tests.pooling import CLASSES, RawVllm
 
 # Each test process (pytest-xdist runs two) marks the processes it starts and keeps Ray's
 # files in a folder of its own: a local `ray.init()` joins the cluster whose address file
@@ -35,28 +37,69 @@ def pytest_unconfigure() -> None:
     shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
-    """A tiny random Llama with a BPE tokenizer, made offline once per test run (the
-    first test process to need it makes it; the other waits and reads it)."""
+def _run_root(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """A folder every test process of this run shares."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent  # the parent is the run's, shared
+
+
+def _made_once(root: Path, name: str, make: Callable[[Path], None]) -> Path:
+    """`root/models/name`, made by `make` once per test run (the first test process to
+    need it makes it; the other waits and reads it)."""
     from filelock import FileLock
 
-    from prefect_vllm.testing import make_tiny_model
-
-    base = tmp_path_factory.getbasetemp()
-    root = base if worker_id == "master" else base.parent  # the parent is the run's, shared
-    model, done = root / "models" / "tiny-llama", root / "models" / "tiny-llama.done"
-    with FileLock(str(root / "tiny-llama.lock")):
+    model, done = root / "models" / name, root / "models" / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
         if not done.exists():
-            make_tiny_model(model, seed=0)
+            make(model)
             done.touch()
     return model
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """A tiny random Llama with a BPE tokenizer, made offline once per test run."""
+    from prefect_vllm.testing import make_tiny_model
+
+    return _made_once(
+        _run_root(tmp_path_factory, worker_id), "tiny-llama", lambda to: make_tiny_model(to, seed=0)
+    )
+
+
+def _made_by_the_command(home: Path, *args: str) -> Callable[[Path], None]:
+    def make(model: Path) -> None:
+        made = run_cli(["make-tiny-model", str(model), *args], home)
+        assert made.returncode == 0, made.stderr[-2000:]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """A tiny random classifier of three classes (`tests.pooling.CLASSES`), made by
+    `prefect-vllm make-tiny-model DIR --classes ...` as a user makes one."""
+    root = _run_root(tmp_path_factory, worker_id)
+    return _made_once(root, "classifier", _made_by_the_command(root / "home", "--classes", ",".join(CLASSES)))
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """A tiny random cross-encoder (a classifier of one label), made by the command."""
+    root = _run_root(tmp_path_factory, worker_id)
+    return _made_once(root, "reranker", _made_by_the_command(root / "home", "--classes", "relevance"))
+
+
+@pytest.fixture(scope="session")
+def raw_vllm(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> RawVllm:
+    """Raw vLLM's answers for the parity tests: one `LLM(...)` per model per test run."""
+    return RawVllm(_run_root(tmp_path_factory, worker_id) / "raw-vllm")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests on the session's warm pool run last in their test process: its engine
-    outlives them, and no other test of that process (a fault test counting engines, a
-    run starting its own) should see it. (Both test processes may reach them, and each
+    """Tests on the session's warm pools (the generation pool, the pooling pools on its
+    cluster) run last in their test process: their engines outlive them, and no other
+    test of that process (a fault test counting engines, a run starting its own) should
+    see them. (Both test processes may reach them, and each
     then starts a warm pool of its own.)"""
     items.sort(key=lambda item: "shared_pool" in getattr(item, "fixturenames", ()))
 
@@ -90,7 +133,7 @@ def shared_pool(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
             home, timeout=600,
         )  # fmt: skip
         assert started.returncode == 0, started.stderr[-4000:]
-        yield SharedPool(name="shared", address=address, engines=tuple(engine_processes()))
+        yield SharedPool(name="shared", address=address, warm=set(engine_processes()))
         run_cli(["pool", "stop", "shared", "--ray-address", address], home, timeout=300)
     finally:
         for proc in psutil.process_iter(["cmdline"]):
@@ -98,6 +141,45 @@ def shared_pool(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
                 with contextlib.suppress(psutil.Error):
                     proc.kill()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@dataclass
+class PoolingPools:
+    """Warm pools of vLLM's pooling runner on the session's cluster, one per model,
+    started when a test first asks for one and stopped at the end of the session."""
+
+    cluster: SharedPool
+    home: Path
+    started: dict[Path, SharedPool]
+
+    def pool(self, model: Path) -> SharedPool:
+        """The session's pooling pool of `model` (started now if it is not yet)."""
+        if model not in self.started:
+            before = set(engine_processes())
+            name = f"pooling-{model.name}"
+            # The cluster's two CPUs are the generation pools': a pooling engine reserves none.
+            started = run_cli(
+                ["pool", "start", name, "--model", str(model), "--ray-address", self.cluster.address,
+                 "--engine-args", '{"runner": "pooling"}', "--cpus-per-actor", "0"],
+                self.home, timeout=600,
+            )  # fmt: skip
+            assert started.returncode == 0, started.stderr[-4000:]
+            self.cluster.warm.update(set(engine_processes()) - before)
+            self.started[model] = SharedPool(name=name, address=self.cluster.address, warm=self.cluster.warm)
+        return self.started[model]
+
+
+@pytest.fixture(scope="session")
+def pooling_pools(
+    shared_pool: SharedPool, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PoolingPools]:
+    """The session's pooling pools, for the embed, classify and score tests that kill
+    nothing (fault tests kill fresh engines of their own). They share the session
+    cluster, so tests using them run last too (`pytest_collection_modifyitems`)."""
+    pools = PoolingPools(shared_pool, tmp_path_factory.mktemp("pooling-pools-home"), {})
+    yield pools
+    for pool in pools.started.values():
+        run_cli(["pool", "stop", pool.name, "--ray-address", pool.address], pools.home, timeout=300)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -118,17 +118,23 @@ def no_engine_left(timeout: float = 60, besides: tuple[int, ...] = ()) -> None:
 
 @dataclass(frozen=True)
 class SharedPool:
-    """The session's warm pool, for tests that kill no engine.
+    """A warm pool of the session's, for tests that kill no engine.
 
     Attributes:
         name: The pool's name.
         address: Its Ray cluster's address.
-        engines: Its engine processes (they outlive every run on it).
+        warm: The engine processes of every session pool on that cluster (they outlive
+            every run on them), shared by the pools as they start.
     """
 
     name: str
     address: str
-    engines: tuple[int, ...]
+    warm: set[int] = field(default_factory=set, compare=False)
+
+    @property
+    def engines(self) -> tuple[int, ...]:
+        """The engine processes of the session's pools, which every run leaves alone."""
+        return tuple(sorted(self.warm))
 
     def cli_args(self) -> list[str]:
         """The `prefect-vllm run` flags that generate on this pool."""

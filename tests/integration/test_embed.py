@@ -5,50 +5,32 @@ from __future__ import annotations
 import base64
 import json
 import math
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 
 from prefect_vllm._input.columns import CLASSIFY_OUTPUT_COLUMNS, EMBED_OUTPUT_COLUMNS, SCORE_OUTPUT_COLUMNS
 from prefect_vllm.testing import write_sample_prompts
-from tests.helpers import REPO, input_ids, no_engine_left, read_output, run_cli, summary_of
+from tests.helpers import input_ids, no_engine_left, read_output, run_cli, summary_of
+from tests.pooling import (
+    CLASSES,
+    RawVllm,
+    classifier_answers,
+    classify_prompts,
+    cross_encoder_answers,
+    embed_prompts,
+    score_pairs,
+    tiny_llama_answers,
+)
 
 pytestmark = pytest.mark.integration
 
-#: Raw vLLM on the same model and prompts: `LLM.embed` with the pooling runner.
-_RAW = """
-import json, os, sys
-if __name__ == "__main__":
-    from vllm import LLM
-    from prefect_vllm.config import EngineConfig
-    model, prompts, out = sys.argv[1:4]
-    rows = [json.loads(line) for line in open(prompts)]
-    rows = [r for r in rows if "prompt" in r]
-    llm = LLM(**EngineConfig().engine_kwargs(model, on_cpu=True), runner="pooling", convert="embed")
-    embedded = llm.embed([r["prompt"] for r in rows], use_tqdm=False)
-    with open(out, "w") as f:
-        json.dump({r["custom_id"]: [e.outputs.embedding, len(e.prompt_token_ids)] for r, e in zip(rows, embedded)}, f)
-    # The engine stopped, no interpreter teardown: it can abort in a C++ thread ("terminate called").
-    llm.llm_engine.engine_core.shutdown()
-    os._exit(0)
-"""
-
-
-def _raw_vllm(script: str, model: Path, prompts: Path, tmp_path: Path) -> dict[str, Any]:
-    """Run a raw-vLLM reference `script` on `model` and `prompts` in its own process; its JSON."""
-    (tmp_path / "raw.py").write_text(script)
-    raw = subprocess.run(
-        [sys.executable, str(tmp_path / "raw.py"), str(model), str(prompts), str(tmp_path / "raw.json")],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )  # fmt: skip
-    assert raw.returncode == 0, raw.stderr[-3000:]
-    result: dict[str, Any] = json.loads((tmp_path / "raw.json").read_text())
-    return result
+if TYPE_CHECKING:
+    from tests.conftest import PoolingPools
+    from tests.helpers import SharedPool
 
 
 def _cosine(a: list[float], b: list[float]) -> float:
@@ -57,15 +39,14 @@ def _cosine(a: list[float], b: list[float]) -> float:
 
 
 def test_an_embedding_job_gives_raw_vllms_vectors_and_resumes_without_an_engine(
-    tmp_path: Path, tiny_model: Path, prefect_server: str
+    tmp_path: Path, tiny_model: Path, prefect_server: str, pooling_pools: PoolingPools, raw_vllm: RawVllm
 ) -> None:
-    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=40, seed=5)
-    with prompts.open("a") as f:  # a chat row: an embedding job embeds text, so it is a row error
-        f.write(json.dumps({"custom_id": "chat-1", "messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    prompts = embed_prompts(tmp_path / "prompts.jsonl")  # its chat row: an embedding job embeds text
     out = tmp_path / "out"
+    pool = pooling_pools.pool(tiny_model)
     args = ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--task", "embed",
             "--shard-size", "16", "--actors", "1", "--json"]  # fmt: skip
-    done = run_cli(args, tmp_path / "home", api_url=prefect_server)
+    done = run_cli([*args, *pool.cli_args()], tmp_path / "home", api_url=prefect_server)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = summary_of(done)
     assert (summary["rows_total"], summary["rows_ok"], summary["rows_failed"]) == (41, 40, 1)
@@ -77,7 +58,7 @@ def test_an_embedding_job_gives_raw_vllms_vectors_and_resumes_without_an_engine(
     rows = {r["custom_id"]: r for r in table.to_pylist()}
     assert rows["chat-1"]["embedding"] is None and "not chat messages" in rows["chat-1"]["error"]
 
-    expected = _raw_vllm(_RAW, tiny_model, prompts, tmp_path)
+    expected = tiny_llama_answers(raw_vllm, tiny_model)["embed"]
     assert len(expected) == 40
     for custom_id, (vector, prompt_tokens) in expected.items():
         row = rows[custom_id]
@@ -85,20 +66,21 @@ def test_an_embedding_job_gives_raw_vllms_vectors_and_resumes_without_an_engine(
         assert len(row["embedding"]) == len(vector)
         assert _cosine(row["embedding"], vector) >= 0.9999, custom_id
 
-    _an_openai_embeddings_file_round_trips(tmp_path, tiny_model, prompts, expected, prefect_server)
+    _an_openai_embeddings_file_round_trips(tmp_path, tiny_model, prompts, expected, prefect_server, pool)
 
-    again = run_cli(args, tmp_path / "home", api_url=prefect_server)  # all committed: no engine starts
+    # All committed: no engine starts (on its own engines, as the job ran on a pool's).
+    again = run_cli(args, tmp_path / "home", api_url=prefect_server)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (summary_of(again)["shards_skipped"], summary_of(again)["shards_run"]) == (3, 0)
     other_task = run_cli([*args[:-1], "--task", "generate", "--max-tokens", "4"], tmp_path / "home")
     assert other_task.returncode == 2 and "task" in other_task.stderr.splitlines()[-1], other_task.stderr[
         -2000:
     ]
-    no_engine_left()
+    no_engine_left(besides=pool.engines)
 
 
 def _an_openai_embeddings_file_round_trips(
-    tmp_path: Path, model: Path, prompts: Path, expected: dict[str, Any], api_url: str
+    tmp_path: Path, model: Path, prompts: Path, expected: dict[str, Any], api_url: str, pool: SharedPool
 ) -> None:
     """`/v1/embeddings` requests (a string, several strings, token ids, one malformed body)
     make an embedding job by their url; the export is `openai`'s `CreateEmbeddingResponse`s."""
@@ -131,7 +113,8 @@ def _an_openai_embeddings_file_round_trips(
     batch.write_text("".join(json.dumps(r) + "\n" for r in requests))
     out = tmp_path / "out-openai"
     done = run_cli(
-        ["run", str(batch), "--output", str(out), "--model", str(model), "--export", "openai", "--json"],
+        ["run", str(batch), "--output", str(out), "--model", str(model), "--export", "openai", *pool.cli_args(),
+         "--json"],
         tmp_path / "home", api_url=api_url,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -206,43 +189,20 @@ def test_embedding_options_that_cannot_apply_are_refused_before_anything_starts(
         assert refused.returncode == 2 and said in last and "Traceback" not in refused.stderr, refused.stderr
 
 
-#: Raw vLLM's class probabilities for the same texts: `LLM.classify` with the pooling runner.
-_RAW_CLASSIFY = """
-import json, os, sys
-if __name__ == "__main__":
-    from vllm import LLM
-    from prefect_vllm.config import EngineConfig
-    model, prompts, out = sys.argv[1:4]
-    rows = [json.loads(line) for line in open(prompts)]
-    llm = LLM(**EngineConfig().engine_kwargs(model, on_cpu=True), runner="pooling")
-    fits = [r for r in rows if r["custom_id"] != "too-long"]  # vLLM refuses the whole call else
-    classified = llm.classify([r["prompt"] for r in fits], use_tqdm=False)
-    cut = llm.classify([r["prompt"] for r in rows], use_tqdm=False, tokenization_kwargs={"truncate_prompt_tokens": 6})
-    with open(out, "w") as f:
-        json.dump({
-            "plain": {r["custom_id"]: c.outputs.probs for r, c in zip(fits, classified)},
-            "cut": {r["custom_id"]: [c.outputs.probs, len(c.prompt_token_ids)] for r, c in zip(rows, cut)},
-        }, f)
-    llm.llm_engine.engine_core.shutdown()  # as in _RAW
-    os._exit(0)
-"""
-
-
 def test_a_classification_job_gives_raw_vllms_probabilities_and_the_models_class_names(
-    tmp_path: Path, tiny_model: Path, prefect_server: str
+    tmp_path: Path,
+    tiny_model: Path,
+    tiny_classifier: Path,
+    prefect_server: str,
+    pooling_pools: PoolingPools,
+    raw_vllm: RawVllm,
 ) -> None:
-    classes = ["negative", "neutral", "positive"]
-    made = run_cli(
-        ["make-tiny-model", str(tmp_path / "classifier"), "--classes", ",".join(classes)], tmp_path / "home"
-    )
-    assert made.returncode == 0, made.stderr[-2000:]
-    model = tmp_path / "classifier"
-    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=24, seed=9)
-    with prompts.open("a") as f:  # longer than the model's context: a row error unless cut
-        f.write(json.dumps({"custom_id": "too-long", "prompt": "cat dog bird " * 1000}) + "\n")
+    model = tiny_classifier
+    prompts = classify_prompts(tmp_path / "prompts.jsonl")  # its too-long row: a row error unless cut
     out = tmp_path / "out"
+    pool = pooling_pools.pool(model)
     args = ["run", str(prompts), "--output", str(out), "--model", str(model), "--task", "classify",
-            "--shard-size", "10", "--json"]  # fmt: skip
+            "--shard-size", "10", *pool.cli_args(), "--json"]  # fmt: skip
     done = run_cli(args, tmp_path / "home", api_url=prefect_server)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (summary_of(done)["rows_ok"], summary_of(done)["rows_failed"]) == (24, 1)
@@ -252,14 +212,14 @@ def test_a_classification_job_gives_raw_vllms_probabilities_and_the_models_class
     assert sorted(rows) == sorted(input_ids(prompts))
     assert "maximum context length is 1024 tokens" in rows["too-long"]["error"]
 
-    raw = _raw_vllm(_RAW_CLASSIFY, model, prompts, tmp_path)
+    raw = classifier_answers(raw_vllm, model)
     expected = raw["plain"]
     assert len(expected) == 24
-    for custom_id, probs in expected.items():
+    for custom_id, (probs, _tokens) in expected.items():
         row = rows[custom_id]
         assert row["error"] is None and len(row["probs"]) == 3
         assert max(abs(a - b) for a, b in zip(row["probs"], probs, strict=True)) <= 1e-4, custom_id
-        assert row["label"] == classes[max(range(3), key=probs.__getitem__)]
+        assert row["label"] == CLASSES[max(range(3), key=probs.__getitem__)]
 
     # Cut to 6 tokens as vLLM cuts them: the too-long row is classified, every row as raw vLLM's.
     cut_out = tmp_path / "out-cut"
@@ -274,59 +234,40 @@ def test_a_classification_job_gives_raw_vllms_probabilities_and_the_models_class
         assert prompt_tokens == 6 or row["custom_id"] != "too-long"
         assert max(abs(a - b) for a, b in zip(row["probs"], probs, strict=True)) <= 1e-4, row["custom_id"]
 
-    # A language model is no classifier: refused once its engine says so, nothing written.
+    # A language model is no classifier: refused once its own engine says so, nothing written.
     not_a_classifier = run_cli(
-        [*args[:3], str(tmp_path / "out-lm"), "--model", str(tiny_model), *args[6:]], tmp_path / "home",
-        api_url=prefect_server,
+        ["run", str(prompts), "--output", str(tmp_path / "out-lm"), "--model", str(tiny_model), "--task",
+         "classify", "--shard-size", "10", "--json"],
+        tmp_path / "home", api_url=prefect_server,
     )  # fmt: skip
     last = not_a_classifier.stderr.strip().splitlines()[-1]
     assert not_a_classifier.returncode == 2 and "cannot classify" in last, not_a_classifier.stderr[-3000:]
     assert "Traceback" not in not_a_classifier.stderr and not list((tmp_path / "out-lm").glob("part-*"))
-    no_engine_left()
-
-
-#: Raw vLLM's scores for the same text pairs: `LLM.score` with the pooling runner.
-_RAW_SCORE = """
-import json, os, sys
-if __name__ == "__main__":
-    from vllm import LLM
-    from prefect_vllm.config import EngineConfig
-    model, pairs, out = sys.argv[1:4]
-    rows = [r for r in map(json.loads, open(pairs)) if r["document"] and r["custom_id"] != "too-long"]
-    llm = LLM(**EngineConfig().engine_kwargs(model, on_cpu=True), runner="pooling")
-    scored = llm.score([r["query"] for r in rows], [r["document"] for r in rows], use_tqdm=False)
-    with open(out, "w") as f:
-        json.dump({r["custom_id"]: [s.outputs.score, len(s.prompt_token_ids)] for r, s in zip(rows, scored)}, f)
-    llm.llm_engine.engine_core.shutdown()  # as in _RAW
-    os._exit(0)
-"""
+    no_engine_left(besides=pool.engines)
 
 
 def test_a_scoring_job_gives_raw_vllms_scores_from_a_cross_encoder_and_from_an_embedding_model(
-    tmp_path: Path, tiny_model: Path, prefect_server: str
+    tmp_path: Path,
+    tiny_model: Path,
+    tiny_cross_encoder: Path,
+    prefect_server: str,
+    pooling_pools: PoolingPools,
+    raw_vllm: RawVllm,
 ) -> None:
-    made = run_cli(
-        ["make-tiny-model", str(tmp_path / "reranker"), "--classes", "relevance"], tmp_path / "home"
-    )
-    assert made.returncode == 0, made.stderr[-2000:]
-    pairs = tmp_path / "pairs.jsonl"
-    rows = [
-        {
-            "custom_id": f"q{i}",
-            "query": f"how many legs has animal {i}?",
-            "document": f"animal {i} has {i % 5} legs",
-        }
-        for i in range(24)
-    ]
-    rows.append({"custom_id": "no-document", "query": "anything?", "document": None})
-    rows.append({"custom_id": "too-long", "query": "anything?", "document": "cat dog bird " * 1000})
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = score_pairs(tmp_path / "pairs.jsonl")
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
     # A cross-encoder (a classifier of one label) scores each pair in one pass; an embedding
     # model (the tiny Llama, converted by vLLM) by the cosine similarity of two vectors.
-    for model, name in ((tmp_path / "reranker", "cross-encoder"), (tiny_model, "embedding model")):
+    references = {
+        "cross-encoder": lambda: cross_encoder_answers(raw_vllm, tiny_cross_encoder),
+        "embedding model": lambda: tiny_llama_answers(raw_vllm, tiny_model)["score"],
+    }
+    for model, name in ((tiny_cross_encoder, "cross-encoder"), (tiny_model, "embedding model")):
         out = tmp_path / f"out-{model.name}"
+        pool = pooling_pools.pool(model)
         args = ["run", str(pairs), "--output", str(out), "--model", str(model), "--task", "score",
-                "--text-column", "query", "--text-pair-column", "document", "--shard-size", "10", "--json"]  # fmt: skip
+                "--text-column", "query", "--text-pair-column", "document", "--shard-size", "10",
+                *pool.cli_args(), "--json"]  # fmt: skip
         done = run_cli(args, tmp_path / "home", api_url=prefect_server)
         assert done.returncode == 0, done.stderr[-3000:]
         assert (summary_of(done)["rows_ok"], summary_of(done)["rows_failed"]) == (24, 2), name
@@ -338,11 +279,11 @@ def test_a_scoring_job_gives_raw_vllms_scores_from_a_cross_encoder_and_from_an_e
         assert scored["no-document"]["error"] == "document: the pair's second text must be a string, got null"
         assert "maximum context length" in scored["too-long"]["error"], scored["too-long"]["error"]
 
-        expected = _raw_vllm(_RAW_SCORE, model, pairs, tmp_path)
+        expected = references[name]()
         assert len(expected) == 24
         for custom_id, (score, prompt_tokens) in expected.items():
             row = scored[custom_id]
             assert row["error"] is None and row["prompt_tokens"] == prompt_tokens, (name, custom_id)
             assert abs(row["score"] - score) <= 1e-4, (name, custom_id, row["score"], score)
         assert len({round(r["score"], 6) for r in scored.values() if r["error"] is None}) > 1, "scores differ"
-    no_engine_left()
+    no_engine_left(besides=pooling_pools.cluster.engines)
