@@ -230,7 +230,9 @@ def test_a_prefect_worker_runs_the_prefect_yaml_deployment_end_to_end(
     with log_path.open("w") as log:
         worker = subprocess.Popen(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", "batch", "--limit", "1"],
-            env={**env, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+            # The worker asks for runs every second, not Prefect's default ten.
+            env={**env, "PYTHONUNBUFFERED": "1", "PREFECT_WORKER_QUERY_SECONDS": "1"}, stdout=log,
+            stderr=subprocess.STDOUT, cwd=tmp_path,
             start_new_session=True,
         )  # fmt: skip
     try:
