@@ -31,7 +31,8 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 def test_an_embedding_job_survives_its_engine_and_its_flow_being_killed(
     tmp_path: Path, tiny_model: Path
 ) -> None:
-    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=4000, seed=11)
+    # 60 shards: commits go on well past both kills.
+    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=1200, seed=11)
     out = tmp_path / "out"
     args = ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--task", "embed",
             "--shard-size", "20", "--actors", "1", "--json"]  # fmt: skip
@@ -58,13 +59,13 @@ def test_an_embedding_job_survives_its_engine_and_its_flow_being_killed(
         k: v for k, v in part_digests(out).items() if (out / "_commits" / f"{k[5:-8]}.json").exists()
     }
     n_before = len(markers(out))
-    assert at_kill + 3 <= n_before < 200, n_before
+    assert at_kill + 3 <= n_before < 60, n_before
 
     resumed = run_cli(args, tmp_path / "home-2")  # a new Prefect database: the checkpoints alone decide
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     summary = summary_of(resumed)
-    assert (summary["shards_skipped"], summary["shards_run"]) == (n_before, 200 - n_before)
-    assert (summary["rows_ok"], summary["rows_failed"]) == (4000, 0)
+    assert (summary["shards_skipped"], summary["shards_run"]) == (n_before, 60 - n_before)
+    assert (summary["rows_ok"], summary["rows_failed"]) == (1200, 0)
     table = read_output(out)
     assert Counter(table.column("custom_id").to_pylist()) == Counter(input_ids(prompts))
     after = part_digests(out)

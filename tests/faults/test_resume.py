@@ -34,7 +34,7 @@ def test_ctrl_c_stops_the_run_within_seconds_and_the_next_run_completes_exactly(
     tmp_path: Path, tiny_model: Path, prefect_server: str
 ) -> None:
     """SIGINT after two commits, as Ctrl-C sends it: exit 130 soon, nothing left running."""
-    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=480, seed=21)
+    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=240, seed=21)  # 15 shards
     out = tmp_path / "out"
     args = ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--shard-size", "16",
             "--max-tokens", "48", "--ignore-eos", "--temperature", "0", "--json"]  # fmt: skip
@@ -52,12 +52,12 @@ def test_ctrl_c_stops_the_run_within_seconds_and_the_next_run_completes_exactly(
     assert "run the same command again to resume" in stopped.stderr.strip().splitlines()[-1]
     wait_for(lambda: not engine_processes() and not ray_processes(), 30, "the run's engines and Ray to exit")
     committed = len(markers(out))
-    assert 2 <= committed < 30, committed
+    assert 2 <= committed < 15, committed
 
     resumed = run_cli(args, tmp_path / "home", api_url=prefect_server)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     summary = summary_of(resumed)
-    assert (summary["shards_skipped"], summary["shards_run"]) == (committed, 30 - committed)
+    assert (summary["shards_skipped"], summary["shards_run"]) == (committed, 15 - committed)
     assert Counter(read_output(out).column("custom_id").to_pylist()) == Counter(input_ids(prompts))
     no_engine_left()
 
@@ -70,7 +70,7 @@ def test_killed_flow_process_resumes_skipping_committed_shards(
     The input is an OpenAI Batch file exported with `--export openai`: the resumed
     job's export holds each request exactly once.
     """
-    prompts = write_sample_batch(tmp_path / "batch.jsonl", n=640)
+    prompts = write_sample_batch(tmp_path / "batch.jsonl", n=320)  # 20 shards
     out = tmp_path / "out"
     args = ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--shard-size", "16",
             "--max-tokens", "64", "--ignore-eos", "--temperature", "0.8", "--export", "openai", "--json"]  # fmt: skip
@@ -85,7 +85,7 @@ def test_killed_flow_process_resumes_skipping_committed_shards(
     )
     committed_before = part_digests(out)
     n_before = len(markers(out))
-    assert 2 <= n_before < 40, n_before
+    assert 2 <= n_before < 20, n_before
     assert not (out / "_openai").exists(), "an incomplete job has no export"
     committed_before = {
         k: v for k, v in committed_before.items() if (out / "_commits" / f"{k[5:-8]}.json").exists()
@@ -95,7 +95,7 @@ def test_killed_flow_process_resumes_skipping_committed_shards(
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     summary = summary_of(resumed)
     assert summary["shards_skipped"] == n_before
-    assert summary["shards_run"] == 40 - n_before
+    assert summary["shards_run"] == 20 - n_before
     table = read_output(out)
     assert Counter(table.column("custom_id").to_pylist()) == Counter(input_ids(prompts))
     after = part_digests(out)
@@ -106,7 +106,7 @@ def test_killed_flow_process_resumes_skipping_committed_shards(
         for line in (out / "_openai" / name).read_text().splitlines()
     ]
     assert Counter(exported) == Counter(input_ids(prompts)), "each custom_id exactly once in the export"
-    assert summary["request_counts"] == {"total": 640, "completed": 640, "failed": 0}
+    assert summary["request_counts"] == {"total": 320, "completed": 320, "failed": 0}
 
     changed = run_cli([*args[:-1], "--max-tokens", "32", "--job-id", summary["job_id"]], tmp_path / "home-2")
     assert changed.returncode == 2
@@ -114,7 +114,7 @@ def test_killed_flow_process_resumes_skipping_committed_shards(
     assert "Starting temporary server" not in changed.stderr, "a refusal starts nothing"
     fresh = run_cli([*args, "--max-tokens", "8", "--restart"], tmp_path / "home-2", api_url=prefect_server)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
-    assert (summary_of(fresh)["shards_skipped"], summary_of(fresh)["shards_run"]) == (0, 40)
+    assert (summary_of(fresh)["shards_skipped"], summary_of(fresh)["shards_run"]) == (0, 20)
     assert set(read_output(out).column("completion_tokens").to_pylist()) == {8}
     no_engine_left()
 
@@ -123,7 +123,7 @@ def test_run_ends_with_exit_1_when_ray_gives_up_and_the_next_run_completes(
     tmp_path: Path, tiny_model: Path, prefect_server: str
 ) -> None:
     """With no restart budget, a killed engine leaves shards incomplete; a re-run finishes them."""
-    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=400)
+    prompts = write_sample_prompts(tmp_path / "prompts.jsonl", n=200)  # 10 shards
     out = tmp_path / "out"
     args = ["run", str(prompts), "--output", str(out), "--model", str(tiny_model), "--shard-size", "20",
             "--max-tokens", "64", "--ignore-eos", "--temperature", "0", "--json"]  # fmt: skip
@@ -140,7 +140,7 @@ def test_run_ends_with_exit_1_when_ray_gives_up_and_the_next_run_completes(
     assert "were not committed" in failed.stderr and summary["shards_incomplete"][0] in failed.stderr
     assert "run the same command again" in failed.stderr
     n_before = len(markers(out))
-    assert n_before + len(summary["shards_incomplete"]) == 20
+    assert n_before + len(summary["shards_incomplete"]) == 10
 
     resumed = run_cli(args, tmp_path / "home", api_url=prefect_server)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
