@@ -133,7 +133,7 @@ def shared_pool(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
             home, timeout=600,
         )  # fmt: skip
         assert started.returncode == 0, started.stderr[-4000:]
-        yield SharedPool(name="shared", address=address, warm=set(engine_processes()))
+        yield SharedPool(name="shared", address=address, warm=set(engine_processes()), pools={"shared"})
         run_cli(["pool", "stop", "shared", "--ray-address", address], home, timeout=300)
     finally:
         for proc in psutil.process_iter(["cmdline"]):
@@ -165,7 +165,10 @@ class PoolingPools:
             )  # fmt: skip
             assert started.returncode == 0, started.stderr[-4000:]
             self.cluster.warm.update(set(engine_processes()) - before)
-            self.started[model] = SharedPool(name=name, address=self.cluster.address, warm=self.cluster.warm)
+            self.cluster.pools.add(name)
+            self.started[model] = SharedPool(
+                name, self.cluster.address, self.cluster.warm, self.cluster.pools
+            )
         return self.started[model]
 
 

@@ -20,13 +20,22 @@ REPO = Path(__file__).resolve().parent.parent
 SESSION_MARK = "PV_TEST_SESSION"
 
 
-def _ours(pid: int) -> bool:
+def ours(pid: int) -> bool:
+    """Whether process `pid` was started by this test process (its mark, or the nearest
+    marked ancestor's: a process that retitled itself with `setproctitle`, as vLLM's
+    spawned engine and worker processes do, may have written over the environment the
+    kernel shows)."""
     import psutil
 
     try:
-        return psutil.Process(pid).environ().get(SESSION_MARK) == os.environ.get(SESSION_MARK)
+        proc = psutil.Process(pid)
+        for candidate in (proc, *proc.parents()):
+            mark = candidate.environ().get(SESSION_MARK)
+            if mark is not None:
+                return bool(mark == os.environ.get(SESSION_MARK))
     except psutil.Error:
         return False
+    return False
 
 
 def engine_processes(kinds: tuple[str, ...] = ("VLLM::EngineCore", "VLLM::Worker")) -> list[int]:
@@ -34,7 +43,7 @@ def engine_processes(kinds: tuple[str, ...] = ("VLLM::EngineCore", "VLLM::Worker
     narrowed to the ones it started)."""
     from prefect_vllm import testing
 
-    return [pid for pid in testing.engine_processes(kinds) if _ours(pid)]
+    return [pid for pid in testing.engine_processes(kinds) if ours(pid)]
 
 
 def cli_env(prefect_home: Path, api_url: str | None = None) -> dict[str, str]:
@@ -113,7 +122,27 @@ def no_engine_left(timeout: float = 60, besides: tuple[int, ...] = ()) -> None:
     Args:
         besides: The engine processes of a warm pool, which outlive runs on purpose.
     """
-    wait_for(lambda: not set(engine_processes()) - set(besides), timeout, "every vLLM engine process to exit")
+    try:
+        wait_for(
+            lambda: not set(engine_processes()) - set(besides), timeout, "every vLLM engine process to exit"
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {describe(set(engine_processes()) - set(besides))}") from None
+
+
+def describe(pids: set[int]) -> str:
+    """Each process: pid, title and its parents' titles (which run left it behind)."""
+    import psutil
+
+    described = []
+    for pid in sorted(pids):
+        try:
+            proc = psutil.Process(pid)
+            chain = " < ".join(" ".join(p.cmdline())[:60] for p in (proc, *proc.parents()[:3]))
+        except psutil.Error:
+            chain = "gone"
+        described.append(f"{pid} ({chain})")
+    return "; ".join(described) or "none"
 
 
 @dataclass(frozen=True)
@@ -125,11 +154,13 @@ class SharedPool:
         address: Its Ray cluster's address.
         warm: The engine processes of every session pool on that cluster (they outlive
             every run on them), shared by the pools as they start.
+        pools: The names of every session pool on that cluster, shared likewise.
     """
 
     name: str
     address: str
     warm: set[int] = field(default_factory=set, compare=False)
+    pools: set[str] = field(default_factory=set, compare=False)
 
     @property
     def engines(self) -> tuple[int, ...]:
@@ -202,7 +233,7 @@ def ray_processes() -> list[int]:
         if proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
         cmd = " ".join(proc.info["cmdline"] or [])
-        if (cmd.startswith("ray::") or "raylet" in cmd or "gcs_server" in cmd) and _ours(proc.info["pid"]):
+        if (cmd.startswith("ray::") or "raylet" in cmd or "gcs_server" in cmd) and ours(proc.info["pid"]):
             found.append(proc.info["pid"])
     return found
 

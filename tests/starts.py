@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import SESSION_MARK
+from tests.helpers import ours
 
 KINDS = ("engine", "raw vLLM", "Prefect server", "Ray cluster")
 
@@ -57,7 +57,6 @@ def _kind(cmdline: str) -> str | None:
 class _Watcher:
     """Reads the process table every `_POLL_S` in a thread; counts since the last `take`."""
 
-    mark: str
     #: pid -> the kind it is counted as, or None for a process of another session.
     seen: dict[int, str | None] = field(default_factory=dict)
     starts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -97,12 +96,7 @@ class _Watcher:
         try:
             proc = psutil.Process(pid)
             parents = proc.parents()
-            # A process that retitled itself (setproctitle) may have written over the
-            # environment the kernel shows: then its parent's tells whose it is.
-            mark = proc.environ().get(SESSION_MARK) or (
-                parents[0].environ().get(SESSION_MARK) if parents else None
-            )
-            if mark != self.mark:
+            if not ours(pid):
                 self.seen[pid] = None
                 return None
             if kind == "engine" and parents and not any(_under_ray(p) for p in parents):
@@ -158,7 +152,7 @@ class StartsPlugin:
     @pytest.hookimpl
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         if hasattr(self.config, "workerinput") or not self._distributed():
-            self.watcher = _Watcher(os.environ[SESSION_MARK])
+            self.watcher = _Watcher()
             threading.Thread(target=self.watcher.run, name="pv-starts", daemon=True).start()
 
     @pytest.hookimpl(hookwrapper=True)

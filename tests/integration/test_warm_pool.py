@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,15 @@ def cluster(shared_pool: SharedPool) -> SharedPool:
 
 
 @pytest.fixture(scope="module")
-def pool(cluster: SharedPool, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The warm pool `tests` of one engine, started by the command line; what it printed."""
+def pool(
+    cluster: SharedPool, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """The warm pool `tests` of one engine, started by the command line; what it printed.
+
+    The module's last test stops it (and asserts so); where the two test processes share
+    the module's tests, the other one's pool is stopped when its part of the module ends,
+    so that no later test of that process meets its engine.
+    """
     home = tmp_path_factory.mktemp("pool-home")
     started = run_cli(
         ["pool", "start", POOL, "--model", str(tiny_model), "--ray-address", cluster.address, "--json"],
@@ -58,7 +66,8 @@ def pool(cluster: SharedPool, tiny_model: Path, tmp_path_factory: pytest.TempPat
         timeout=600,
     )
     assert started.returncode == 0, started.stderr[-4000:]
-    return dict(json.loads(started.stdout))
+    yield dict(json.loads(started.stdout))
+    run_cli(["pool", "stop", POOL, "--ray-address", cluster.address], home, timeout=300)  # gone already: fine
 
 
 def pool_cli(cluster: SharedPool, tmp_path: Path, *args: str) -> Any:
@@ -79,7 +88,7 @@ def test_pool_list_and_status_show_the_pool_and_its_engine(
     listed = pool_cli(cluster, tmp_path, "list", "--json")
     assert listed.returncode == 0, listed.stderr[-3000:]
     pools = {p["name"]: p for p in json.loads(listed.stdout)}
-    assert set(pools) == {POOL, cluster.name}
+    assert set(pools) == {POOL, *cluster.pools}  # this module's, and the session's
     only = pools[POOL]
     assert only["model"] == str(tiny_model)
     (actor,) = only["actors"]
@@ -241,4 +250,6 @@ def test_pool_stop_ends_every_engine_process(
     assert stopped.returncode == 0 and f"warm pool '{POOL}' stopped (1 engine actor(s))" in stopped.stdout
     no_engine_left(besides=cluster.engines)
     listed = pool_cli(cluster, tmp_path, "list", "--json")
-    assert listed.returncode == 0 and [p["name"] for p in json.loads(listed.stdout)] == [cluster.name]
+    assert listed.returncode == 0 and sorted(p["name"] for p in json.loads(listed.stdout)) == sorted(
+        cluster.pools
+    )
