@@ -37,7 +37,7 @@ from tests.helpers import ours
 KINDS = ("engine", "raw vLLM", "Prefect server", "Ray cluster")
 
 #: How often the process table is read (a start shorter than this may be missed; none is).
-_POLL_S = 0.25
+_POLL_S = 0.5
 
 _PROPERTY = "pv_starts"
 
@@ -72,8 +72,6 @@ class _Watcher:
             now = time.monotonic()
             live = set(psutil.pids())
             for pid in live:
-                # A process of no kind is looked at again each time: a spawned engine
-                # process takes its `VLLM::EngineCore` title only once vLLM is imported.
                 kind = self.seen[pid] if pid in self.seen else self._classify(pid)
                 if kind is not None:
                     with self.lock:
@@ -87,11 +85,14 @@ class _Watcher:
         import psutil
 
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:  # cheaper than psutil, read often
-                kind = _kind(f.read().replace(b"\0", b" ").decode(errors="replace").strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:  # cheaper than psutil
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             return None
+        kind = _kind(cmdline)
         if kind is None:
+            if not _may_retitle(cmdline):
+                self.seen[pid] = None  # never looked at again
             return None
         try:
             proc = psutil.Process(pid)
@@ -129,6 +130,12 @@ class _Watcher:
             self.starts.clear()
             self.alive_s.clear()
         return taken
+
+
+def _may_retitle(cmdline: str) -> bool:
+    """Whether a process of no kind yet may become one: vLLM retitles the processes it
+    spawns (`multiprocessing`'s child, once vLLM is imported) or forks (from a Ray actor)."""
+    return "multiprocessing" in cmdline or cmdline.startswith("ray::") or not cmdline
 
 
 def _under_ray(proc: Any) -> bool:
