@@ -24,17 +24,24 @@ CLASSES = ("negative", "neutral", "positive")
 
 #: One raw `LLM(...)` answering a list of calls on one model, in its own process:
 #: `embed`, `classify` and `score` with their keyword arguments, each output reduced
-#: to what the tests compare (the vector, probabilities or score, and prompt tokens).
+#: to what the tests compare (the vector, probabilities or score, and prompt tokens),
+#: and `generate` (its keyword arguments are `SamplingParams`'; the text).
 _RAW = """
 import json, os, sys
 if __name__ == "__main__":
     from vllm import LLM
     from prefect_vllm.config import EngineConfig
     spec = json.load(open(sys.argv[1]))
-    llm = LLM(**EngineConfig().engine_kwargs(spec["model"], on_cpu=True), **spec["llm"])
+    os.environ.update(spec["env"])
+    llm = LLM(**{**EngineConfig().engine_kwargs(spec["model"], on_cpu=True), **spec["llm"]})
     field = {"embed": "embedding", "classify": "probs", "score": "score"}
     answers = {}
     for name, call in spec["calls"].items():
+        if call["op"] == "generate":
+            from vllm import SamplingParams
+            outputs = llm.generate(call["args"][0], SamplingParams(**call["kwargs"]), use_tqdm=False)
+            answers[name] = [[o.outputs[0].text, len(o.prompt_token_ids)] for o in outputs]
+            continue
         outputs = getattr(llm, call["op"])(*call["args"], use_tqdm=False, **call["kwargs"])
         answers[name] = [[getattr(o.outputs, field[call["op"]]), len(o.prompt_token_ids)] for o in outputs]
     with open(sys.argv[2], "w") as f:
@@ -97,17 +104,24 @@ class RawVllm:
         """A file of this test process's own in the shared folder (two may write inputs at once)."""
         return self.root / f"{os.getpid()}-{name}"
 
-    def answers(self, model: Path, llm: dict[str, Any], calls: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def answers(
+        self,
+        model: Path,
+        llm: dict[str, Any],
+        calls: dict[str, dict[str, Any]],
+        env: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         """Raw vLLM's answers to `calls` on `model` built with `llm` keyword arguments.
 
         Args:
-            calls: name -> `{"op": "embed" | "classify" | "score", "args": [...],
-                "kwargs": {...}}`; each answer is a list of `[value, prompt_tokens]`
-                in the order of the inputs.
+            calls: name -> `{"op": "embed" | "classify" | "score" | "generate", "args":
+                [...], "kwargs": {...}}`; each answer is a list of `[value,
+                prompt_tokens]` in the order of the inputs.
+            env: Environment variables the raw engine needs (`VLLM_CPU_OMP_THREADS_BIND`).
         """
         from filelock import FileLock
 
-        spec = {"model": str(model), "llm": llm, "calls": calls}
+        spec = {"model": str(model), "llm": llm, "calls": calls, "env": env or {}}
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
         spec_file, answer_file = self.root / f"{key}.spec.json", self.root / f"{key}.json"
         with FileLock(str(self.root / f"{key}.lock")):

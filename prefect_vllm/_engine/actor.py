@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import psutil
 
-from prefect_vllm._engine.cpu import one_process_engine
+from prefect_vllm._engine.cpu import cpu_engine
 from prefect_vllm._engine.deaths import (
     HANG_CAUSE,
     actor_id,
@@ -31,6 +31,7 @@ from prefect_vllm._engine.deaths import (
     record_death,
     recorded_deaths,
     signal_name,
+    worker_death,
 )
 from prefect_vllm._engine.protocol import CallParams, GenerateCall, GenerateResult, GenerateStarted
 from prefect_vllm._engine.vllm_io import (
@@ -114,7 +115,7 @@ class VllmEngineActor:
         on_cpu = current_platform.is_cpu()
         kwargs = EngineConfig.model_validate(engine_config).engine_kwargs(model, on_cpu=on_cpu)
         if on_cpu:
-            kwargs = one_process_engine(kwargs)
+            kwargs = cpu_engine(kwargs)
         if quiet():
             kwargs.setdefault("use_tqdm_on_load", False)  # a progress bar in every actor's log
         started = time.monotonic()
@@ -172,6 +173,10 @@ class VllmEngineActor:
         """What ended the engine: the signal that killed its process, or the error it
         raised (the last exception line the engine logged), or its exit status."""
         codes = [exit_status(child) for child in self._engine_children]
+        # A dead worker takes its EngineCore down with it, however that then ends.
+        worker = worker_death(self._log_offsets)
+        if worker is not None:
+            return worker
         for code in codes:
             if code is not None and code < 0:
                 return f"killed by {signal_name(-code)}"

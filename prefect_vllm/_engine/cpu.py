@@ -19,6 +19,12 @@ then a `VLLM::Worker` that runs the model, each importing vLLM and torch from sc
 Killing the engine still means killing `VLLM::EngineCore`: the model runs in it. An
 engine given `distributed_executor_backend="mp"` gets vLLM's own processes, spawned.
 
+A tensor-parallel engine (`tensor_parallel_size` > 1) is the layout a GPU runs: a
+spawned `VLLM::EngineCore` and one spawned worker per rank, on vLLM's multiprocess
+executor (`multiprocess_engine`). vLLM's CPU build binds each worker's OpenMP threads
+to one NUMA node of its own and refuses when a machine has fewer nodes than workers;
+a one-node machine gets each worker its share of the actor's cores instead.
+
 The changes touch vLLM internals (`INTERNALS`). When the installed vLLM has moved one
 of them, the engine starts in vLLM's own layout with one warning line, never half
 patched; `tests/unit/test_cpu_engine.py` fails loudly on such a vLLM.
@@ -39,6 +45,9 @@ logger = logging.getLogger("prefect_vllm.engine")
 
 #: The engine argument that picks the executor; a value given by the user is kept.
 EXECUTOR_ARG = "distributed_executor_backend"
+
+#: vLLM's CPU build: which cores each worker's OpenMP threads are bound to ("0-3|4-7").
+THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 
 #: vLLM's switch between forking and spawning its engine processes.
 START_METHOD_ENV = "VLLM_WORKER_MULTIPROC_METHOD"
@@ -89,6 +98,14 @@ def moved_internals() -> list[str]:
     return moved
 
 
+def cpu_engine(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The layout of a CPU engine: one forked process for one rank
+    (`one_process_engine`), vLLM's multiprocess layout for more (`multiprocess_engine`)."""
+    if kwargs.get("tensor_parallel_size", 1) != 1 or kwargs.get("pipeline_parallel_size", 1) != 1:
+        return multiprocess_engine(kwargs)
+    return one_process_engine(kwargs)
+
+
 def one_process_engine(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Ask for one forked engine process, unless the user chose another executor.
 
@@ -119,6 +136,60 @@ def one_process_engine(kwargs: dict[str, Any]) -> dict[str, Any]:
     _title_forked_engine()
     _forked_engine_dies_with_its_actor()
     return {EXECUTOR_ARG: "uni", **kwargs}
+
+
+def multiprocess_engine(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A tensor- or pipeline-parallel CPU engine in vLLM's multiprocess layout.
+
+    The executor is vLLM's "mp" (a worker process per rank beside `VLLM::EngineCore`),
+    unless the user chose one: inside an actor that a placement group holds, vLLM would
+    otherwise pick its Ray executor. When `VLLM_CPU_OMP_THREADS_BIND` is not set (or
+    "auto") and the machine has fewer NUMA nodes than workers, each worker's threads get
+    a contiguous share of the cores this process may run on (`threads_binding`).
+
+    Args:
+        kwargs: `AsyncEngineArgs` keyword arguments of a CPU engine.
+
+    Returns:
+        The same arguments, with the executor filled in.
+    """
+    ranks = int(kwargs.get("tensor_parallel_size", 1)) * int(kwargs.get("pipeline_parallel_size", 1))
+    if ranks > 1 and os.environ.get(THREADS_BIND_ENV, "auto") == "auto" and _numa_nodes() < ranks:
+        os.environ[THREADS_BIND_ENV] = threads_binding(ranks, sorted(os.sched_getaffinity(0)))
+    return {EXECUTOR_ARG: "mp", **kwargs}
+
+
+def threads_binding(ranks: int, cpus: list[int]) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` for `ranks` workers sharing `cpus`: contiguous shares,
+    the first ranks one core more when they do not divide evenly; with fewer cores than
+    workers, workers share cores round the list.
+
+    Examples:
+        ```python
+        from prefect_vllm._engine.cpu import threads_binding
+
+        assert threads_binding(2, [0, 1]) == "0|1"
+        assert threads_binding(2, [0, 1, 2, 3, 4]) == "0,1,2|3,4"
+        assert threads_binding(3, [4, 5]) == "4|5|4"
+        ```
+    """
+    if len(cpus) < ranks:
+        return "|".join(str(cpus[rank % len(cpus)]) for rank in range(ranks))
+    share, extra = divmod(len(cpus), ranks)
+    shares, at = [], 0
+    for rank in range(ranks):
+        size = share + (1 if rank < extra else 0)
+        shares.append(",".join(str(cpu) for cpu in cpus[at : at + size]))
+        at += size
+    return "|".join(shares)
+
+
+def _numa_nodes() -> int:
+    """How many NUMA nodes this machine has (1 when Linux does not say)."""
+    try:
+        return max(1, sum(1 for name in os.listdir("/sys/devices/system/node") if name[4:].isdigit()))
+    except OSError:
+        return 1
 
 
 def _keep_uni_executor() -> None:

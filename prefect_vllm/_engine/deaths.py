@@ -28,6 +28,8 @@ __all__ = [
     "record_death",
     "recorded_deaths",
     "signal_name",
+    "worker_cause",
+    "worker_death",
 ]
 
 #: The folder of death records under Ray's session folder (or, outside Ray, the temp folder).
@@ -42,6 +44,11 @@ EXIT_WAIT_S = 2.0
 
 #: An error line vLLM logged: `... ERROR 11-25 03:43:24 [core.py:1510] RuntimeError: ...`.
 _LOGGED_ERROR = re.compile(r"\bERROR \S+ \S+ \[[^\]]+\] ([A-Za-z_][\w.]*(?:Error|Exception): .+)$")
+
+
+#: vLLM's multiprocess executor on a worker's death: `Worker proc VllmWorker-1 died
+#: unexpectedly (exit code: -9), shutting down executor.`
+_WORKER_DIED = re.compile(r"Worker proc (\S+) died unexpectedly \(exit code: ([^)]*)\)")
 
 
 def _log_files() -> list[str]:
@@ -64,6 +71,22 @@ def log_offsets() -> dict[str, int]:
     return offsets
 
 
+def _log_lines(since: dict[str, int] | None) -> list[str]:
+    """The lines of this actor's log files from `since` (`log_offsets()`), else their
+    last 256 KiB."""
+    lines: list[str] = []
+    for path in _log_files():
+        try:
+            size = os.path.getsize(path)
+            start = (since or {}).get(path, max(0, size - (256 << 10)))
+            with open(path, "rb") as f:
+                f.seek(max(start, size - (256 << 10)))
+                lines.extend(f.read().decode("utf-8", "replace").splitlines())
+        except OSError:
+            continue
+    return lines
+
+
 def engine_log_cause(since: dict[str, int] | None = None, *, engine_only: bool = False) -> str | None:
     """The last exception line that the engine's processes logged into this actor's log.
 
@@ -77,23 +100,53 @@ def engine_log_cause(since: dict[str, int] | None = None, *, engine_only: bool =
         engine_only: Only lines the engine process logged, never the front end's.
     """
     causes: list[str] = []
-    for path in _log_files():
-        try:
-            size = os.path.getsize(path)
-            start = (since or {}).get(path, max(0, size - (256 << 10)))
-            with open(path, "rb") as f:
-                f.seek(max(start, size - (256 << 10)))
-                tail = f.read().decode("utf-8", "replace")
-        except OSError:
+    for line in _log_lines(since):
+        match = _LOGGED_ERROR.search(line)
+        if not match or "Engine core initialization failed" in match.group(1):
             continue
-        for line in tail.splitlines():
-            match = _LOGGED_ERROR.search(line)
-            if not match or "Engine core initialization failed" in match.group(1):
-                continue
-            if engine_only and ("(EngineCore" not in line or "EngineDeadError" in line):
-                continue
-            causes.append(match.group(1).strip())
+        if engine_only and ("(EngineCore" not in line or "EngineDeadError" in line):
+            continue
+        causes.append(match.group(1).strip())
     return causes[-1][:600] if causes else None
+
+
+def worker_death(since: dict[str, int] | None = None) -> str | None:
+    """The first worker of a multiprocess engine (tensor parallelism, a GPU's layout)
+    that vLLM logged as dead, and how: `worker VllmWorker-1 killed by SIGKILL`.
+
+    A worker is `VLLM::EngineCore`'s child, not the actor's: its exit status reaches
+    the actor only through the line vLLM's executor logs before it shuts the engine
+    down.
+    """
+    for line in _log_lines(since):
+        cause = worker_cause(line)
+        if cause is not None:
+            return cause
+    return None
+
+
+def worker_cause(line: str) -> str | None:
+    """A death cause from vLLM's "Worker proc ... died unexpectedly" log line, else None.
+
+    Examples:
+        ```python
+        from prefect_vllm._engine.deaths import worker_cause
+
+        line = "Worker proc VllmWorker-1 died unexpectedly (exit code: -9), shutting down executor."
+        assert worker_cause(line) == "worker VllmWorker-1 killed by SIGKILL"
+        assert worker_cause(line.replace("-9", "1")) == "worker VllmWorker-1 exited (status 1)"
+        assert "not known" in worker_cause(line.replace("-9", "None"))
+        ```
+    """
+    match = _WORKER_DIED.search(line)
+    if match is None:
+        return None
+    name, code = match.group(1), match.group(2)
+    if not code.lstrip("-").isdigit():  # logged before the process was reaped
+        return f"worker {name} died (exit status not known yet when vLLM noticed)"
+    if int(code) < 0:
+        return f"worker {name} killed by {signal_name(-int(code))}"
+    return f"worker {name} exited (status {code})"
 
 
 def actor_id() -> str:
