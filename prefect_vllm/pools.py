@@ -122,8 +122,10 @@ def pool_status(name: str, *, ray_address: str | None = None) -> dict[str, Any]:
     """The warm pool `name`: its model and engine settings, and each actor's state.
 
     Returns:
-        `{name, model, engine, actors: [{index, state, restarts, pid}]}`; `state` is
-        Ray's (ALIVE, RESTARTING, DEAD), `pid` None when the actor does not answer.
+        `{name, model, engine, actors: [{index, state, restarts, pid, node, gpus}]}`;
+        `state` is Ray's (ALIVE, RESTARTING, DEAD); `node` is the Ray node id and `gpus`
+        the GPU ids Ray gave the actor there; `pid` and `node` are None when the actor
+        does not answer.
 
     Raises:
         ConfigurationError: No pool of that name runs on the cluster.
@@ -159,11 +161,13 @@ def _describe(name: str) -> dict[str, Any]:
             "state": str(record.get("State", "UNKNOWN")),
             "restarts": int(record.get("NumRestarts", 0)),
             "pid": None,
+            "node": None,
+            "gpus": [],
         }
         if actor["state"] == "ALIVE":
             try:
                 info = ray.get(handle.info.remote(), timeout=_INFO_TIMEOUT_S)
-                actor["pid"] = info["pid"]
+                actor.update(pid=info["pid"], node=info.get("node"), gpus=list(info.get("gpus", ())))
                 identity = identity or info
             except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
                 pass

@@ -83,6 +83,7 @@ def _describe(pool: dict[str, Any]) -> str:
     states = ", ".join(
         f"{a['index']}: {a['state']}"
         + (f" pid {a['pid']}" if a["pid"] else "")
+        + (f", GPUs {','.join(a['gpus'])} on node {a['node'][:8]}" if a.get("gpus") else "")
         + f", {a['restarts']} restarts"
         for a in pool["actors"]
     )

@@ -77,6 +77,14 @@ def crash_exit(reason: str) -> NoReturn:
     os._exit(ENGINE_DEAD_EXIT_CODE)
 
 
+def _placement() -> tuple[str, tuple[str, ...]]:
+    """The Ray node this actor runs on, and the GPU ids Ray reserved for it there."""
+    import ray
+
+    context = ray.get_runtime_context()
+    return context.get_node_id(), tuple(str(gpu) for gpu in context.get_accelerator_ids().get("GPU", ()))
+
+
 class VllmEngineActor:
     """A Ray actor hosting one `AsyncLLM`; wrapped with `ray.remote` by the pool.
 
@@ -134,6 +142,7 @@ class VllmEngineActor:
             child for child in multiprocessing.active_children() if child.name.startswith("EngineCore")
         ]
         self._actor_id = actor_id()
+        self._node, self._gpus = _placement()
         self._deaths_dir = deaths_dir()
         self._deaths = recorded_deaths(self._deaths_dir, self._actor_id)
         self._log_offsets = log_offsets()
@@ -204,8 +213,9 @@ class VllmEngineActor:
     async def info(self) -> dict[str, Any]:
         """Who this actor is: pid, engine start time, context length, the tasks its
         engine serves (vLLM's names: `generate`, `embed`, `classify`, ...), why its
-        engines died before (`deaths`, oldest first), and the model, engine and pool
-        settings it was made with."""
+        engines died before (`deaths`, oldest first), the Ray node it runs on and the
+        GPU ids Ray gave it (`node`, `gpus`), and the model, engine and pool settings it
+        was made with."""
         self._ensure_watchdog()
         return {
             "pid": self._pid,
@@ -214,6 +224,8 @@ class VllmEngineActor:
             "max_model_len": self._max_model_len,
             "hf_token_set": bool(os.environ.get("HF_TOKEN")),
             "deaths": list(self._deaths),
+            "node": self._node,
+            "gpus": list(self._gpus),
             **self._identity,
         }
 
