@@ -23,6 +23,13 @@ every prompt generates exactly --max-tokens tokens.
   Data's stream has no "engine ready" mark); end to end = the process.
 
 On a GPU machine pass --model and --gpu: the same script measures there.
+
+Engine layouts: by default prefect-vllm's CPU engine is one process forked from its
+actor, raw vLLM's is its own spawned EngineCore and worker. `--engine-args
+'{"distributed_executor_backend": "mp"}'` gives both vLLM's spawned layout;
+`--tensor-parallel-size 2` gives both a tensor-parallel engine (two workers; on CPU
+each worker's threads on its share of the cores, on GPUs one GPU per worker). Both
+flags reach every system alike.
 """
 
 from __future__ import annotations
@@ -44,11 +51,22 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
 
 
+#: The engine settings every system gets: `--tensor-parallel-size` and `--engine-args`
+#: (set in `main`, passed to the worker processes as JSON).
+_LAYOUT: dict[str, Any] = {"tensor_parallel_size": 1, "engine_args": {}}
+
+
 def _engine_kwargs(model: str, on_cpu: bool) -> dict[str, Any]:
     from prefect_vllm.config import EngineConfig
 
-    kwargs = EngineConfig().engine_kwargs(model, on_cpu=on_cpu)
+    kwargs = EngineConfig(**_LAYOUT).engine_kwargs(model, on_cpu=on_cpu)
     kwargs.pop("disable_log_stats", None)
+    tp = int(kwargs["tensor_parallel_size"])
+    if on_cpu and tp > 1 and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        # vLLM's CPU build binds one NUMA node per worker and refuses on fewer nodes.
+        from prefect_vllm._engine.cpu import THREADS_BIND_ENV, threads_binding
+
+        os.environ[THREADS_BIND_ENV] = threads_binding(tp, sorted(os.sched_getaffinity(0)))
     return kwargs
 
 
@@ -130,6 +148,7 @@ def ray_data_worker(model: str, prompts_path: str, max_tokens: int, on_cpu: bool
 
 
 def _worker_result(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    env = {**(env if env is not None else os.environ), "PV_BENCH_LAYOUT": json.dumps(_LAYOUT)}
     t0 = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if out.returncode != 0:
@@ -168,8 +187,10 @@ def run_prefect_vllm(
         "--model", model, "--max-tokens", str(max_tokens), "--ignore-eos", "--temperature", "0",
         "--actors", str(actors), "--shard-size", str(shard_size), "--json",
     ]  # fmt: skip
+    tp = int(_LAYOUT["tensor_parallel_size"])
+    cmd += ["--tensor-parallel-size", str(tp), "--engine-args", json.dumps(_LAYOUT["engine_args"])]
     if gpu:
-        cmd += ["--gpus-per-actor", "1"]
+        cmd += ["--gpus-per-actor", str(tp)]
     else:  # CPU engines share the machine's cores: N actors of 1 CPU each would not fit on fewer cores
         cmd += ["--cpus-per-actor", str(min(1.0, (os.cpu_count() or 1) / actors))]
     t0 = time.monotonic()
@@ -310,6 +331,10 @@ def main() -> None:
     parser.add_argument("--systems", default="raw,prefect-vllm,ray-data")
     parser.add_argument("--model", default=None, help="default: the tiny model, made offline")
     parser.add_argument("--gpu", action="store_true", help="engines on GPUs (one per actor)")
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="workers per engine, every system"
+    )
+    parser.add_argument("--engine-args", default="{}", help="JSON engine arguments, every system")
     parser.add_argument("--plot", default=None, metavar="PNG", help="write a bar chart here")
     parser.add_argument("--write-docs", action="store_true", help="replace the table in docs/benchmarks.md")
     args = parser.parse_args()
@@ -319,6 +344,7 @@ def main() -> None:
 
     from prefect_vllm.testing import make_tiny_model, write_sample_prompts
 
+    _LAYOUT.update(tensor_parallel_size=args.tensor_parallel_size, engine_args=json.loads(args.engine_args))
     systems = args.systems.split(",")
     actor_counts = [int(a) for a in args.actors.split(",")]
     work = Path(tempfile.mkdtemp(prefix="prefect-vllm-bench-"))
@@ -353,6 +379,7 @@ def main() -> None:
         "systems": {name: _rates(r) for name, r in runs.items()},
         "ratios": {},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {'GPU' if args.gpu else 'no GPU'}",
+        "layout": dict(_LAYOUT),
         "vllm": vllm.__version__,
         "ray": ray.__version__,
     }
@@ -388,6 +415,7 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 7 and sys.argv[1] == "--worker":
         _, _, kind, model_arg, prompts_arg, tokens_arg, cpu_arg = sys.argv
+        _LAYOUT.update(json.loads(os.environ.get("PV_BENCH_LAYOUT", "{}")))
         worker = raw_worker if kind == "raw" else ray_data_worker
         print(json.dumps(worker(model_arg, prompts_arg, int(tokens_arg), cpu_arg == "True")), flush=True)
     else:
