@@ -413,6 +413,8 @@ def _check_fits(cfg: ActorPoolConfig, num_gpus: float, nodes: list[dict[str, flo
         for name, amount in {"CPU": cfg.num_cpus, "GPU": num_gpus, **cfg.resources}.items()
         if amount > 0
     }
+    if not per_actor:  # reserves nothing: fits anywhere
+        return
     totals = {name: sum(node.get(name, 0.0) for node in nodes) for name in per_actor}
     short = {
         name: (amount * cfg.num_actors, totals[name])
@@ -441,12 +443,12 @@ def _check_fits(cfg: ActorPoolConfig, num_gpus: float, nodes: list[dict[str, flo
         min(int(node.get(name, 0.0) / amount + 1e-9) for name, amount in per_actor.items()) for node in nodes
     ]
     each = ", ".join(f"{amount:g} {name}" for name, amount in per_actor.items())
-    if per_actor and sum(held) == 0:
+    if sum(held) == 0:
         raise ConfigurationError(
             f"an engine actor reserves {each}, but no node of this Ray cluster has all of it: an "
             "actor's resources must all be on one node"
         )
-    if per_actor and sum(held) < cfg.num_actors:
+    if sum(held) < cfg.num_actors:
         raise ConfigurationError(
             f"{cfg.num_actors} engine actors of {each} each do not fit this Ray cluster's nodes, which hold "
             f"{sum(held)} at once ({' + '.join(str(n) for n in held if n)} by node): ask for fewer actors "

@@ -54,3 +54,7 @@ def test_a_custom_resource_is_named_with_its_flag() -> None:
     assert "(--actor-resources)" in refusal(
         1, 0.0, [{"CPU": 2.0, "engine": 1.0}] * 2, resources={"engine": 2}
     )
+
+
+def test_actors_that_reserve_nothing_fit_any_cluster() -> None:
+    _check_fits(ActorPoolConfig(num_actors=3, num_cpus=0), 0.0, TWO_NODES)
