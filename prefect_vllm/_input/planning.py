@@ -30,7 +30,6 @@ _SUFFIXES: dict[str, Format] = {
     ".pq": "parquet",
     ".csv": "csv",
 }
-_DUPLICATES_SHOWN = 5
 
 
 class InputFile(BaseModel):
@@ -234,8 +233,17 @@ def _scan_schema(path: str) -> list[str]:
         raise InputError(f"not a readable Parquet file: {exc}", path=path) from None
 
 
+#: The last plan made in this process, by what it was made from: the command plans the
+#: input before anything starts (to refuse bad input at once), and the flow it then runs
+#: in the same process gets that plan instead of reading the input again.
+_LAST_PLAN: list[tuple[Any, JobPlan]] = []
+
+
 def plan_job(input_spec: str, columns: InputColumns, shard_size: int) -> JobPlan:
     """Plan a job: validate every input row's shape and cut the input into shards.
+
+    The same input files (path, size and modification time), columns and shard size
+    give the same plan: the last one is kept, so a second call reads nothing.
 
     Raises:
         InputError: Malformed input, a missing column, duplicate ids, or no rows.
@@ -243,6 +251,20 @@ def plan_job(input_spec: str, columns: InputColumns, shard_size: int) -> JobPlan
     if shard_size < 1:
         raise InputError(f"shard size must be at least 1, got {shard_size}", column="shard_size")
     files = discover_inputs(input_spec)
+    key = (input_spec, columns.model_dump_json(), shard_size, tuple(_file_identity(f.path) for f in files))
+    if _LAST_PLAN and _LAST_PLAN[0][0] == key:
+        return _LAST_PLAN[0][1]
+    plan = _plan_files(input_spec, files, columns, shard_size)
+    _LAST_PLAN[:] = [(key, plan)]
+    return plan
+
+
+def _file_identity(path: str) -> tuple[str, int, int]:
+    stat = os.stat(path)
+    return path, stat.st_size, stat.st_mtime_ns
+
+
+def _plan_files(input_spec: str, files: list[InputFile], columns: InputColumns, shard_size: int) -> JobPlan:
     has_id: bool | None = None
     planned: list[tuple[InputFile, list[dict[str, int]]]] = []
     id_chunks: list[Any] = []
@@ -266,7 +288,7 @@ def plan_job(input_spec: str, columns: InputColumns, shard_size: int) -> JobPlan
     if rows_total == 0:
         raise InputError("the input has no rows", path=input_spec)
     if has_id:
-        _check_unique_ids(id_chunks, columns.id)
+        _check_unique_ids(id_chunks, columns.id, [f for f, _ in planned])
     width = max(6, len(str(sum(len(r) for _, r in planned))))
     shards: list[ShardSpec] = []
     offset = 0
@@ -287,7 +309,9 @@ def plan_job(input_spec: str, columns: InputColumns, shard_size: int) -> JobPlan
     )
 
 
-def _check_unique_ids(chunks: list[Any], column: str) -> None:
+def _check_unique_ids(chunks: list[Any], column: str, files: list[InputFile]) -> None:
+    """Refuse null or repeated ids; a repeat is named by the first id that repeats, in
+    input order, with where it is first and second found."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -298,9 +322,34 @@ def _check_unique_ids(chunks: list[Any], column: str) -> None:
         raise InputError(f"{ids.null_count} rows have a null id", column=column)
     counts = pc.value_counts(ids)
     dup = counts.filter(pc.greater(counts.field("counts"), 1))
-    if len(dup):
-        shown = ", ".join(repr(v) for v in dup.field("values")[:_DUPLICATES_SHOWN].to_pylist())
-        raise InputError(f"{len(dup)} duplicate ids, e.g. {shown}", column=column)
+    if not len(dup):
+        return
+    first = int(pc.index(pc.is_in(ids, value_set=dup.field("values")), True).as_py())
+    value = ids[first].as_py()
+    second = first + 1 + int(pc.index(ids.slice(first + 1), value).as_py())
+    (path, at), (other_path, other_at) = _row_place(files, first), _row_place(files, second)
+    where = f"on {at} and {other_at}" if other_path == path else f"on {at} and in {other_path} on {other_at}"
+    more = len(dup) - 1
+    others = f" ({more} more id{'s repeat' if more > 1 else ' repeats'} too)" if more else ""
+    raise InputError(f"duplicate id {value!r} {where}{others}", path=path, column=column)
+
+
+def _row_place(files: list[InputFile], row: int) -> tuple[str, str]:
+    """The file holding the job's `row` (0-based, in input order) and where in it: `line
+    N` in a text file of one row per line, `row N` (1-based) in Parquet and CSV."""
+    for f in files:
+        if row < f.rows:
+            if f.format not in ("jsonl", "openai"):
+                return f.path, f"row {row + 1}"
+            with open(f.path, "rb") as fh:
+                seen = 0
+                for number, raw in enumerate(fh, 1):
+                    if raw.strip():
+                        if seen == row:
+                            return f.path, f"line {number}"
+                        seen += 1
+        row -= f.rows
+    raise AssertionError(f"row {row} is beyond the input")  # the ids were read from these files
 
 
 def _ranges_from_counts(rows: int, shard_size: int) -> list[dict[str, int]]:

@@ -9,6 +9,19 @@ import os
 # Prefect loads its settings, and inherited by the server process.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from prefect_vllm.flows.batch import batch_inference
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prefect_vllm.flows.batch import batch_inference
 
 __all__ = ["batch_inference"]
+
+
+def __getattr__(name: str) -> Any:
+    """`batch_inference` imports Prefect (a second): loaded when asked for, so that the
+    command's own checks (`flows._resolve`) refuse bad usage without it."""
+    if name == "batch_inference":
+        from prefect_vllm.flows.batch import batch_inference
+
+        return batch_inference
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
 from prefect_vllm._input.planning import InputColumns
-from prefect_vllm.blocks import RayCluster, VllmModel
 from prefect_vllm.config import ActorPoolConfig, EngineConfig, RequestConfig, SamplingConfig
 from prefect_vllm.exceptions import ConfigurationError
-from prefect_vllm.flows._params import render_dated
+
+if TYPE_CHECKING:  # Prefect's blocks: a second of imports the command's checks do without
+    from prefect_vllm.blocks import RayCluster, VllmModel
 
 __all__ = ["JobSettings", "check_task", "resolve_settings", "resolve_task"]
 
@@ -70,6 +71,8 @@ def resolve_settings(
             `pool` or another `ray_address` beside a cluster block), LoRA adapters are
             asked of a warm pool, or a path has another `{...}` field.
     """
+    from prefect_vllm.flows._params import render_dated  # imports Prefect
+
     hf_token = None
     if model_block is not None:
         if engine is not None:

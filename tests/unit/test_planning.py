@@ -59,11 +59,38 @@ def test_missing_prompt_field_names_the_line_and_field(tmp_path: Path) -> None:
         plan_job(str(path), COLUMNS, 10)
 
 
-def test_duplicate_ids_are_reported_with_their_values(tmp_path: Path) -> None:
+def test_a_duplicate_id_is_named_with_both_lines_and_how_many_more_repeat(tmp_path: Path) -> None:
     data = [*rows(5), {"custom_id": "id-3", "prompt": "again"}]
     path = write_jsonl(tmp_path / "in.jsonl", data)
-    with pytest.raises(InputError, match=r"1 duplicate ids, e\.g\. 'id-3'"):
+    with pytest.raises(InputError) as refused:
         plan_job(str(path), COLUMNS, 10)
+    assert str(refused.value) == f"{path}, column 'custom_id': duplicate id 'id-3' on line 4 and line 6"
+    # The first id that repeats in input order, past blank lines; then the count of the others.
+    path.write_text(
+        "\n"
+        + path.read_text()
+        + '{"custom_id": "id-1", "prompt": "x"}\n\n{"custom_id": "id-1", "prompt": "y"}\n'
+    )
+    with pytest.raises(
+        InputError, match=r"duplicate id 'id-1' on line 3 and line 8 \(1 more id repeats too\)$"
+    ):
+        plan_job(str(path), COLUMNS, 10)
+
+
+def test_a_duplicate_id_across_files_names_both_files(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "a.jsonl", rows(3))
+    pq.write_table(
+        pa.table({"custom_id": ["x", "id-2"], "prompt": ["p", "q"]}), tmp_path / "in" / "b.parquet"
+    )
+    with pytest.raises(InputError) as refused:
+        plan_job(str(tmp_path / "in"), COLUMNS, 10)
+    assert str(refused.value).endswith(
+        f"duplicate id 'id-2' on line 3 and in {tmp_path / 'in' / 'b.parquet'} on row 2"
+    )
 
 
 def test_empty_input_is_an_input_error(tmp_path: Path) -> None:

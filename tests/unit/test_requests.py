@@ -102,7 +102,9 @@ def test_an_openai_batch_line_without_custom_id_names_the_file_line_and_field(tm
     ):
         plan_job(str(path), COLUMNS, 10)
     write_jsonl(path, [batch_line("a"), batch_line("a")])
-    with pytest.raises(InputError, match=r"1 duplicate ids, e\.g\. 'a'"):
+    with pytest.raises(
+        InputError, match=r"batch\.jsonl, column 'custom_id': duplicate id 'a' on line 1 and line 2$"
+    ):
         plan_job(str(path), COLUMNS, 10)
 
 
