@@ -186,14 +186,17 @@ class StorageError(PrefectVllmError, OSError):
     Not retryable within the run (the run ends, naming the location and the error);
     a re-run resumes once the cause is fixed.
 
+    Also raised when the location cannot be reached or read before a run starts (an
+    unknown bucket, no network, no permission): the command then exits 2.
+
     Attributes:
-        location: The file that could not be written.
+        location: The file that could not be written (or read, or the location reached).
         reason: The operating system's or the store's error.
     """
 
     retryable = False
 
-    def __init__(self, location: str, reason: str) -> None:
-        super().__init__(f"cannot write {location}: {reason}")
+    def __init__(self, location: str, reason: str, *, action: str = "write") -> None:
+        super().__init__(f"cannot {action} {location}: {reason}")
         self.location = location
         self.reason = reason

@@ -76,10 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from prefect_vllm.config import ActorPoolConfig, RequestConfig, SamplingConfig
-    from prefect_vllm.exceptions import (
-        ConfigurationError,
-        JobRunningError,
-    )
+    from prefect_vllm.exceptions import ConfigurationError, JobRunningError, StorageError
     from prefect_vllm.flows._resolve import check_task
 
     started = time.monotonic()
@@ -104,10 +101,16 @@ def run(args: argparse.Namespace) -> int:
         embed = _embed(args)
         _precheck(args)
         done, engines_needed = _answer_from_checkpoints(args, sampling, engine, requests, started)
+        if done is None and "{" not in args.input:
+            # Every row read before a server, Ray or an engine starts: bad input is refused
+            # in the time the read takes, and the flow gets this plan, not a second read.
+            from prefect_vllm._input.planning import plan_job
+
+            plan_job(args.input, _columns(args), args.shard_size)
         own_pool = _own_pool(args, sampling, engine, pool, requests) if engines_needed else None
     except ValidationError as exc:
         return _fail(validation_message(exc), EXIT_USAGE)
-    except (ConfigurationError, JobRunningError) as exc:
+    except (ConfigurationError, JobRunningError, StorageError) as exc:
         return _fail(str(exc), EXIT_USAGE)
     if done is not None:
         _print_summary(done, args.json)
@@ -168,13 +171,17 @@ def run(args: argparse.Namespace) -> int:
                     truncate_prompt_tokens=args.truncate_prompt_tokens,
                 )  # fmt: skip
         except BaseException as exc:
-            failure = _failure(exc, interrupt_status(), args.json, stdout)
+            failure = _failure(exc, interrupt_status(), args.json, stdout, lambda: _kept(args))
         finally:
             # A run that was refused, failed early or had nothing to run; and Ray disconnected
             # before the last line, which no worker's late log line then follows.
             _headstart.abandon()
         if failure is not None:
-            return _fail(*failure)
+            message, code = failure
+            if code == interrupt_status():  # stopped on purpose: said plainly, not as an error
+                print(f"prefect-vllm: {message}", file=sys.stderr, flush=True)
+                return code
+            return _fail(message, code)
         result = result.model_copy(
             update={"timings": {"prefect_server_start_s": server_start_s, **result.timings}}
         )
@@ -182,9 +189,12 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _failure(exc: BaseException, interrupted: int | None, as_json: bool, stdout: TextIO) -> tuple[str, int]:
+def _failure(
+    exc: BaseException, interrupted: int | None, as_json: bool, stdout: TextIO, kept: Any = None
+) -> tuple[str, int]:
     """The last line and exit status of a run that ended with `exc` (re-raised when it is
-    not ours: a bug's traceback is worth seeing)."""
+    not ours: a bug's traceback is worth seeing); `kept()` says what an interrupted run
+    kept, when the command can tell."""
     from prefect_vllm.exceptions import (
         ConfigurationError,
         IncompleteJobError,
@@ -195,8 +205,11 @@ def _failure(exc: BaseException, interrupted: int | None, as_json: bool, stdout:
     # An interrupt surfaces as whatever was running when it came (KeyboardInterrupt, or an
     # error wrapping it, such as pydantic's): the signal decides.
     if interrupted is not None:
+        told = kept() if kept is not None else None
         return (
-            "interrupted: the shards in flight were abandoned, every committed shard is kept; "
+            f"stopped: {told}; run the same command again to resume"
+            if told
+            else "stopped: the shards in flight were abandoned, every committed shard is kept; "
             "run the same command again to resume",
             interrupted,
         )
@@ -209,6 +222,26 @@ def _failure(exc: BaseException, interrupted: int | None, as_json: bool, stdout:
     if isinstance(exc, PrefectVllmError):
         return str(exc), EXIT_INCOMPLETE
     raise exc
+
+
+def _kept(args: argparse.Namespace) -> str | None:
+    """`6 of 47 shards committed in OUTPUT`: what an interrupted run leaves for the next
+    one, read from the checkpoints; None when the command cannot read them (a dated
+    output, a storage block) or they cannot be read."""
+    from prefect_vllm._store.checkpoint import CheckpointStore
+
+    if args.storage or "{" in args.output:
+        return None
+    try:
+        store = CheckpointStore(args.output)
+        manifest = store.read_manifest()
+        if manifest is None:
+            return f"no shard committed in {store.uri}"
+        committed = store.committed()
+        done = sum(1 for s in manifest.plan.shards if s.shard_id in committed)
+    except Exception:  # the run is over either way: the generic line says enough
+        return None
+    return f"{done} of {_count(len(manifest.plan.shards), 'shard')} committed in {store.uri}"
 
 
 def _precheck(args: argparse.Namespace) -> None:
@@ -313,13 +346,22 @@ def _answer_from_checkpoints(
         JobRunningError: A live run holds the job's lock (with --restart too: a restart
             discards the checkpoints of a job nobody is writing).
     """
-    from prefect_vllm._job import job_summary
     from prefect_vllm._store.checkpoint import CheckpointStore
-    from prefect_vllm._store.lock import check_not_running
 
     if _decided_by_the_flow(args):
         return None, True
     store = CheckpointStore(args.output)
+    with store.storage_errors(action="read"):
+        return _answer_from_store(store, args, sampling, engine, requests, started)
+
+
+def _answer_from_store(
+    store: Any, args: argparse.Namespace, sampling: Any, engine: Any, requests: Any, started: float
+) -> tuple[Any, bool]:
+    """`_answer_from_checkpoints` once the output location is open."""
+    from prefect_vllm._job import job_summary
+    from prefect_vllm._store.lock import check_not_running
+
     manifest = store.read_manifest()
     if manifest is None:
         return None, True
@@ -374,15 +416,20 @@ def _rate(result: Any) -> str:
     return f"{(result.rows_ok + result.rows_failed) / result.wall_s:.1f} rows/s"
 
 
+def _count(n: int, noun: str) -> str:
+    """`1 shard`, `2 shards`, `0 row errors`."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _print_summary(result: Any, as_json: bool, out: TextIO | None = None) -> None:
     out = out or sys.stdout
     if as_json:
         print(json.dumps(result.model_dump(mode="json")), file=out, flush=True)
         return
     print(
-        f"job {result.job_id}: {result.rows_ok} rows ok, {result.rows_failed} row errors, "
-        f"{result.shards_run} shards run, {result.shards_skipped} skipped, "
-        f"{result.engine_restarts} engine restarts, {result.wall_s:.1f} s, {_rate(result)}\n"
+        f"job {result.job_id}: {_count(result.rows_ok, 'row')} ok, {_count(result.rows_failed, 'row error')}, "
+        f"{_count(result.shards_run, 'shard')} run, {result.shards_skipped} skipped, "
+        f"{_count(result.engine_restarts, 'engine restart')}, {result.wall_s:.1f} s, {_rate(result)}\n"
         f"output: {result.output}",
         file=out,
         flush=True,

@@ -33,7 +33,7 @@ def status(args: argparse.Namespace) -> int:
 
     try:
         store = output_store(args.output, args.storage)
-        with store.storage_errors():
+        with store.storage_errors(action="read"):
             one = job_status(store, verify=args.verify)
             jobs = [one] if one is not None else _jobs_under(store, args.verify)
     except (ConfigurationError, StorageError) as exc:

@@ -93,7 +93,10 @@ class CheckpointStore:
         if filesystem is not None:
             self.fs, self.root = filesystem, uri.rstrip("/")
         elif "://" in uri:
-            self.fs, root = pafs.FileSystem.from_uri(uri)
+            try:
+                self.fs, root = pafs.FileSystem.from_uri(uri)
+            except OSError as exc:  # an object store resolves its bucket here (S3: its region)
+                raise StorageError(uri, _os_reason(exc), action="reach") from None
             self.root = root.rstrip("/")
         else:
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
@@ -165,16 +168,17 @@ class CheckpointStore:
                     os.unlink(tmp)  # gone already once renamed
 
     @contextlib.contextmanager
-    def storage_errors(self, name: str = "") -> Iterator[None]:
-        """The OS's or the store's errors of the block, as one `StorageError` naming the
-        location (`name` under it) and the error."""
+    def storage_errors(self, name: str = "", action: str = "write") -> Iterator[None]:
+        """The OS's or the store's errors of the block, as one `StorageError` naming what
+        could not be done (`action`: write, read), the location (`name` under it) and the
+        error."""
         try:
             yield
         except OSError as exc:
             if isinstance(exc, StorageError):
                 raise
             location = f"{self.uri.rstrip('/')}/{name}" if name else self.uri
-            raise StorageError(location, _os_reason(exc)) from exc
+            raise StorageError(location, _os_reason(exc), action=action) from exc
 
     def read_part(self, shard_id: str) -> pa.Table:
         """A committed shard's output table."""

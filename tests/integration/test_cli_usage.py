@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -57,25 +58,91 @@ def test_invalid_numbers_name_the_field(tmp_path: Path, prompts: Path, tiny_mode
     assert "max_tokens" in err
 
 
-def test_malformed_line_duplicate_ids_and_empty_input_are_found_in_the_flow(
-    tmp_path: Path, tiny_model: Path, prefect_server: str
+def refused_alone(tmp_path: Path, *args: str) -> tuple[str, float]:
+    """Run the command on bad input with no Prefect server configured: exit 2, and no
+    process started on the way (a Prefect server or Ray would be the command's children).
+    Its stderr and wall time."""
+    import subprocess
+
+    import psutil
+
+    from tests.helpers import cli, cli_env
+
+    out = tmp_path / "out"
+    began = time.monotonic()
+    proc = subprocess.Popen(
+        cli("run", *args, "--output", str(out)), env=cli_env(tmp_path / "home"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    children: set[str] = set()
+    parent = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            children |= {" ".join(c.cmdline())[:80] for c in parent.children(recursive=True)}
+        time.sleep(0.02)
+    took = time.monotonic() - began
+    _stdout, stderr = proc.communicate()
+    assert proc.returncode == 2, stderr[-3000:]
+    assert not children, f"started on the way to a refusal: {children}"
+    assert not out.exists() or not list(out.iterdir()), "bad input must write nothing"
+    assert " | ERROR " not in stderr and "Traceback" not in stderr, stderr[-3000:]
+    return stderr.strip().splitlines()[-1], took
+
+
+def test_malformed_lines_duplicate_ids_and_empty_input_are_refused_before_anything_starts(
+    tmp_path: Path, tiny_model: Path
 ) -> None:
-    """Full-input validation runs in the flow (also for deployments), still before engines."""
+    """Every row is read by the command itself, before a Prefect server, Ray or a flow
+    run: a refusal the input alone decides comes in the time the read takes."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"custom_id": "a", "prompt": "x"}\n{"custom_id": "b", "prompt": }\n')
-    assert "bad.jsonl, line 2: malformed JSON" in usage_error(
-        tmp_path, str(bad), "--model", str(tiny_model), api_url=prefect_server
+    line, _ = refused_alone(tmp_path, str(bad), "--model", str(tiny_model))
+    with pytest.raises(json.JSONDecodeError) as python_says:
+        json.loads(bad.read_text().splitlines()[1])
+    assert (
+        line
+        == f"prefect-vllm: error: {bad}, line 2: malformed JSON at column {python_says.value.colno}: Expecting value"
     )
     dup = tmp_path / "dup.jsonl"
-    dup.write_text('{"custom_id": "a", "prompt": "x"}\n{"custom_id": "a", "prompt": "y"}\n')
-    assert "duplicate ids, e.g. 'a'" in usage_error(
-        tmp_path, str(dup), "--model", str(tiny_model), api_url=prefect_server
-    )
+    dup.write_text("".join(json.dumps({"custom_id": i, "prompt": "x"}) + "\n" for i in ("a", "b", "a")))
+    line, took = refused_alone(tmp_path, str(dup), "--model", str(tiny_model))
+    assert line == f"prefect-vllm: error: {dup}, column 'custom_id': duplicate id 'a' on line 1 and line 3"
+    assert took < 3, f"a 3-line input took {took:.1f} s to refuse"
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    assert "the input has no rows" in usage_error(
-        tmp_path, str(empty), "--model", str(tiny_model), api_url=prefect_server
+    line, _ = refused_alone(tmp_path, str(empty), "--model", str(tiny_model))
+    assert line.endswith("the input has no rows")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text(json.dumps({"custom_id": "a", "text": "x"}) + "\n")
+    line, _ = refused_alone(tmp_path, str(blank), "--model", str(tiny_model))
+    assert line == (
+        f"prefect-vllm: error: {blank}, column 'prompt': missing prompt column (or 'messages' column); "
+        "the input has ['custom_id', 'text']"
     )
+    late = tmp_path / "late.jsonl"  # the first line has a prompt, the third none
+    late.write_text("".join(dup.read_text().splitlines(keepends=True)[:2]) + blank.read_text())
+    line, _ = refused_alone(tmp_path, str(late), "--model", str(tiny_model))
+    assert (
+        line == f"prefect-vllm: error: {late}, line 3, column 'prompt': missing prompt field (or 'messages')"
+    )
+
+
+def test_an_output_store_that_cannot_be_reached_is_one_line_for_run_and_status(
+    tmp_path: Path, prompts: Path, tiny_model: Path
+) -> None:
+    from tests.helpers import free_port
+
+    store = f"s3://no-such-bucket/jobs/x?endpoint_override=127.0.0.1:{free_port()}&scheme=http"
+    done = run_cli(
+        ["run", str(prompts), "--output", store, "--model", str(tiny_model)], tmp_path / "home", timeout=120
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"prefect-vllm: error: cannot read {store}: ") and "connect" in line.lower(), line
+    status = run_cli(["status", store], tmp_path / "home", timeout=120)
+    assert status.returncode == 2 and "Traceback" not in status.stderr, status.stderr[-3000:]
+    (line,) = status.stderr.strip().splitlines()
+    assert line.startswith(f"prefect-vllm: error: cannot read {store}") and "connect" in line.lower(), line
 
 
 def test_request_options_are_checked_before_engines_start(
