@@ -37,7 +37,13 @@ class _RefusalWithoutTraceback(logging.Filter):
     """Prefect logs the exception that ends a flow run with its traceback. Our own errors
     (a refusal: bad settings, a changed job, a job already running; shards left
     incomplete; an output location that refused a write) are one line each, which the
-    command prints last; forty lines of traceback above it only bury it."""
+    command prints last; forty lines of traceback above it only bury it. On the
+    command's console (`console`), a refusal's line is dropped whole: the command's last
+    line says it."""
+
+    def __init__(self, *, console: bool) -> None:
+        super().__init__()
+        self.console = console
 
     def filter(self, record: logging.LogRecord) -> bool:
         from prefect_vllm.exceptions import (
@@ -50,9 +56,17 @@ class _RefusalWithoutTraceback(logging.Filter):
         # Not EngineError: an engine actor that fails unexpectedly is worth its traceback.
         quiet = (ConfigurationError, IncompleteJobError, JobRunningError, StorageError)
         if record.exc_info and isinstance(record.exc_info[1], quiet) and not debugging():
+            if self.console and isinstance(record.exc_info[1], (ConfigurationError, JobRunningError)):
+                return False  # a refusal: the command's last line says it, not an ERROR above it
             record.exc_info = None
             record.exc_text = None
         return True
+
+
+def _is_prefect_console(handler: logging.Handler) -> bool:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    return isinstance(handler, PrefectConsoleHandler)
 
 
 def quiet_refusals(*, root: bool = True) -> None:
@@ -63,7 +77,6 @@ def quiet_refusals(*, root: bool = True) -> None:
         root: The root logger's handlers too (the command's own process); a flow called
             from a user's program leaves the user's handlers alone.
     """
-    quiet = _RefusalWithoutTraceback()
     names = [
         *([""] if root else []),
         *(n for n in logging.root.manager.loggerDict if n.startswith("prefect")),
@@ -71,7 +84,10 @@ def quiet_refusals(*, root: bool = True) -> None:
     for name in names:
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, _RefusalWithoutTraceback) for f in handler.filters):
-                handler.addFilter(quiet)
+                # On the command's console a refusal is its last line alone; the run's logs
+                # on the server keep Prefect's line, without the traceback.
+                console = type(handler) is logging.StreamHandler or _is_prefect_console(handler)
+                handler.addFilter(_RefusalWithoutTraceback(console=root and console))
 
 
 #: Set to 1 to see the tracebacks of prefect-vllm's own errors (they are one line otherwise).
@@ -94,6 +110,10 @@ QUIET_WORKER_ENV = {
 #: Ray's own advice lines that a run's user cannot act on.
 _RAY_ADVICE = ("Token authentication is enabled for this Ray cluster",)
 
+#: What the command's last line says better: Prefect's ERROR for a flow run the user
+#: stopped with Ctrl-C or SIGTERM (the run's logs on the server keep it).
+_SAID_LAST = ("Execution was aborted by an interrupt signal",)
+
 
 class _OursAtInfo(logging.Filter):
     """Below WARNING, only prefect-vllm's own lines: Prefect's engine logs its run's
@@ -105,24 +125,30 @@ class _OursAtInfo(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.WARNING:
-            return not any(advice in record.getMessage() for advice in _RAY_ADVICE)
+            return not any(said in record.getMessage() for said in (*_RAY_ADVICE, *_SAID_LAST))
         if f"{os.sep}prefect_vllm{os.sep}" in record.pathname:
             return True
         return any(kept in record.getMessage() for kept in self._keep)
 
 
-def quiet_console(*, keep_run_link: bool) -> None:
+def quiet_console(*, keep_run_link: bool, root: bool = True) -> None:
     """Our own lines at INFO, other libraries' at WARNING, on every console handler.
 
     Args:
         keep_run_link: Keep Prefect's `View at <url>` line (the server outlives the
             command); a temporary server's link would be dead once the command ends.
+        root: The root logger's handlers too (the command's own process); a flow called
+            from a user's program quiets Prefect's and Ray's handlers only.
     """
     import ray  # noqa: F401 - Ray's console handler must exist to be quieted
 
     kept = ("Starting temporary server", "View at") if keep_run_link else ("Starting temporary server",)
     quiet = _OursAtInfo(kept)
-    names = ["", "ray", *(name for name in logging.root.manager.loggerDict if name.startswith("prefect"))]
+    names = [
+        *([""] if root else []),
+        "ray",
+        *(name for name in logging.root.manager.loggerDict if name.startswith("prefect")),
+    ]
     for name in names:
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and not any(

@@ -11,7 +11,8 @@ demo=.demo
 .venv/bin/python - "$demo/output" <<'PY'
 import sys, pyarrow.dataset as ds
 table = ds.dataset(sys.argv[1], format="parquet", exclude_invalid_files=True).to_table()
-print(f"\n{table.num_rows} rows in {sys.argv[1]}/part-*.parquet; the first three:")
+print(f"\n{table.num_rows} rows in {sys.argv[1]}/part-*.parquet; the first three")
+print("(the tiny model has random weights: it writes random tokens, so the texts are nonsense):")
 for row in table.sort_by("custom_id").slice(0, 3).to_pylist():
     print(f"  {row['custom_id']}: {row['text']!r} ({row['completion_tokens']} tokens, {row['finish_reason']})")
 PY

@@ -196,6 +196,8 @@ def prefect_server() -> Iterator[str]:
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
+    # Its telemetry heartbeat cannot reach the internet here: an ERROR line each test run.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with prefect_test_harness(server_startup_timeout=180):
         yield str(PREFECT_API_URL.value())
 

@@ -167,7 +167,7 @@ def interrupts_end_the_run() -> Iterator[Callable[[], int | None]]:
     def leave_now() -> None:
         _kill_descendants()
         print(
-            "prefect-vllm: error: interrupted: stopped at once, every committed shard is kept; "
+            "prefect-vllm: stopped at once: every committed shard is kept; "
             "run the same command again to resume",
             file=sys.stderr,
             flush=True,

@@ -67,14 +67,27 @@ def test_only_our_own_lines_pass_below_warning_and_refusals_lose_their_traceback
         False,
     ]
 
-    quiet = _RefusalWithoutTraceback()
-    refused = logging.LogRecord(
-        "prefect", logging.ERROR, "x", 1, "refused", None, (JobRunningError, JobRunningError("x"), None)
-    )
-    crashed = logging.LogRecord(
-        "prefect", logging.ERROR, "x", 1, "failed", None, (EngineError, EngineError("x"), None)
-    )
-    quiet.filter(refused)
-    quiet.filter(crashed)
+    def records() -> tuple[logging.LogRecord, logging.LogRecord]:
+        refused = logging.LogRecord(
+            "prefect", logging.ERROR, "x", 1, "refused", None, (JobRunningError, JobRunningError("x"), None)
+        )
+        crashed = logging.LogRecord(
+            "prefect", logging.ERROR, "x", 1, "failed", None, (EngineError, EngineError("x"), None)
+        )
+        return refused, crashed
+
+    refused, crashed = records()
+    quiet = _RefusalWithoutTraceback(console=False)  # the run's logs on the server
+    assert quiet.filter(refused) and quiet.filter(crashed)
     assert refused.exc_info is None, "a refusal is its one line"
     assert crashed.exc_info is not None, "an engine failure keeps its traceback"
+    refused, crashed = records()
+    console = _RefusalWithoutTraceback(console=True)  # the command's: its last line says it
+    assert not console.filter(refused), "a refusal has no ERROR line above the command's own"
+    assert console.filter(crashed) and crashed.exc_info is not None
+
+    interrupted = logging.LogRecord(
+        "prefect.flow_runs", logging.ERROR, "/x/prefect/flow_engine.py", 1,
+        "Crash detected! Execution was aborted by an interrupt signal.", None, None,
+    )  # fmt: skip
+    assert not keep.filter(interrupted), "Ctrl-C is said by the command's last line"
