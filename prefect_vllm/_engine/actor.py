@@ -77,6 +77,13 @@ def crash_exit(reason: str) -> NoReturn:
     os._exit(ENGINE_DEAD_EXIT_CODE)
 
 
+def _restarted() -> bool:
+    """Whether Ray restarted this actor (its engine started, then died, before)."""
+    import ray
+
+    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
 def _placement() -> tuple[str, tuple[str, ...]]:
     """The Ray node this actor runs on, and the GPU ids Ray reserved for it there."""
     import ray
@@ -134,8 +141,15 @@ class VllmEngineActor:
                 AsyncEngineArgs(**kwargs), usage_context=UsageContext.LLM_CLASS
             )
         except Exception as exc:
+            cause = engine_log_cause() or _start_failure(exc)
+            if _restarted():
+                # This actor's engine has started before: a restart that fails (a worker
+                # lost while it starts, a device busy for a moment) is a death like any
+                # other, retried by Ray within --max-restarts (and the run's budget).
+                record_death(deaths_dir(), actor_id(), f"restart failed: {cause}")
+                crash_exit(f"the restarted engine failed to start: {cause}")
             # Ray never retries a constructor that raises: one clear line is all the user gets.
-            raise EngineStartFailure(engine_log_cause() or _start_failure(exc)) from None
+            raise EngineStartFailure(cause) from None
         self._start_s = time.monotonic() - started
         # With a forked or spawned engine alike, the engine process is this process's child.
         self._engine_children = [

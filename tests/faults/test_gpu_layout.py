@@ -3,11 +3,11 @@
 A tensor-parallel engine (`--tensor-parallel-size 2`) is a spawned `VLLM::EngineCore`
 and two spawned workers (`VLLM::Worker_TP0`, `VLLM::Worker_TP1`) on vLLM's multiprocess
 executor; `distributed_executor_backend: "mp"` with one rank is a spawned EngineCore and
-one `VLLM::Worker`. One run per layout carries every fault, so each engine start is
-paid once: a worker (or the EngineCore) SIGKILLed, a worker SIGSTOPped until the call's
-deadline fires, and a poison row that kills its workers; then every row is in the
-output once, the deaths are named by cause, greedy texts equal raw vLLM's on the same
-layout, and no `VLLM::` process is left.
+one `VLLM::Worker` (`test_engine_death.py` kills its EngineCore). One tensor-parallel
+run carries every fault, so each engine start is paid once: a poison row that kills its
+workers, then a worker SIGKILLed, then a worker SIGSTOPped until the call's deadline
+fires; every row is in the output once, the deaths are named by cause, greedy texts
+equal raw vLLM's on the same layout, and no `VLLM::` process is left.
 """
 
 from __future__ import annotations
@@ -41,12 +41,16 @@ from tests.pooling import RawVllm, call
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
-ROWS = 180
-SHARD_ROWS = 12
-MAX_TOKENS = 16
+ROWS = 64
+#: One row a shard: a poison row's shard is the row alone, so isolating it costs one or
+#: two engine deaths (alone; or beside another shard, then alone), not three.
+SHARD_ROWS = 1
+MAX_TOKENS = 48
 HANG_TIMEOUT_S = 15
-#: Row 150 (shard 12) carries the poison marker: reached after the first kills.
-POISON_ROW = 150
+#: The first row carries the poison marker: its shard is isolated and committed before
+#: the kills, so no other row can be running alone when one lands (with `--poison-after
+#: 1`, a row that dies alone once is a poison row, whoever killed its engine).
+POISON_ROW = 0
 #: A worker of a multiprocess engine killed by a signal, as its actor names the death
 #: (vLLM logs the death as soon as it sees it, sometimes before the status is there).
 WORKER_KILLED = re.compile(r"worker VllmWorker-\d (killed by SIGKILL|died \(exit status not known yet.*\))")
@@ -143,8 +147,13 @@ def test_a_tensor_parallel_engine_survives_a_killed_worker_a_stopped_worker_and_
     prompts, poison, out, log, proc = start_layout_job(
         tmp_path, tiny_model, prefect_server, ["--tensor-parallel-size", "2"], {}
     )
-    first = workers(2)
-    assert len(first) == 2 and len(engine_processes(("VLLM::EngineCore",))) == 1, engine_processes()
+    poisoned = out / "_commits" / "000000.json"
+    wait_for(lambda: poisoned.exists() or proc.poll() is not None, 600, "the poison row's shard committed")
+    assert proc.poll() is None, log.read_text()[-3000:]
+    # Restarted after the poison row's deaths and serving again: two workers, one EngineCore.
+    at_poison = len(markers(out))
+    first = wait_for(lambda: restarted(set(), out, at_poison, 2, proc), 600, "the restarted engine")
+    assert len(engine_processes(("VLLM::EngineCore",))) == 1, engine_processes()
     committed = len(markers(out))
     os.kill(first[1], signal.SIGKILL)
     second = wait_for(lambda: restarted(set(first), out, committed, 2, proc), 600, "an engine after the kill")
@@ -155,7 +164,7 @@ def test_a_tensor_parallel_engine_survives_a_killed_worker_a_stopped_worker_and_
     assert "hang:" in done.stderr, "the actor's deadline did not fire"
     causes = dict(summary["engine_deaths_by_cause"])  # type: ignore[call-overload]
     assert causes.pop(HANG_CAUSE) == 1, summary
-    # The killed worker, and the poison row's deaths: each kills the workers it reaches.
+    # The poison row's deaths (it kills the workers it reaches), then the killed worker.
     assert causes and all(WORKER_KILLED.fullmatch(cause) for cause in causes), summary
-    assert sum(causes.values()) == summary["engine_restarts"] - 1 >= 2, summary  # the kill, the row alone
+    assert sum(causes.values()) == summary["engine_restarts"] - 1 >= 2, summary
     assert not psutil.pid_exists(second[0]) or psutil.Process(second[0]).status() == psutil.STATUS_ZOMBIE
