@@ -115,11 +115,6 @@ _RAY_ADVICE = ("Token authentication is enabled for this Ray cluster",)
 _SAID_LAST = ("Execution was aborted by an interrupt signal",)
 
 
-#: The Prefect loggers a flow run's own lines come from: the run's, its tasks', the
-#: temporary server's, and prefect-ray's task runner (`shard`, as `flows/_runner` names it).
-_PREFECT_RUN_LOGGERS = ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.task_runner.shard")
-
-
 class _OursAtInfo(logging.Filter):
     """Below WARNING, only prefect-vllm's own lines: Prefect's engine logs its run's
     progress through the same run logger (`Beginning flow run`, `Finished in state`)."""
@@ -160,13 +155,6 @@ def quiet_console(*, keep_run_link: bool, root: bool = True) -> None:
                 isinstance(f, _OursAtInfo) for f in handler.filters
             ):
                 handler.addFilter(quiet)
-    if not root:
-        # Prefect configures its logging again when it starts a temporary server for the
-        # flow (new handlers, without the filters above); a filter on its loggers stays.
-        for name in {*names, *_PREFECT_RUN_LOGGERS} - {"", "ray"}:
-            logger = logging.getLogger(name)
-            if not any(isinstance(f, _OursAtInfo) for f in logger.filters):
-                logger.addFilter(quiet)
 
 
 @contextlib.contextmanager

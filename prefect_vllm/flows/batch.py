@@ -17,8 +17,8 @@ from prefect_vllm._engine.pool import VllmActorPool
 from prefect_vllm._input.columns import PAIR_COLUMN
 from prefect_vllm._input.planning import InputColumns, discover_inputs, input_task, plan_job
 from prefect_vllm._job import adopt_pool_settings, check_model, job_identity, job_summary
-from prefect_vllm._launch.server import configured_api_url, run_api_url
-from prefect_vllm._logs import counted, quiet, quiet_console, quiet_refusals
+from prefect_vllm._launch.server import run_api_url
+from prefect_vllm._logs import counted, quiet_refusals
 from prefect_vllm._store.checkpoint import EXPORTS, CheckpointStore, JobManifest
 from prefect_vllm._store.export import export_openai
 from prefect_vllm._store.lock import JobLock
@@ -47,12 +47,6 @@ from prefect_vllm.results import BatchResult, ShardResult
 from prefect_vllm.tasks import ShardJob
 
 __all__ = ["batch_inference", "check_model"]
-
-if quiet():
-    # Called from Python, a run is as quiet as the command: Prefect's and Ray's console
-    # lines below WARNING stay out from the first (`Beginning flow run`) on, set up as
-    # the flow is imported; `PREFECT_VLLM_QUIET=0` lets them in.
-    quiet_console(keep_run_link=configured_api_url() is not None, root=False)
 
 
 @flow(name="batch-inference", validate_parameters=True)

@@ -51,10 +51,6 @@ def test_the_readme_python_snippet_runs_with_one_temporary_server_and_refuses_a_
     assert done.stdout.strip().splitlines()[-1].startswith("64 0 [] "), done.stdout[-2000:]
     # One server for the run: Ray workers reach it instead of starting their own.
     assert logs.count("Starting temporary server") == 1, logs[-4000:]
-    # As quiet as the command: none of Prefect's or Ray's own INFO lines.
-    for line in ("Beginning flow run", "Creating a local Ray instance", "Started a local Ray instance",
-                 "Using Ray cluster with", "Finished in state", "Stopping temporary server"):  # fmt: skip
-        assert line not in logs, f"{line!r} in a Python run's output:\n{logs[-3000:]}"
     assert "database is locked" not in logs
     no_engine_left()
 
