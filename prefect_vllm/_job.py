@@ -10,6 +10,7 @@ from typing import Any
 
 from prefect_vllm._input.lora import find_adapters, lora_engine_args
 from prefect_vllm._input.planning import InputColumns, InputFile, JobPlan
+from prefect_vllm._job_tasks import job_task
 from prefect_vllm._store.checkpoint import check_safe_id, fingerprint_id
 from prefect_vllm.config import EmbedConfig, EngineConfig, RequestConfig, SamplingConfig
 from prefect_vllm.exceptions import ConfigurationError, InputError
@@ -84,19 +85,20 @@ def job_fingerprint(
         "shard_size": shard_size,
         "inputs": [[f.path, f.size, f.mtime_ns] for f in files],
     }
+    entry = job_task(task)
     engine_settings = engine.model_dump(mode="json")
-    if task != "generate" and engine_settings["engine_args"].get("runner") == "pooling":
+    if entry.pools and engine_settings["engine_args"].get("runner") == "pooling":
         # Implied by the task: the same job on its own engines and on a pooling warm pool.
         engine_settings["engine_args"] = {
             k: v for k, v in engine_settings["engine_args"].items() if k != "runner"
         }
     fingerprint.update({f"engine.{k}": v for k, v in engine_settings.items()})
-    if task == "generate":  # an embedding or a classification samples nothing
+    if entry.samples:  # an embedding or a classification samples nothing
         fingerprint.update({f"sampling.{k}": v for k, v in sampling.model_dump(mode="json").items()})
     fingerprint.update({f"requests.{k}": v for k, v in requests.model_dump(mode="json").items()})
-    if task != "generate":  # a generation job's fingerprint (and id) is what it always was
+    if entry.pools:  # a generation job's fingerprint (and id) is what it always was
         fingerprint["task"] = task
-    if task == "embed":
+    if "embed" in entry.options:
         fingerprint.update(
             {f"embed.{k}": v for k, v in (embed or EmbedConfig()).model_dump(mode="json").items()}
         )
@@ -146,7 +148,7 @@ def job_identity(
         model, files, columns, shard_size, sampling, engine, requests, task=task, embed=embed,
         truncate_prompt_tokens=truncate_prompt_tokens,
     )  # fmt: skip
-    if task != "generate":  # vLLM's pooling runner; a generative checkpoint gets vLLM's embed conversion
+    if job_task(task).pools:  # vLLM's pooling runner; a generative checkpoint gets vLLM's embed conversion
         engine = engine.model_copy(update={"engine_args": {"runner": "pooling", **engine.engine_args}})
     adapters = None
     if requests.lora_dir is not None:

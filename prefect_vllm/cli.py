@@ -33,6 +33,7 @@ def _default(model: type[BaseModel], field: str) -> Any:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from prefect_vllm._job_tasks import JOB_TASKS
     from prefect_vllm._version import __version__
     from prefect_vllm.config import RecoveryConfig as recovery
     from prefect_vllm.config import SamplingConfig as sampling
@@ -48,12 +49,14 @@ def _parser() -> argparse.ArgumentParser:
         "--model", required=True, help="Hugging Face id, local model folder, or vllm-model/BLOCK_NAME"
     )
     run.add_argument(
-        "--prompt-column", "--text-column", dest="prompt_column", default="prompt",
-        help="the prompt, or the text to embed, classify or score (default prompt)",
+        "--prompt-column", "--text-column", dest="prompt_column", default=None,
+        help="the prompt, or the text to embed, classify or score (default prompt); rerank: the "
+        "query (default query)",
     )  # fmt: skip
     run.add_argument(
         "--text-pair-column", dest="pair_column", default=None,
-        help="score: the column of each pair's second text (default text_pair)",
+        help="score: the column of each pair's second text (default text_pair); rerank: each "
+        "query's documents, a list of texts (default documents)",
     )  # fmt: skip
     run.add_argument("--messages-column", default="messages", help="chat messages column (default messages)")
     run.add_argument("--id-column", default="custom_id")
@@ -87,15 +90,17 @@ def _parser() -> argparse.ArgumentParser:
         f"that long again for the answer before a frozen actor is killed (default {_default(recovery, 'probe_timeout_s')})",
     )
     run.add_argument(
-        "--task", choices=["generate", "embed", "classify", "score"], default=None,
+        "--task", choices=list(JOB_TASKS), default=None,
         help="generate text, embed each prompt (`embedding` column), classify it with a "
-        "classifier model (`label`, `probs`), or score it against --text-pair-column (`score`); "
-        "default: what an OpenAI Batch input's url asks for (/v1/embeddings: embed), else generate",
+        "classifier model (`label`, `probs`), score it against --text-pair-column (`score`), or "
+        "rank each query's documents by relevance (`results`, cut to a `top_n` column); "
+        "default: what an OpenAI Batch input's url asks for (/v1/embeddings: embed, /v1/rerank: "
+        "rerank), else generate",
     )  # fmt: skip
     run.add_argument("--dimensions", type=int, default=None, help="embed: keep the first N dimensions")
     run.add_argument(
         "--truncate-prompt-tokens", type=int, default=None, metavar="N",
-        help="embed, classify, score: cut longer prompts to N tokens as vLLM does (-1: the model's "
+        help="embed, classify, score, rerank: cut longer prompts to N tokens as vLLM does (-1: the model's "
         "context) instead of making them row errors",
     )  # fmt: skip
     run.add_argument(

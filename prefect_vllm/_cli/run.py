@@ -28,7 +28,6 @@ from prefect_vllm._cli.common import (
 )
 from prefect_vllm._cli.common import fail as _fail
 from prefect_vllm._cli.common import json_object as _json_object
-from prefect_vllm._input.columns import PAIR_COLUMN
 
 if TYPE_CHECKING:
     from prefect_vllm._engine.pool import VllmActorPool
@@ -163,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
                 result = batch_inference(
                     input=args.input, output=args.output, model=args.model,
                     prompt_column=args.prompt_column, messages_column=args.messages_column, id_column=args.id_column,
-                    pair_column=args.pair_column or PAIR_COLUMN,
+                    pair_column=args.pair_column,
                     shard_size=args.shard_size, sampling=sampling, requests=requests, engine=engine, pool=pool,
                     recovery=recovery, ray_address=args.ray_address, job_id=args.job_id, restart=args.restart,
                     verify=args.verify, export=args.export, cluster=args.cluster, storage=args.storage,
@@ -296,13 +295,15 @@ def _identity(args: argparse.Namespace, sampling: Any, engine: Any, requests: An
 def _columns(args: argparse.Namespace) -> Any:
     """The input's columns (`InputColumns`); a scoring job's second text too."""
     from prefect_vllm._input.planning import InputColumns
+    from prefect_vllm._job_tasks import job_task
     from prefect_vllm.exceptions import ConfigurationError
 
-    if args.pair_column is not None and args.task != "score":
-        raise ConfigurationError("--text-pair-column: only a scoring job (--task score) has it")
-    return InputColumns(
-        prompt=args.prompt_column, messages=args.messages_column, id=args.id_column,
-        pair=(args.pair_column or PAIR_COLUMN) if args.task == "score" else None,
+    entry = job_task(args.task)
+    if args.pair_column is not None and entry.pair_column is None:
+        raise ConfigurationError(entry.refusal("pair_column", "--text-pair-column") or "")
+    return InputColumns.of_task(
+        entry, prompt=args.prompt_column, messages=args.messages_column, id=args.id_column,
+        pair=args.pair_column,
     )  # fmt: skip
 
 
@@ -319,13 +320,15 @@ def _task(args: argparse.Namespace) -> str | None:
 
 def _embed(args: argparse.Namespace) -> Any:
     """`--dimensions` and `--normalize` as an `EmbedConfig` for an embedding job, else None."""
+    from prefect_vllm._job_tasks import job_task
     from prefect_vllm.config import EmbedConfig
     from prefect_vllm.exceptions import ConfigurationError
 
-    if args.task != "embed":
+    refusal = job_task(args.task).refusal
+    if refusal("embed") is not None:
         for flag, value in (("--dimensions", args.dimensions), ("--normalize", args.normalize)):
             if value is not None:
-                raise ConfigurationError(f"{flag}: only an embedding job (--task embed) has it")
+                raise ConfigurationError(refusal("embed", flag) or "")
         return None
     return EmbedConfig(dimensions=args.dimensions, normalize=args.normalize)
 

@@ -45,13 +45,14 @@ from prefect_vllm._engine.vllm_io import (
     output_row,
     pooling_params,
     rendered_prompt,
+    rerank_row,
     sampling_params,
     score_inputs,
     score_row,
     scorer,
     tokenize_prompts,
 )
-from prefect_vllm._input.columns import row_columns
+from prefect_vllm._job_tasks import job_task
 
 logger = logging.getLogger("prefect_vllm.engine")
 
@@ -291,8 +292,9 @@ class VllmEngineActor:
             call: The rows, their seeds, and what the job's calls share.
 
         Yields:
-            `GenerateStarted`, then the rows' columns (`row_columns(task)`, in row order):
-            generated text, or embeddings, class probabilities or scores for the pooling tasks.
+            `GenerateStarted`, then the rows' columns (the task's `row_columns`, in row
+            order): generated text, or embeddings, class probabilities, scores or ranked
+            documents for the pooling tasks.
         """
         await self.check_health()
         batch = uuid.uuid4().hex[:12]
@@ -313,7 +315,7 @@ class VllmEngineActor:
                     f"hang: {len(call.rows)} rows not done within the {call.deadline_s:.0f} s deadline",
                     hang=True,
                 )
-        columns = {name: [out[name] for out in outputs] for name in row_columns(call.params.task)}
+        columns = {name: [out[name] for out in outputs] for name in job_task(call.params.task).row_columns}
         yield GenerateResult(
             columns=columns, pid=self._pid, seconds=time.monotonic() - started, task=call.params.task
         )
@@ -325,23 +327,24 @@ class VllmEngineActor:
         The rows that only use the job's sampling (or pooling) share one `SamplingParams`
         (`PoolingParams`), built here, or the error vLLM raised building it: each such row's error.
         """
-        task = call.params.task
-        if task == "score":  # vLLM's scoring processor tokenizes each pair itself
+        task = job_task(call.params.task)
+        if task.scores:  # vLLM's scoring processor tokenizes each pair itself
             await self._scoring()
-            return self._score_one, None, [None] * len(call.rows)
+            one = {"score": self._score_one, "rerank": self._rerank_one}[task.call]
+            return one, None, [None] * len(call.rows)
         if call.params.tokenization:  # vLLM tokenizes, and cuts, each prompt itself
             token_ids: list[list[int] | None] = [None] * len(call.rows)
         else:
             token_ids = tokenize_prompts(call.rows, self._engine.get_tokenizer(), self._max_model_len)
         job_params: Any
         try:
-            if task == "generate":
+            if task.samples:
                 job_params = sampling_params({}, None, call.params.sampling, call.params.response_format)
             else:
-                job_params = pooling_params(task, call.params.pooling)
+                job_params = pooling_params(task.serves, call.params.pooling)
         except (ValueError, TypeError) as exc:
             job_params = exc
-        return (self._generate_one if task == "generate" else self._pool_one), job_params, token_ids
+        return (self._generate_one if task.samples else self._pool_one), job_params, token_ids
 
     async def _generate_one(
         self,
@@ -424,7 +427,7 @@ class VllmEngineActor:
             )
         except _RowFailed as exc:
             return failed_row(str(exc), task)
-        if task == "classify":
+        if job_task(task).classifies:
             return classification_row(finals[0], self._class_names)
         return embedding_row(finals, several="inputs" in row)
 
@@ -438,16 +441,41 @@ class VllmEngineActor:
         _job_params: Any,
     ) -> dict[str, Any]:
         """One text pair's score, as vLLM's `LLM.score` makes it (`vllm_io.score_inputs`)."""
+        return await self._scored_row(
+            "score", request_id, row, params, lambda finals: score_row(self._scorer, finals)
+        )
+
+    async def _rerank_one(
+        self,
+        request_id: str,
+        row: dict[str, Any],
+        _seed: int | None,
+        params: CallParams,
+        _token_ids: list[int] | None,
+        _job_params: Any,
+    ) -> dict[str, Any]:
+        """A query's documents ranked by their scores against it, as vLLM's `/v1/rerank` ranks them."""
+        return await self._scored_row(
+            "rerank", request_id, row, params,
+            lambda finals: rerank_row(self._scorer, finals, row["documents"], row.get("top_n")),
+        )  # fmt: skip
+
+    async def _scored_row(
+        self, task: str, request_id: str, row: dict[str, Any], params: CallParams, answer: Any
+    ) -> dict[str, Any]:
+        """A row scored through vLLM's scoring processor: a text against its pair
+        (`pair`), or against each of its `documents`; `answer` makes its output row."""
         if "error" in row:
-            return failed_row(row["error"], "score")
+            return failed_row(row["error"], task)
         from vllm.exceptions import VLLMValidationError
 
         if self._scorer is None:
-            return failed_row(self._scorer_error or _CANNOT_SCORE, "score")
+            return failed_row(self._scorer_error or _CANNOT_SCORE, task)
+        against = row["documents"] if "documents" in row else row["pair"]
         try:
-            inputs = score_inputs(self._scorer, row["prompt"], row["pair"], params.tokenization)
+            inputs = score_inputs(self._scorer, row["prompt"], against, params.tokenization)
         except (ValueError, TypeError, VLLMValidationError) as exc:
-            return failed_row(_row_error(exc), "score")
+            return failed_row(_row_error(exc), task)
         try:
             finals = await self._final_outputs(
                 [
@@ -455,11 +483,12 @@ class VllmEngineActor:
                     for j, one in enumerate(inputs)
                 ]
             )
-            return score_row(self._scorer, finals)
+            result: dict[str, Any] = answer(finals)
+            return result
         except _RowFailed as exc:
-            return failed_row(str(exc), "score")
+            return failed_row(str(exc), task)
         except (ValueError, TypeError) as exc:  # vLLM's scoring of the outputs
-            return failed_row(_row_error(exc), "score")
+            return failed_row(_row_error(exc), task)
 
     async def _final_outputs(self, requests: list[AsyncIterator[Any]]) -> list[Any]:
         """The final outputs of one row's engine requests (several for some rows), every one

@@ -17,9 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from prefect_vllm._columns import ERROR
 from prefect_vllm._engine.protocol import GenerateResult
-from prefect_vllm._input.columns import ERROR, ROW_COLUMNS
+from prefect_vllm._job_tasks import job_task
 from prefect_vllm.exceptions import EngineCrashedError
+
+#: A generation call's columns: the default of `generate_isolating`.
+ROW_COLUMNS = job_task("generate").row_columns
 
 __all__ = ["ROW_COLUMNS", "EngineCall", "IsolationReport", "generate_isolating", "poison_message"]
 
@@ -82,7 +86,7 @@ def generate_isolating(
             more than this many, then retried one row per call (each death then
             names its row, at the cost of unbatched generation).
         log: Receives one line per death and what is done about it.
-        row_columns: The columns each call returns (`row_columns(task)`).
+        row_columns: The columns each call returns (its task's `row_columns`).
 
     Returns:
         The rows' columns (`row_columns`, in row order) and the report.

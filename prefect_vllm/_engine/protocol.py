@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefect_vllm._input.columns import row_columns
+from prefect_vllm._job_tasks import job_task
 
 __all__ = ["CallParams", "GenerateCall", "GenerateResult", "GenerateStarted"]
 
@@ -23,8 +23,8 @@ class CallParams:
         response_format: Job-wide structured output (`json_schema`), for rows without their own.
         template: `chat_template` and `chat_template_kwargs` for chat rows.
         adapters: LoRA adapters by name -> path, for rows that name one.
-        task: `generate`, or a pooling task (`embed`, `classify`, `score`: an engine started with
-            vLLM's pooling runner).
+        task: The job's task (`prefect_vllm._job_tasks`): `generate`, or one served by
+            vLLM's pooling runner (`embed`, `classify`, `score`, `rerank`).
         pooling: Keyword arguments for vLLM's `PoolingParams` of an `embed` call.
         tokenization: vLLM's `tokenization_kwargs` of a pooling call (`truncate_prompt_tokens`).
     """
@@ -88,7 +88,7 @@ class GenerateResult:
     """The last item of a call's stream: the rows' columns, in row order.
 
     Attributes:
-        columns: `row_columns(task)`, one entry per row of the call.
+        columns: The task's `row_columns`, one entry per row of the call.
         pid: The actor process that generated them.
         seconds: Time on the engine.
         task: The call's task, which decides its columns.
@@ -100,6 +100,6 @@ class GenerateResult:
     task: str = "generate"
 
     def __post_init__(self) -> None:
-        missing = set(row_columns(self.task)) - set(self.columns)
+        missing = set(job_task(self.task).row_columns) - set(self.columns)
         if missing:
             raise ValueError(f"a generate result lacks the columns {sorted(missing)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect_vllm._input.columns import (
+from prefect_vllm._columns import (
     CHOICES,
     COMPLETION_TOKENS,
     EMBEDDING,
@@ -19,10 +19,11 @@ from prefect_vllm._input.columns import (
     LABEL,
     PROBS,
     PROMPT_TOKENS,
+    RESULTS,
     SCORE,
     TEXT,
-    row_columns,
 )
+from prefect_vllm._job_tasks import job_task
 
 
 def tokenize_prompts(
@@ -190,9 +191,12 @@ def output_row(final: Any, params: Any) -> dict[str, Any]:
 
 def failed_row(message: str, task: str = "generate") -> dict[str, Any]:
     """An output row of a `task` call that carries only an error."""
-    row: dict[str, Any] = dict.fromkeys(row_columns(task))
-    row[ERROR] = message
-    return row
+    return job_task(task).failed_row(message)
+
+
+def _refused(error: Any, task: str) -> dict[str, Any]:
+    """The row of a request that vLLM's engine answered with an error of its own."""
+    return failed_row(f"the engine refused the row: {str(error)[:300]}", task)
 
 
 def pooling_params(task: str, pooling: dict[str, Any]) -> Any:
@@ -219,7 +223,7 @@ def classification_row(final: Any, names: list[str] | None) -> dict[str, Any]:
     """One output row from vLLM's final `PoolingRequestOutput` of a classify request:
     every class's probability, and the most likely class's name (else its index)."""
     if getattr(final, "error", None) is not None:
-        return failed_row(f"the engine refused the row: {str(final.error)[:300]}", "classify")
+        return _refused(final.error, "classify")
     probs = [float(p) for p in _floats(final.outputs.data)]
     best = max(range(len(probs)), key=probs.__getitem__) if probs else None
     label = None if best is None else (names[best] if names and best < len(names) else str(best))
@@ -231,7 +235,7 @@ def embedding_row(finals: list[Any], *, several: bool = False) -> dict[str, Any]
     one for a single input; one per input, in order, for a request of `several`."""
     for final in finals:
         if getattr(final, "error", None) is not None:
-            return failed_row(f"the engine refused the row: {str(final.error)[:300]}", "embed")
+            return _refused(final.error, "embed")
     vectors = [_floats(final.outputs.data) for final in finals]
     return {
         EMBEDDING: vectors[0],
@@ -279,10 +283,12 @@ def scorer(engine: Any, tasks: tuple[Any, ...]) -> Any:
     return processors.get(score_type)
 
 
-def score_inputs(processor: Any, text: str, pair: str, tokenization: dict[str, Any]) -> list[Any]:
+def score_inputs(processor: Any, text: str, pair: str | list[str], tokenization: dict[str, Any]) -> list[Any]:
     """The engine requests (`PoolingEngineInput`s: prompt and params) that score one text
-    pair, made as `LLM.score` makes them: one for a cross-encoder, two for an embedding model.
-    `tokenization` is `LLM.score`'s `tokenization_kwargs` (`truncate_prompt_tokens`).
+    pair, or a query against each of several documents (`pair` a list), made as
+    `LLM.score` makes them: one per pair for a cross-encoder, one per text for an
+    embedding model. `tokenization` is `LLM.score`'s `tokenization_kwargs`
+    (`truncate_prompt_tokens`).
 
     Raises:
         ValueError: vLLM refuses the pair (e.g. longer than the context).
@@ -303,18 +309,45 @@ def score_inputs(processor: Any, text: str, pair: str, tokenization: dict[str, A
     return [processor.render(params) for params in factory()]
 
 
-def score_row(processor: Any, finals: list[Any]) -> dict[str, Any]:
-    """One output row from the final outputs of a pair's requests (`score_inputs`), scored
-    as `LLM.score` scores them."""
+def _scored(processor: Any, finals: list[Any]) -> list[Any]:
+    """The scored outputs of a row's requests (`score_inputs`), one per pair, as
+    `LLM.score` scores them."""
     from vllm.entrypoints.pooling.typing import OfflineOutputsContext
+
+    return list(processor.post_process_offline(OfflineOutputsContext(outputs=finals, n_queries=1)))
+
+
+def score_row(processor: Any, finals: list[Any]) -> dict[str, Any]:
+    """One output row from the final outputs of a pair's requests (`score_inputs`)."""
     from vllm.outputs import ScoringRequestOutput
 
-    (scored,) = processor.post_process_offline(OfflineOutputsContext(outputs=finals, n_queries=1))
+    (scored,) = _scored(processor, finals)
     if getattr(scored, "error", None) is not None:
-        return failed_row(f"the engine refused the row: {str(scored.error)[:300]}", "score")
+        return _refused(scored.error, "score")
     return {
         SCORE: ScoringRequestOutput.from_base(scored).outputs.score,
         PROMPT_TOKENS: len(scored.prompt_token_ids or ()),
+        ERROR: None,
+    }
+
+
+def rerank_row(processor: Any, finals: list[Any], documents: list[str], top_n: int | None) -> dict[str, Any]:
+    """One output row of a rerank job from the final outputs of a query's requests
+    (`score_inputs` with its documents), as vLLM's `/v1/rerank` answers: every document's
+    index, relevance score and text, best first, the first `top_n` of them (None: all).
+    `prompt_tokens` counts every request's prompt, as vLLM's usage does."""
+    from vllm.outputs import ScoringRequestOutput
+
+    scored = _scored(processor, finals)
+    for one in scored:
+        if getattr(one, "error", None) is not None:
+            return _refused(one.error, "rerank")
+    scores = [float(ScoringRequestOutput.from_base(one).outputs.score) for one in scored]
+    best = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)  # stable: ties keep their order
+    results = [{"index": i, "relevance_score": scores[i], "document": documents[i]} for i in best]
+    return {
+        RESULTS: results[:top_n] if top_n else results,
+        PROMPT_TOKENS: sum(len(one.prompt_token_ids or ()) for one in scored),
         ERROR: None,
     }
 

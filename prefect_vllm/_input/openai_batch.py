@@ -1,6 +1,7 @@
-"""OpenAI Batch files: requests in (`{custom_id, method, url, body}`), responses out.
+"""OpenAI Batch files in: each request line (`{custom_id, method, url, body}`) as a row.
 
-Pure logic: no vLLM, no I/O beyond what callers pass in. A request that cannot be
+Response lines are written by `prefect_vllm._output.openai`. Pure logic: no vLLM,
+no I/O beyond what callers pass in. A request that cannot be
 served (an unsupported endpoint, an unknown body field) becomes a row error, never
 a silent ignore; a line that makes the whole file unusable (no `custom_id`, not an
 object) is an `InputError` naming the file, line and field.
@@ -20,9 +21,6 @@ Examples:
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import struct
 from typing import Any, Literal
 
 from prefect_vllm._input.requests import (
@@ -31,19 +29,12 @@ from prefect_vllm._input.requests import (
     messages_of,
     parse_response_format,
     token_ids_of,
+    with_documents,
 )
+from prefect_vllm._job_tasks import ENDPOINT_TASKS
 from prefect_vllm.exceptions import InputError
 
-__all__ = [
-    "EMBEDDINGS",
-    "ENDPOINTS",
-    "embedding_line",
-    "endpoint_task",
-    "error_line",
-    "looks_like_batch",
-    "output_line",
-    "parse_request",
-]
+__all__ = ["EMBEDDINGS", "ENDPOINTS", "endpoint_task", "looks_like_batch", "parse_request"]
 
 #: The generation endpoints served, by URL, and the kind of request each one carries.
 ENDPOINTS: dict[str, Literal["chat", "completion"]] = {
@@ -54,11 +45,8 @@ ENDPOINTS: dict[str, Literal["chat", "completion"]] = {
 #: The embeddings endpoint: its requests make an embedding job (`task="embed"`).
 EMBEDDINGS = "/v1/embeddings"
 
-#: The job task each served endpoint's requests need.
-_TASKS = {**dict.fromkeys(ENDPOINTS, "generate"), EMBEDDINGS: "embed"}
-
 #: Every endpoint served, for messages.
-_SERVED = ", ".join(_TASKS)
+_SERVED = ", ".join(ENDPOINT_TASKS)
 
 #: Embeddings body fields that need no mapping: the job's model serves every row.
 _EMBEDDING_ACCEPTED = {"model", "user"}
@@ -74,10 +62,10 @@ def looks_like_batch(record: Any) -> bool:
 
 
 def endpoint_task(record: Any) -> str | None:
-    """The job task (`generate`, `embed`) a request's `url` needs; None for an endpoint
-    that is not served (such a request becomes a row error, in a job of any task)."""
+    """The job task (`generate`, `embed`, `rerank`) a request's `url` needs; None for an
+    endpoint that is not served (such a request becomes a row error, in a job of any task)."""
     url = record.get("url") if isinstance(record, dict) else None
-    return _TASKS.get(url) if isinstance(url, str) else None
+    return ENDPOINT_TASKS.get(url) if isinstance(url, str) else None
 
 
 def parse_request(record: Any, *, path: str, line: int) -> RowRequest:
@@ -97,6 +85,8 @@ def parse_request(record: Any, *, path: str, line: int) -> RowRequest:
     url = record.get("url")
     if url == EMBEDDINGS:
         return _embedding_request(custom_id, record)
+    if isinstance(url, str) and ENDPOINT_TASKS.get(url) == "rerank":
+        return _rerank_request(custom_id, record)
     kind = ENDPOINTS.get(url) if isinstance(url, str) else None
     if kind is None:
         return RowRequest(
@@ -167,6 +157,38 @@ def _embedding_request(custom_id: str, record: dict[str, Any]) -> RowRequest:
         encoding_format="base64" if encoding == "base64" else None,
         model=model,
     )
+
+
+#: Rerank body fields read, and those that need no mapping (the job's model serves every row).
+_RERANK_READ = {"query", "documents", "top_n"}
+_RERANK_ACCEPTED = {"model", "user"}
+
+
+def _rerank_request(custom_id: str, record: dict[str, Any]) -> RowRequest:
+    """A `/v1/rerank` request, as vLLM's run-batch reads it: a `query`, its `documents`
+    (a text or a list of texts) and `top_n` (0 or none: every document)."""
+    if record.get("method", "POST") != "POST":
+        return RowRequest(
+            custom_id, "completion", error=f"unsupported method {record.get('method')!r}; use POST"
+        )
+    body = record.get("body")
+    if not isinstance(body, dict):
+        return RowRequest(custom_id, "completion", error="body must be a JSON object")
+    model = body.get("model") if isinstance(body.get("model"), str) else None
+    unknown = sorted(set(body) - _RERANK_READ - _RERANK_ACCEPTED)
+    query = body.get("query")
+    if unknown:
+        error = f"body.{unknown[0]} is not supported"
+    elif not isinstance(query, str) or not query:
+        error = f"body.query must be a non-empty string, got {_type(query)}"
+    else:
+        row = RowRequest(custom_id, "completion", prompt=query, model=model)
+        return with_documents(row, body.get("documents"), "body.documents", body.get("top_n"))
+    return RowRequest(custom_id, "completion", error=error, model=model)
+
+
+def _type(value: Any) -> str:
+    return "empty" if value == "" else "null" if value is None else type(value).__name__
 
 
 def _embedding_inputs(value: Any) -> tuple[str | list[int] | None, list[str | list[int]] | None]:
@@ -247,162 +269,3 @@ def _sampling(body: dict[str, Any], kind: str) -> tuple[dict[str, Any], dict[str
         else:
             raise ValueError(f"body.{key} is not supported")
     return out, response_format
-
-
-def _request_id(custom_id: str, job_id: str) -> str:
-    return hashlib.sha256(f"{job_id}:{custom_id}".encode()).hexdigest()[:24]
-
-
-def output_line(
-    row: dict[str, Any], *, kind: Literal["chat", "completion"], model: str, job_id: str, created: int
-) -> dict[str, Any]:
-    """A line of `output.jsonl` for a generated row, in the OpenAI Batch shape.
-
-    Args:
-        row: One output row: `custom_id`, `text`, `finish_reason`, `prompt_tokens`,
-            `completion_tokens`, and `choices` (a list of `{text, finish_reason,
-            logprobs}`) when the request asked for `n > 1` or logprobs.
-        kind: The request's kind: decides `chat.completion` or `text_completion`.
-        model: The model name reported in the body.
-        job_id: The job's id; ids are derived from it and `custom_id`, so a
-            resumed export writes the same ids.
-        created: Unix time reported in the body.
-    """
-    request_id = _request_id(row["custom_id"], job_id)
-    choices = row.get("choices") or [{"text": row["text"], "finish_reason": row["finish_reason"]}]
-    prompt_tokens = int(row.get("prompt_tokens") or 0)
-    completion_tokens = int(row.get("completion_tokens") or 0)
-    usage = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-    if kind == "chat":
-        body: dict[str, Any] = {
-            "id": f"chatcmpl-{request_id}",
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": c["text"]},
-                    "finish_reason": _finish_reason(c["finish_reason"]),
-                    "logprobs": _chat_logprobs(c.get("logprobs")),
-                }
-                for i, c in enumerate(choices)
-            ],
-            "usage": usage,
-        }
-    else:
-        body = {
-            "id": f"cmpl-{request_id}",
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": i,
-                    "text": c["text"],
-                    "finish_reason": _finish_reason(c["finish_reason"]),
-                    "logprobs": _completion_logprobs(c.get("logprobs")),
-                }
-                for i, c in enumerate(choices)
-            ],
-            "usage": usage,
-        }
-    return _response_line(row["custom_id"], request_id, body)
-
-
-def embedding_line(row: dict[str, Any], *, model: str, job_id: str) -> dict[str, Any]:
-    """A line of `output.jsonl` for an embedded row, in the OpenAI Batch shape: its body is
-    a `CreateEmbeddingResponse` (`object: "list"`, one `data` item per input, `usage`).
-
-    Args:
-        row: One output row of an embedding job: `custom_id`, `embedding`, `embeddings`
-            (every input's vector, for a request of several inputs), `prompt_tokens`
-            and `encoding_format` (`base64` for little-endian float32 bytes, as OpenAI
-            writes them; floats otherwise).
-        model: The model name reported in the body.
-        job_id: The job's id; ids are derived from it and `custom_id`.
-    """
-    request_id = _request_id(row["custom_id"], job_id)
-    vectors = row.get("embeddings") or [row["embedding"]]
-    as_base64 = row.get("encoding_format") == "base64"
-    prompt_tokens = int(row.get("prompt_tokens") or 0)
-    body = {
-        "object": "list",
-        "data": [
-            {"object": "embedding", "index": i, "embedding": _base64(v) if as_base64 else v}
-            for i, v in enumerate(vectors)
-        ],
-        "model": model,
-        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-    }
-    return _response_line(row["custom_id"], request_id, body)
-
-
-def _response_line(custom_id: str, request_id: str, body: dict[str, Any]) -> dict[str, Any]:
-    """A line of `output.jsonl`: a successful response's envelope around its `body`."""
-    return {
-        "id": f"batch_req_{request_id}",
-        "custom_id": custom_id,
-        "response": {"status_code": 200, "request_id": request_id, "body": body},
-        "error": None,
-    }
-
-
-def _base64(vector: list[float]) -> str:
-    """A vector as OpenAI's `encoding_format: base64` writes it: little-endian float32 bytes."""
-    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
-
-
-def _chat_logprobs(tokens: list[dict[str, Any]] | None) -> dict[str, Any] | None:
-    """Chat completions' logprobs: `{content: [{token, logprob, bytes, top_logprobs}]}`."""
-    if tokens is None:
-        return None
-
-    def entry(token: str | None, logprob: float | None) -> dict[str, Any]:
-        return {"token": token or "", "logprob": logprob, "bytes": list((token or "").encode())}
-
-    return {
-        "content": [
-            {
-                **entry(t["token"], t["logprob"]),
-                "top_logprobs": [entry(top["token"], top["logprob"]) for top in t["top_logprobs"] or ()],
-            }
-            for t in tokens
-        ],
-        "refusal": None,
-    }
-
-
-def _completion_logprobs(tokens: list[dict[str, Any]] | None) -> dict[str, Any] | None:
-    """Legacy completions' logprobs: parallel lists of tokens, logprobs and top candidates."""
-    if tokens is None:
-        return None
-    offsets, at = [], 0
-    for t in tokens:
-        offsets.append(at)
-        at += len(t["token"] or "")
-    return {
-        "tokens": [t["token"] or "" for t in tokens],
-        "token_logprobs": [t["logprob"] for t in tokens],
-        "top_logprobs": [{top["token"]: top["logprob"] for top in t["top_logprobs"] or ()} for t in tokens],
-        "text_offset": offsets,
-    }
-
-
-def error_line(custom_id: str, message: str, *, job_id: str, code: str = "invalid_request") -> dict[str, Any]:
-    """A line of `errors.jsonl` for a row that has an error instead of a completion."""
-    return {
-        "id": f"batch_req_{_request_id(custom_id, job_id)}",
-        "custom_id": custom_id,
-        "response": None,
-        "error": {"code": code, "message": message},
-    }
-
-
-def _finish_reason(reason: Any) -> str:
-    """vLLM's finish reasons mapped onto OpenAI's (`abort` has no equivalent)."""
-    return reason if reason in ("stop", "length", "tool_calls", "content_filter") else "stop"

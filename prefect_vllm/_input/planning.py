@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from prefect_vllm._input.columns import CUSTOM_ID, MESSAGES
+from prefect_vllm._columns import CUSTOM_ID, MESSAGES
 from prefect_vllm._input.openai_batch import endpoint_task, looks_like_batch, parse_request
+from prefect_vllm._job_tasks import JobTask
 from prefect_vllm.exceptions import InputError
 
 #: `openai` is a JSONL file of OpenAI Batch requests (`{custom_id, method, url, body}`).
@@ -87,6 +88,33 @@ class InputColumns(BaseModel):
     messages: str = MESSAGES
     id: str = CUSTOM_ID
     pair: str | None = None
+
+    @classmethod
+    def of_task(
+        cls,
+        task: JobTask,
+        *,
+        prompt: str | None = None,
+        messages: str = MESSAGES,
+        id: str = CUSTOM_ID,
+        pair: str | None = None,
+    ) -> InputColumns:
+        """The columns a job of `task` reads: the names given, else its entry's defaults
+        (a rerank job's `query` and `documents`).
+
+        Raises:
+            ConfigurationError: A second column is named for a task that reads none.
+        """
+        if pair is not None and task.pair_column is None:
+            from prefect_vllm.exceptions import ConfigurationError
+
+            raise ConfigurationError(task.refusal("pair_column", "pair_column") or "pair_column")
+        return cls(
+            prompt=prompt or task.text_column,
+            messages=messages,
+            id=id,
+            pair=(pair or task.pair_column) if task.pair_column is not None else None,
+        )
 
 
 class JobPlan(BaseModel):

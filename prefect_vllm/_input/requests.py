@@ -34,6 +34,7 @@ __all__ = [
     "parse_sampling_params",
     "plain_row",
     "token_ids_of",
+    "with_documents",
     "with_pair",
 ]
 
@@ -84,6 +85,8 @@ class RowRequest:
         encoding_format: `base64` when an embeddings request asked for its vectors so
             (kept in the output for the OpenAI export), else None.
         pair: A scoring job's second text (`prompt` is the first).
+        documents: A rerank job's documents (`prompt` is the query).
+        top_n: How many of the best documents a rerank row keeps; None: all.
     """
 
     custom_id: str
@@ -99,6 +102,8 @@ class RowRequest:
     pooling: dict[str, Any] = field(default_factory=dict)
     encoding_format: str | None = None
     pair: str | None = None
+    documents: list[str] | None = None
+    top_n: int | None = None
 
     def payload(self) -> dict[str, Any]:
         """The plain dict the engine actor receives for this row."""
@@ -113,6 +118,10 @@ class RowRequest:
             out["prompt"] = self.prompt
         if self.pair is not None and self.error is None:
             out["pair"] = self.pair
+        if self.documents is not None and self.error is None:
+            out["documents"] = self.documents
+            if self.top_n:
+                out["top_n"] = self.top_n
         if self.pooling:
             out["pooling"] = self.pooling
         if self.sampling:
@@ -204,6 +213,35 @@ def with_pair(row: RowRequest, pair: Any, column: str) -> RowRequest:
             row, error=f"{column}: the pair's second text must be a string, got {what}"
         )
     return dataclasses.replace(row, pair=pair)
+
+
+def with_documents(row: RowRequest, documents: Any, column: str, top_n: Any = None) -> RowRequest:
+    """A rerank job's row: its prompt is the query, `documents` (from `column`) the texts
+    to rank against it, `top_n` how many of the best to keep (0 or None: all). Anything
+    else is the row's error.
+    """
+    if row.error is not None:
+        return row
+    if row.kind == "chat":
+        return dataclasses.replace(row, error="a rerank job reads a query and documents, not chat messages")
+    if not isinstance(row.prompt, str):
+        return dataclasses.replace(row, error="query: a rerank job reads text, not token ids")
+    if isinstance(documents, str):
+        documents = [documents]
+    if not isinstance(documents, list) or not documents:
+        return dataclasses.replace(
+            row, error=f"{column}: must be a non-empty list of texts, got {_type(documents)}"
+        )
+    for i, document in enumerate(documents):
+        if not isinstance(document, str) or not document:
+            what = "empty" if document == "" else _type(document)
+            return dataclasses.replace(row, error=f"{column}[{i}]: a document must be a text, got {what}")
+    if top_n is not None:
+        try:
+            top_n = checked("top_n", top_n, "int>=0")
+        except ValueError as exc:
+            return dataclasses.replace(row, error=str(exc))
+    return dataclasses.replace(row, documents=list(documents), top_n=top_n or None)
 
 
 def token_ids_of(value: Any, where: str) -> list[int]:

@@ -1,4 +1,4 @@
-"""Reading one shard's rows on a Ray worker, and shaping its output table."""
+"""Reading one shard's rows on a Ray worker, as its task's requests."""
 
 from __future__ import annotations
 
@@ -7,46 +7,39 @@ import hashlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from prefect_vllm._input.columns import (
-    CHOICES,
-    COMPLETION_TOKENS,
-    CUSTOM_ID,
-    ENCODING_FORMAT,
-    ERROR,
-    FINISH_REASON,
-    KIND,
-    MODEL,
-    POOLING_TASKS,
-    PROMPT_TOKENS,
-    SAMPLING_PARAMS,
-    TEXT,
-    output_schema,
-    row_columns,
-)
+from prefect_vllm._columns import MODEL, SAMPLING_PARAMS
 from prefect_vllm._input.openai_batch import parse_request
 from prefect_vllm._input.planning import InputColumns, ShardSpec, iter_jsonl_lines, parse_jsonl_line
-from prefect_vllm._input.requests import RowRequest, plain_row, with_pair
+from prefect_vllm._input.requests import RowRequest, plain_row
+from prefect_vllm._job_tasks import JobTask, job_task
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 
 def read_shard(
-    spec: ShardSpec, columns: InputColumns, has_id: bool, adapters: Mapping[str, str] | None = None
+    spec: ShardSpec,
+    columns: InputColumns,
+    has_id: bool,
+    adapters: Mapping[str, str] | None = None,
+    task: str = "generate",
 ) -> list[RowRequest]:
-    """The shard's rows as requests, read straight from the input file.
+    """The shard's rows as requests of a `task` job, read straight from the input file.
 
     Rows that cannot be served (an unsupported endpoint, an unknown sampling key)
     come back with their error set: they are committed as row errors. With LoRA
     `adapters`, a row whose model names one is generated with it.
     """
-    rows = _read_rows(spec, columns, has_id, adapters is not None)
+    rows = _read_rows(spec, columns, has_id, adapters is not None, job_task(task))
     if adapters is None:
         return rows
     return [r.with_adapter(adapters, strict=spec.format != "openai") for r in rows]
 
 
-def _read_rows(spec: ShardSpec, columns: InputColumns, has_id: bool, with_model: bool) -> list[RowRequest]:
+def _read_rows(
+    spec: ShardSpec, columns: InputColumns, has_id: bool, with_model: bool, entry: JobTask
+) -> list[RowRequest]:
+    pair = columns.pair if entry.build_row is not None else None
     if spec.format in ("jsonl", "openai"):
         rows: list[RowRequest] = []
         line = spec.first_line
@@ -61,8 +54,9 @@ def _read_rows(spec: ShardSpec, columns: InputColumns, has_id: bool, with_model:
                     obj.get(SAMPLING_PARAMS),
                     model=obj.get(MODEL) if with_model else None,
                 )
-                if columns.pair is not None:
-                    row = with_pair(row, obj.get(columns.pair), columns.pair)
+                if pair is not None and entry.build_row is not None:
+                    extra = {name: obj.get(name) for name in entry.extra_columns}
+                    row = entry.build_row(row, obj.get(pair), pair, extra)
                 rows.append(dataclasses.replace(row, custom_id=str(obj[columns.id]) if has_id else ""))
             line += 1
         if not has_id:
@@ -72,7 +66,9 @@ def _read_rows(spec: ShardSpec, columns: InputColumns, has_id: bool, with_model:
         return rows
     names = _read_schema_names(spec)
     wanted = [
-        n for n in (columns.prompt, columns.messages, SAMPLING_PARAMS, MODEL, columns.pair) if n in names
+        n
+        for n in (columns.prompt, columns.messages, SAMPLING_PARAMS, MODEL, pair, *entry.extra_columns)
+        if n in names
     ]
     if not with_model and MODEL in wanted:
         wanted.remove(MODEL)
@@ -94,9 +90,14 @@ def _read_rows(spec: ShardSpec, columns: InputColumns, has_id: bool, with_model:
             strict=True,
         )
     ]
-    if columns.pair is None:
+    if pair is None or entry.build_row is None:
         return rows
-    return [with_pair(r, p, columns.pair) for r, p in zip(rows, column(columns.pair), strict=True)]
+    build = entry.build_row
+    extras = [column(name) for name in entry.extra_columns]
+    return [
+        build(r, p, pair, dict(zip(entry.extra_columns, values, strict=True)))
+        for r, p, *values in zip(rows, column(pair), *extras, strict=True)
+    ]
 
 
 def _read_schema_names(spec: ShardSpec) -> list[str]:
@@ -154,30 +155,3 @@ def row_seeds(job_seed: int, custom_ids: list[str]) -> list[int]:
         int.from_bytes(hashlib.blake2b(prefix + cid.encode(), digest_size=8).digest(), "big") >> 1
         for cid in custom_ids
     ]
-
-
-def output_table(rows: list[RowRequest], generated: dict[str, Any], task: str = "generate") -> pa.Table:
-    """The shard's output table in the contract's column order and types for `task`."""
-    import pyarrow as pa
-
-    if task in POOLING_TASKS:
-        columns = {
-            CUSTOM_ID: [r.custom_id for r in rows],
-            **{name: generated[name] for name in row_columns(task)},
-        }
-        if task == "embed":
-            columns[ENCODING_FORMAT] = [r.encoding_format for r in rows]
-        return pa.Table.from_pydict(columns, schema=output_schema(task))
-    return pa.Table.from_pydict(
-        {
-            CUSTOM_ID: [r.custom_id for r in rows],
-            TEXT: generated[TEXT],
-            FINISH_REASON: generated[FINISH_REASON],
-            PROMPT_TOKENS: generated[PROMPT_TOKENS],
-            COMPLETION_TOKENS: generated[COMPLETION_TOKENS],
-            ERROR: generated[ERROR],
-            KIND: [r.kind for r in rows],
-            CHOICES: generated[CHOICES],
-        },
-        schema=output_schema(),
-    )

@@ -14,6 +14,7 @@ from prefect import get_run_logger
 
 from prefect_vllm._engine.pool import VllmActorPool
 from prefect_vllm._input.planning import ShardSpec
+from prefect_vllm._job_tasks import JOB_TASKS, job_task
 from prefect_vllm._launch.ray_start import local_cluster, ray_init_kwargs, warm_shard_workers
 from prefect_vllm._logs import counted
 from prefect_vllm.exceptions import ConfigurationError, EngineUnavailableError, StorageError
@@ -195,14 +196,13 @@ def _check_serves(
             "use at most that, or -1 for the whole context"
         )
     served = next((info["tasks"] for info in infos if "tasks" in info), None)
-    if served is None or task in served:
+    entry = job_task(task)
+    if served is None or entry.serves in served:
         return
-    if task == "generate":
-        hint = (
-            "; a warm pool started with the pooling runner does not generate"
-            if warm
-            else f"; run it with --task {next(t for t in (*served, 'embed') if t in ('embed', 'classify', 'score'))}"
-        )
+    if not entry.pools:
+        pooled = {t.serves: t.name for t in reversed(JOB_TASKS.values()) if t.pools}  # the first task of each
+        other = next(pooled[t] for t in (*served, "embed") if t in pooled)
+        hint = entry.fits_hint if warm else f"; run it with --task {other}"
     elif "generate" in served:  # engines of vLLM's generation runner: a warm pool's, or asked for
         hint = (
             "; a warm pool's engines embed, classify or score when the pool is started with "
@@ -211,12 +211,7 @@ def _check_serves(
             else """; leave "runner" out of the engine arguments"""
         )
     else:
-        hint = {
-            "classify": "; a classifier is a *ForSequenceClassification model "
-            "(`prefect-vllm make-tiny-model DIR --classes a,b` makes a tiny one)",
-            "score": "; vLLM scores with a cross-encoder (a classifier of one label: "
-            "`prefect-vllm make-tiny-model DIR --classes relevance` makes a tiny one) or an embedding model",
-        }.get(task, "")
+        hint = entry.fits_hint
     raise ConfigurationError(f"task: {model} cannot {task}: vLLM serves {', '.join(served)} with it{hint}")
 
 

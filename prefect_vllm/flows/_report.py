@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Any
 
+from prefect_vllm._job_tasks import job_task
 from prefect_vllm.results import BatchResult, ShardResult
 
 logger = logging.getLogger("prefect_vllm.flow")
@@ -135,7 +136,7 @@ def publish_results(
             "seconds": round(r.total_s, 2),
             **(
                 {"tokens/s": round(r.output_tokens / r.generate_s, 1) if r.generate_s else 0.0}
-                if task == "generate"
+                if job_task(task).samples
                 else {"rows/s": round(r.rows / r.generate_s, 1) if r.generate_s else 0.0}
             ),
         }
@@ -162,8 +163,8 @@ def publish_results(
 
 def _throughput(summary: BatchResult, task: str, rows_run: int) -> list[str]:
     """Tokens generated and their rate; for a job that generates none (embeddings, classes,
-    scores), the rows this run committed per second."""
-    if task == "generate":
+    scores, rankings), the rows this run committed per second."""
+    if job_task(task).samples:
         return [
             f"| generated tokens | {summary.output_tokens} |",
             f"| throughput | {summary.tokens_per_s:.1f} tokens/s end to end, "

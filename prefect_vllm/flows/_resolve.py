@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import SecretStr
 
 from prefect_vllm._input.planning import InputColumns
+from prefect_vllm._job_tasks import job_task
 from prefect_vllm.config import ActorPoolConfig, EngineConfig, RequestConfig, SamplingConfig
 from prefect_vllm.exceptions import ConfigurationError
 
@@ -128,11 +129,7 @@ def resolve_task(task: str | None, needed: str | None) -> str:
             f"task: {task!r}, but the input's OpenAI Batch requests are for task {needed!r} "
             f"(their url); leave the task out, or use {needed!r}"
         )
-    return task
-
-
-#: What each task's job is called in messages.
-_JOBS = {"embed": "an embedding job", "classify": "a classification job", "score": "a scoring job"}
+    return job_task(task).name
 
 
 def check_task(
@@ -142,35 +139,26 @@ def check_task(
     requests: RequestConfig,
     truncate_prompt_tokens: int | None = None,
 ) -> None:
-    """Refuse what a job of `task` cannot do (yet), before anything starts.
+    """Refuse what a job of `task` cannot do, before anything starts: each option its
+    entry in the task table does not have (`JobTask.refusal`).
 
     Raises:
         ConfigurationError: Naming the parameter.
     """
-    if truncate_prompt_tokens is not None:
-        if task == "generate":
-            raise ConfigurationError(
-                "truncate_prompt_tokens: only embed, classify and score jobs cut their prompts; a "
-                "generation job's over-long prompt is a row error"
-            )
-        if truncate_prompt_tokens == 0 or truncate_prompt_tokens < -1:
-            raise ConfigurationError(
-                f"truncate_prompt_tokens: keep N >= 1 tokens, or -1 for the model's context; "
-                f"got {truncate_prompt_tokens}"
-            )
-    if task == "generate":
-        return
-    if task not in _JOBS:
-        raise ConfigurationError(f"task: {task!r} is not one of 'generate', {', '.join(map(repr, _JOBS))}")
-    job = _JOBS[task]
-    if export is not None and task != "embed":
+    entry = job_task(task)
+    given = {
+        "export": export is not None,
+        "requests": requests.lora_dir is not None or requests.json_schema is not None,
+        "truncate_prompt_tokens": truncate_prompt_tokens is not None,
+    }
+    for option, is_given in given.items():
+        refusal = entry.refusal(option) if is_given else None
+        if refusal is not None:
+            raise ConfigurationError(refusal)
+    if truncate_prompt_tokens is not None and (truncate_prompt_tokens == 0 or truncate_prompt_tokens < -1):
         raise ConfigurationError(
-            f"export: the OpenAI Batch API has completion and embedding endpoints; {job}'s output "
-            "is its part files"
-        )
-    if requests.lora_dir is not None or requests.json_schema is not None:
-        raise ConfigurationError(
-            f"requests: LoRA adapters and JSON schemas are for generation, not {task} ({job})"
+            f"truncate_prompt_tokens: keep N >= 1 tokens, or -1 for the model's context; "
+            f"got {truncate_prompt_tokens}"
         )
 
 

@@ -14,13 +14,14 @@ from prefect import flow, get_run_logger
 from pydantic import Field
 
 from prefect_vllm._engine.pool import VllmActorPool
-from prefect_vllm._input.columns import PAIR_COLUMN
 from prefect_vllm._input.planning import InputColumns, discover_inputs, input_task, plan_job
 from prefect_vllm._job import adopt_pool_settings, check_model, job_identity, job_summary
+from prefect_vllm._job_tasks import TaskName
+from prefect_vllm._job_tasks import job_task as task_entry
 from prefect_vllm._launch.server import run_api_url
 from prefect_vllm._logs import counted, quiet_refusals
+from prefect_vllm._output.export import export_openai
 from prefect_vllm._store.checkpoint import EXPORTS, CheckpointStore, JobManifest
-from prefect_vllm._store.export import export_openai
 from prefect_vllm._store.lock import JobLock
 from prefect_vllm.blocks import CheckpointStorage, RayCluster, VllmModel
 from prefect_vllm.blocks.storage import open_store
@@ -54,7 +55,7 @@ def batch_inference(
     input: str,
     output: str,
     model: VllmModel | str,
-    prompt_column: str = "prompt",
+    prompt_column: str | None = None,
     messages_column: str = "messages",
     id_column: str = "custom_id",
     shard_size: Annotated[int, Field(ge=1)] = 512,
@@ -71,8 +72,8 @@ def batch_inference(
     export: Literal["openai"] | None = None,
     warm_pool: str | None = None,
     verify: bool = False,
-    task: Literal["generate", "embed", "classify", "score"] | None = None,
-    pair_column: str = PAIR_COLUMN,
+    task: TaskName | None = None,
+    pair_column: str | None = None,
     truncate_prompt_tokens: int | None = None,
     embed: EmbedConfig | None = None,
 ) -> BatchResult:
@@ -92,7 +93,8 @@ def batch_inference(
         model: Hugging Face id or local model folder; or a `VllmModel` block, given
             or named as `vllm-model/NAME`, which then also gives the engine settings,
             the default sampling and the Hugging Face token.
-        prompt_column: Column holding the prompt text.
+        prompt_column: Column holding the prompt text (default `prompt`; a rerank job's
+            query: `query`).
         messages_column: Column holding chat messages (a list of `{role, content}`,
             or its JSON text); a row with messages is rendered with the chat template.
         id_column: Column holding each row's id (`custom_id`); positions when absent.
@@ -130,11 +132,16 @@ def batch_inference(
             classifier's class probabilities (`probs`) and most likely class
             (`label`); `score`: the relevance of each row's text (`prompt_column`) to
             its second text (`pair_column`), as vLLM's `LLM.score` gives it, from a
-            cross-encoder or an embedding model. Sampling applies to `generate`
-            only. Default: what an OpenAI Batch input's `url` needs
-            (`/v1/embeddings`: `embed`), else `generate`.
-        pair_column: For `score`: the column of each pair's second text.
-        truncate_prompt_tokens: For `embed`, `classify` and `score`: cut each prompt
+            cross-encoder or an embedding model; `rerank`: each row's documents
+            (`pair_column`, default `documents`: a list of texts) ranked by their
+            relevance to its query (`prompt_column`, default `query`), best first and
+            cut to the row's `top_n` column when it has one, as vLLM's `/v1/rerank`
+            answers (`results`). Sampling applies to `generate` only. Default: what an
+            OpenAI Batch input's `url` needs (`/v1/embeddings`: `embed`, `/v1/rerank`:
+            `rerank`), else `generate`.
+        pair_column: For `score`: the column of each pair's second text (default
+            `text_pair`); for `rerank`: each query's documents (default `documents`).
+        truncate_prompt_tokens: For `embed`, `classify`, `score` and `rerank`: cut each prompt
             longer than this many tokens as vLLM's `truncate_prompt_tokens` does (-1:
             the model's context) instead of making it a row error.
         embed: Embedding options (`EmbedConfig`: dimensions, normalisation).
@@ -171,10 +178,6 @@ def batch_inference(
     settings = resolve_settings(
         input=input, output=output, model=model if isinstance(model, str) else model.model,
         model_block=model_block(model), engine=engine, sampling=sampling, requests=requests,
-        columns=InputColumns(
-            prompt=prompt_column, messages=messages_column, id=id_column,
-            pair=pair_column if task == "score" else None,
-        ),
         pool=pool, cluster=load_block(RayCluster, cluster, "cluster"), ray_address=ray_address,
         warm_pool=warm_pool, when=scheduled_time(),
     )  # fmt: skip
@@ -183,6 +186,10 @@ def batch_inference(
     check_task(
         job_task, export=export, requests=settings.requests, truncate_prompt_tokens=truncate_prompt_tokens
     )
+    columns = InputColumns.of_task(
+        task_entry(job_task), prompt=prompt_column, messages=messages_column, id=id_column, pair=pair_column
+    )
+    settings = dataclasses.replace(settings, columns=columns)
     storage_block = load_block(CheckpointStorage, storage, "storage")
     with contextlib.ExitStack() as connection:
         warm = None

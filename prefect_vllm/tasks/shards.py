@@ -11,13 +11,15 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
+from prefect_vllm._columns import COMPLETION_TOKENS, ERROR, PROMPT_TOKENS
 from prefect_vllm._engine.client import EngineClient
 from prefect_vllm._engine.isolation import EngineCall, generate_isolating
 from prefect_vllm._engine.protocol import GenerateResult
-from prefect_vllm._input.columns import COMPLETION_TOKENS, ERROR, PROMPT_TOKENS, row_columns
 from prefect_vllm._input.planning import InputColumns, ShardSpec
 from prefect_vllm._input.requests import RowRequest
-from prefect_vllm._input.shard_rows import output_table, read_shard, row_seeds
+from prefect_vllm._input.shard_rows import read_shard, row_seeds
+from prefect_vllm._job_tasks import job_task
+from prefect_vllm._output.table import output_table
 from prefect_vllm._store.checkpoint import CheckpointStore
 from prefect_vllm.blocks.storage import open_store
 from prefect_vllm.config import EmbedConfig, RecoveryConfig, RequestConfig, SamplingConfig
@@ -41,8 +43,8 @@ class ShardJob:
         recovery: Deadlines and poison isolation.
         engines: The engine actors to call (handles and failover only: no settings, no
             secrets); set by the flow once its pool is up.
-        task: `generate`, or `embed`, `classify` or `score` (engines started with vLLM's pooling
-            runner).
+        task: The job's task (`prefect_vllm._job_tasks`): `generate`, or `embed`,
+            `classify`, `score` or `rerank` (engines started with vLLM's pooling runner).
         embed: How an `embed` job pools each row.
         truncate_prompt_tokens: A pooling job's prompts are cut to this many tokens
             (vLLM's `truncate_prompt_tokens`; -1: the model's context) instead of being
@@ -122,15 +124,14 @@ def _engine_call(job: ShardJob, rows: list[RowRequest], actor_index: int) -> Eng
     if job.engines is None:
         raise PrefectVllmError("the shard task was given no engines to call")
     engines = job.engines
+    task = job_task(job.task)
     params = CallParams(  # what every call of the job shares, built once
         sampling=job.sampling.model_dump(exclude={"seed"}),
         response_format=job.requests.response_format(),
         template=job.requests.template(),
         adapters=job.adapters or {},
         task=job.task,
-        pooling=(job.embed or EmbedConfig()).pooling_params()
-        if job.task == "embed"
-        else {},  # classify: none
+        pooling=(job.embed or EmbedConfig()).pooling_params() if "embed" in task.options else {},
         tokenization=(
             {"truncate_prompt_tokens": job.truncate_prompt_tokens}
             if job.truncate_prompt_tokens is not None
@@ -142,13 +143,7 @@ def _engine_call(job: ShardJob, rows: list[RowRequest], actor_index: int) -> Eng
         [None] * len(rows) if greedy else list(row_seeds(job.sampling.seed, [r.custom_id for r in rows]))
     )
     payloads = [r.payload() for r in rows]
-    # The most tokens each row may generate: its own max_tokens, times n choices; a pooling
-    # row is one step per engine request (an embeddings request's inputs, a score's two texts).
-    budgets = (
-        [(len(r.inputs or ()) or 1) * (2 if job.task == "score" else 1) for r in rows]
-        if job.task != "generate"
-        else [r.sampling.get("max_tokens", job.sampling.max_tokens) * r.sampling.get("n", 1) for r in rows]
-    )
+    budgets = [task.row_budget(r, job.sampling.max_tokens) for r in rows]
 
     def call(start: int, stop: int, exclusive: bool) -> GenerateResult:
         request = GenerateCall(
@@ -205,7 +200,7 @@ def run_shard(spec: ShardSpec, job: ShardJob | SentJob, actor_index: int = 0) ->
     logger = get_run_logger()
     if isinstance(job, SentJob):
         job = job.get()
-    rows = read_shard(spec, job.columns, job.has_id_column, job.adapters)
+    rows = read_shard(spec, job.columns, job.has_id_column, job.adapters, job.task)
     read_done = time.monotonic()
     generated, report = generate_isolating(
         _engine_call(job, rows, actor_index),
@@ -213,7 +208,7 @@ def run_shard(spec: ShardSpec, job: ShardJob | SentJob, actor_index: int = 0) ->
         poison_after=job.recovery.poison_after,
         single_rows_at=job.recovery.single_rows_at,
         log=lambda line: logger.warning("shard %s: %s", spec.shard_id, line),
-        row_columns=row_columns(job.task),
+        row_columns=job_task(job.task).row_columns,
     )
     generate_done = time.monotonic()
     store = job.store()

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from prefect import flow
 
-from prefect_vllm._input.columns import OUTPUT_COLUMNS
+from prefect_vllm._job_tasks import job_task
 from prefect_vllm.flows._events import asset_key
 from prefect_vllm.testing import write_sample_prompts
 from tests.helpers import (
@@ -77,7 +77,7 @@ def test_cli_run_generates_every_row_against_one_local_prefect_server(
         "the log and the summary disagree on the engine start"
     )
     table = read_output(out)
-    assert tuple(table.column_names) == OUTPUT_COLUMNS
+    assert tuple(table.column_names) == job_task("generate").output_columns
     assert Counter(table.column("custom_id").to_pylist()) == Counter(input_ids(prompts))
     assert all(t for t in table.column("text").to_pylist())
     assert set(table.column("finish_reason").to_pylist()) <= {"length", "stop"}

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 
-from prefect_vllm._input.columns import CLASSIFY_OUTPUT_COLUMNS, EMBED_OUTPUT_COLUMNS, SCORE_OUTPUT_COLUMNS
+from prefect_vllm._job_tasks import job_task
 from prefect_vllm.testing import write_sample_prompts
 from tests.helpers import input_ids, no_engine_left, read_output, run_cli, summary_of
 from tests.pooling import (
@@ -53,7 +53,7 @@ def test_an_embedding_job_gives_raw_vllms_vectors_and_resumes_without_an_engine(
     assert "Traceback" not in done.stderr
 
     table = read_output(out)
-    assert tuple(table.column_names) == EMBED_OUTPUT_COLUMNS
+    assert tuple(table.column_names) == job_task("embed").output_columns
     assert Counter(table.column("custom_id").to_pylist()) == Counter(input_ids(prompts))
     rows = {r["custom_id"]: r for r in table.to_pylist()}
     assert rows["chat-1"]["embedding"] is None and "not chat messages" in rows["chat-1"]["error"]
@@ -207,7 +207,7 @@ def test_a_classification_job_gives_raw_vllms_probabilities_and_the_models_class
     assert done.returncode == 0, done.stderr[-3000:]
     assert (summary_of(done)["rows_ok"], summary_of(done)["rows_failed"]) == (24, 1)
     table = read_output(out)
-    assert tuple(table.column_names) == CLASSIFY_OUTPUT_COLUMNS
+    assert tuple(table.column_names) == job_task("classify").output_columns
     rows = {r["custom_id"]: r for r in table.to_pylist()}
     assert sorted(rows) == sorted(input_ids(prompts))
     assert "maximum context length is 1024 tokens" in rows["too-long"]["error"]
@@ -272,7 +272,7 @@ def test_a_scoring_job_gives_raw_vllms_scores_from_a_cross_encoder_and_from_an_e
         assert done.returncode == 0, done.stderr[-3000:]
         assert (summary_of(done)["rows_ok"], summary_of(done)["rows_failed"]) == (24, 2), name
         table = read_output(out)
-        assert tuple(table.column_names) == SCORE_OUTPUT_COLUMNS
+        assert tuple(table.column_names) == job_task("score").output_columns
         scored = {r["custom_id"]: r for r in table.to_pylist()}
         assert sorted(scored) == sorted(r["custom_id"] for r in rows)
         assert scored["no-document"]["score"] is None

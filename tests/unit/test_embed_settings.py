@@ -9,11 +9,11 @@ import pytest
 
 from prefect_vllm._engine.protocol import GenerateResult
 from prefect_vllm._engine.vllm_io import failed_row
-from prefect_vllm._input.columns import EMBED_OUTPUT_COLUMNS, EMBED_ROW_COLUMNS, ROW_COLUMNS, row_columns
 from prefect_vllm._input.planning import InputColumns, InputFile
 from prefect_vllm._input.requests import plain_row
-from prefect_vllm._input.shard_rows import output_table
 from prefect_vllm._job import JobIdentity, job_identity
+from prefect_vllm._job_tasks import job_task
+from prefect_vllm._output.table import output_table
 from prefect_vllm.config import EmbedConfig, EngineConfig, RequestConfig, SamplingConfig
 from prefect_vllm.exceptions import ConfigurationError
 from prefect_vllm.flows._resolve import check_task
@@ -80,7 +80,8 @@ def test_an_embedding_job_exports_to_openai_and_a_classification_job_does_not() 
 
 
 def test_an_embedding_shard_has_its_own_columns() -> None:
-    assert row_columns("embed") == EMBED_ROW_COLUMNS and row_columns("generate") == ROW_COLUMNS
+    EMBED_ROW_COLUMNS = job_task("embed").row_columns
+    assert job_task("generate").row_columns != EMBED_ROW_COLUMNS
     error = failed_row("bad", "embed")
     assert error == {"embedding": None, "prompt_tokens": None, "error": "bad", "embeddings": None}
     GenerateResult(columns={k: [None] for k in EMBED_ROW_COLUMNS}, pid=1, seconds=0.1, task="embed")
@@ -89,7 +90,7 @@ def test_an_embedding_shard_has_its_own_columns() -> None:
     rows = [plain_row("a", None, None, custom_id="r1"), plain_row("b", None, None, custom_id="r2")]
     table = output_table(rows, {"embedding": [[0.5, 0.25], None], "prompt_tokens": [2, None],
                                 "error": [None, "bad"], "embeddings": [None, None]}, "embed")  # fmt: skip
-    assert tuple(table.column_names) == EMBED_OUTPUT_COLUMNS
+    assert tuple(table.column_names) == job_task("embed").output_columns
     assert str(table.schema.field("embedding").type) == "list<item: float>"
     assert table.to_pylist()[0] == {
         "custom_id": "r1",
@@ -125,9 +126,9 @@ def test_a_classification_job_is_its_own_job_on_the_pooling_runner(tmp_path: Pat
     assert classify.fingerprint["task"] == "classify" and classify.engine.engine_args["runner"] == "pooling"
     assert not any(k.startswith(("embed.", "sampling.")) for k in classify.fingerprint)
     assert classify.job_id not in (_identity(tmp_path).job_id, _identity(tmp_path, task="embed").job_id)
-    assert row_columns("classify") == ("label", "probs", "prompt_tokens", "error")
+    assert job_task("classify").row_columns == ("label", "probs", "prompt_tokens", "error")
     with pytest.raises(ConfigurationError, match=r"^task:"):
-        check_task("rerank", export=None, requests=RequestConfig())
+        check_task("translate", export=None, requests=RequestConfig())
 
 
 def test_a_scoring_job_reads_text_pairs_and_anything_else_is_a_row_error(tmp_path: Path) -> None:
@@ -178,7 +179,7 @@ def test_a_scoring_job_is_its_own_job_and_names_its_pair_column(tmp_path: Path) 
     assert score.engine.engine_args["runner"] == "pooling"
     assert identity(InputColumns(pair="other"), "score").job_id != score.job_id
     assert "pair_column" not in identity(InputColumns(), "generate").fingerprint
-    assert row_columns("score") == ("score", "prompt_tokens", "error")
+    assert job_task("score").row_columns == ("score", "prompt_tokens", "error")
     with pytest.raises(ConfigurationError, match=r"^export: .* a scoring job's output is its part files"):
         check_task("score", export="openai", requests=RequestConfig())
 
@@ -200,7 +201,9 @@ def test_a_prompt_cut_is_a_pooling_jobs_option_and_part_of_its_identity(tmp_path
     given: dict[str, Any] = {"export": None, "requests": RequestConfig()}
     for task in ("embed", "classify", "score"):
         check_task(task, **given, truncate_prompt_tokens=-1)
-    with pytest.raises(ConfigurationError, match=r"^truncate_prompt_tokens: only embed, classify and score"):
+    with pytest.raises(
+        ConfigurationError, match=r"^truncate_prompt_tokens: only embed, classify, score and rerank jobs cut"
+    ):
         check_task("generate", **given, truncate_prompt_tokens=8)
     for bad in (0, -2):
         with pytest.raises(ConfigurationError, match=r"^truncate_prompt_tokens: keep N >= 1 tokens, or -1"):

@@ -8,8 +8,8 @@ import pytest
 
 from prefect_vllm._engine import client as client_module
 from prefect_vllm._engine.client import UNSTARTED_RETRIES, EngineClient
+from prefect_vllm._engine.isolation import ROW_COLUMNS
 from prefect_vllm._engine.protocol import GenerateCall, GenerateResult, GenerateStarted
-from prefect_vllm._input.columns import ROW_COLUMNS
 from prefect_vllm.exceptions import EngineCrashedError, EngineUnavailableError
 from prefect_vllm.flows._ray import _stops_the_run
 

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
+from prefect_vllm._columns import ERROR, TEXT
 from prefect_vllm._engine.isolation import ROW_COLUMNS, generate_isolating
 from prefect_vllm._engine.protocol import GenerateResult
-from prefect_vllm._input.columns import ERROR, TEXT
 from prefect_vllm.exceptions import EngineCrashedError
 
 

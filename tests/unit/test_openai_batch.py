@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from prefect_vllm._input.openai_batch import error_line, looks_like_batch, output_line, parse_request
+from prefect_vllm._input.openai_batch import looks_like_batch, parse_request
+from prefect_vllm._output.openai import error_line, output_line
 from prefect_vllm.exceptions import InputError
 
 
@@ -128,7 +129,7 @@ def test_output_lines_parse_with_the_openai_response_models() -> None:
         "prompt_tokens": 3,
         "completion_tokens": 2,
     }
-    line = output_line(row, kind="chat", model="tiny", job_id="j", created=1)
+    line = output_line({**row, "kind": "chat"}, model="tiny", job_id="j", created=1)
     assert line["custom_id"] == "c1" and line["response"]["status_code"] == 200 and line["error"] is None
     parsed = ChatCompletion.model_validate(line["response"]["body"])
     assert (
@@ -141,7 +142,7 @@ def test_output_lines_parse_with_the_openai_response_models() -> None:
         "choices": [{"text": "a", "finish_reason": "stop"}, {"text": "b", "finish_reason": "abort"}],
     }
     text = Completion.model_validate(
-        output_line(many, kind="completion", model="tiny", job_id="j", created=1)["response"]["body"]
+        output_line({**many, "kind": "completion"}, model="tiny", job_id="j", created=1)["response"]["body"]
     )
     assert [c.text for c in text.choices] == ["a", "b"] and [c.finish_reason for c in text.choices] == [
         "stop",
@@ -157,8 +158,8 @@ def test_ids_are_stable_across_exports_so_a_resumed_job_writes_the_same_lines() 
         "prompt_tokens": 1,
         "completion_tokens": 1,
     }
-    first = output_line(row, kind="chat", model="m", job_id="job", created=1)
-    assert first == output_line(row, kind="chat", model="m", job_id="job", created=1)
+    first = output_line({**row, "kind": "chat"}, model="m", job_id="job", created=1)
+    assert first == output_line({**row, "kind": "chat"}, model="m", job_id="job", created=1)
     err = error_line("c2", "unsupported endpoint", job_id="job")
     assert err["response"] is None and err["error"] == {
         "code": "invalid_request",

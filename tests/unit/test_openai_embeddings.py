@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 from openai.types import CreateEmbeddingResponse
 
-from prefect_vllm._input.columns import output_schema
-from prefect_vllm._input.openai_batch import embedding_line, endpoint_task, parse_request
+from prefect_vllm._input.openai_batch import endpoint_task, parse_request
 from prefect_vllm._input.planning import InputColumns, discover_inputs, input_task, plan_job
 from prefect_vllm._input.requests import RowRequest, plain_row
-from prefect_vllm._input.shard_rows import output_table
+from prefect_vllm._job_tasks import job_task
+from prefect_vllm._output.openai import embedding_line
+from prefect_vllm._output.table import output_table
 from prefect_vllm.exceptions import ConfigurationError, InputError
 from prefect_vllm.flows._resolve import resolve_task
 
@@ -135,7 +136,7 @@ def test_embedded_rows_export_as_create_embedding_responses() -> None:
         },
         "embed",
     )
-    assert table.schema == output_schema("embed")
+    assert table.schema == job_task("embed").schema()
     one, many = (embedding_line(row, model="tiny", job_id="j") for row in table.to_pylist())
     assert (one["custom_id"], one["error"], one["response"]["status_code"]) == ("one", None, 200)
     body = CreateEmbeddingResponse.model_validate(one["response"]["body"])

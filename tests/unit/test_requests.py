@@ -13,13 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
+from prefect_vllm._columns import CHOICES, COMPLETION_TOKENS, ERROR, FINISH_REASON, PROMPT_TOKENS, TEXT
 from prefect_vllm._engine.isolation import poison_message
-from prefect_vllm._input.columns import CHOICES, COMPLETION_TOKENS, ERROR, FINISH_REASON, PROMPT_TOKENS, TEXT
 from prefect_vllm._input.planning import InputColumns, check_columns, plan_job
 from prefect_vllm._input.requests import RowRequest, parse_sampling_params, plain_row
-from prefect_vllm._input.shard_rows import output_table, read_shard
+from prefect_vllm._input.shard_rows import read_shard
+from prefect_vllm._output.export import ERRORS_FILE, OUTPUT_FILE, export_openai
+from prefect_vllm._output.table import output_table
 from prefect_vllm._store.checkpoint import CheckpointStore
-from prefect_vllm._store.export import ERRORS_FILE, OUTPUT_FILE, export_openai
 from prefect_vllm.config import RequestConfig
 from prefect_vllm.exceptions import InputError
 from prefect_vllm.results import ShardResult

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from prefect_vllm._columns import CUSTOM_ID, ERROR
 from prefect_vllm._engine.isolation import poison_message
-from prefect_vllm._input.columns import ERROR, KIND
-from prefect_vllm._input.openai_batch import embedding_line, error_line, output_line
+from prefect_vllm._job_tasks import job_task
+from prefect_vllm._output.openai import error_line
 from prefect_vllm._store.checkpoint import EXPORTS, CheckpointStore
 from prefect_vllm.results import ShardResult
 
@@ -35,29 +36,32 @@ def export_openai(
         shards: The committed shards, in plan order.
         job_id: The job's id: response ids derive from it and each `custom_id`.
         model: The model name written into each response body.
-        task: The job's task: `generate` writes completions, `embed` embedding responses.
+        task: The job's task: its entry's `response_line` writes each response
+            (completions, embeddings, rerank results).
 
     Returns:
         OpenAI's `request_counts`: `total`, `completed`, `failed`.
+
+    Raises:
+        ConfigurationError: The task has no OpenAI export.
     """
+    entry = job_task(task)
+    response_line = entry.response_line
+    if response_line is None:
+        from prefect_vllm.exceptions import ConfigurationError
+
+        raise ConfigurationError(entry.refusal("export") or "export: not for this task")
     completed = failed = 0
     with store.open_output(OUTPUT_FILE) as out, store.open_output(ERRORS_FILE) as errors:
         for shard in shards:
             created = int(shard.committed_at)
             for row in store.read_part(shard.shard_id).to_pylist():
                 if row[ERROR] is None:
-                    line = (
-                        embedding_line(row, model=model, job_id=job_id)
-                        if task == "embed"
-                        else output_line(
-                            row, kind=row[KIND] or "completion", model=model, job_id=job_id, created=created
-                        )
-                    )
-                    out.write(_jsonl(line))
+                    out.write(_jsonl(response_line(row, model=model, job_id=job_id, created=created)))
                     completed += 1
                 else:
                     code = "server_error" if row[ERROR].startswith(_POISON_PREFIX) else "invalid_request"
-                    errors.write(_jsonl(error_line(row["custom_id"], row[ERROR], job_id=job_id, code=code)))
+                    errors.write(_jsonl(error_line(row[CUSTOM_ID], row[ERROR], job_id=job_id, code=code)))
                     failed += 1
     return {"total": completed + failed, "completed": completed, "failed": failed}
 

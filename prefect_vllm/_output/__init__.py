@@ -1,0 +1,1 @@
+"""Writing a job's output: part-file schemas and tables, OpenAI Batch response lines, exports."""
