@@ -1,6 +1,6 @@
 """What the pooling tests share: their inputs, and raw vLLM's answers to them.
 
-Raw vLLM is the reference every embed, classify and score test compares with. Its
+Raw vLLM is the reference every embed, classify, score and rerank test compares with. Its
 answers are computed once per model per test run (`RawVllm`): the first test process
 to ask runs one `LLM(...)` for the model and answers every call asked of it so far;
 the other waits for the file and reads it.
@@ -188,15 +188,54 @@ def classifier_answers(raw: RawVllm, model: Path) -> dict[str, dict[str, Any]]:
     }
 
 
+def rerank_queries(path: Path) -> Path:
+    """The rerank test's 12 queries of 2-5 documents each (some keep only their best
+    `top_n`), and three rows that are row errors."""
+    rows: list[dict[str, Any]] = [
+        {
+            "custom_id": f"r{i}",
+            "query": f"which animal has {i % 4} legs?",
+            "documents": [f"animal {i + j} has {(i + j) % 4} legs" for j in range(2 + i % 4)],
+            **({"top_n": 2} if i % 3 == 0 else {}),
+        }
+        for i in range(12)
+    ]
+    rows.append({"custom_id": "no-documents", "query": "anything?", "documents": []})
+    rows.append({"custom_id": "not-a-text", "query": "anything?", "documents": ["a cat", 7]})
+    rows.append({"custom_id": "bad-top-n", "query": "anything?", "documents": ["a cat"], "top_n": -1})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def cross_encoder_answers(raw: RawVllm, model: Path) -> dict[str, Any]:
     """The tiny cross-encoder's scores of the scoring test's pairs, by custom id."""
+    return _cross_encoder(raw, model)["score"]
+
+
+def cross_encoder_rerank_answers(raw: RawVllm, model: Path) -> dict[str, list[Any]]:
+    """The tiny cross-encoder's score of each rerank query against each of its documents
+    (as `LLM.score(query, documents)` scores them: one pair each), by custom id, in
+    document order."""
+    return _cross_encoder(raw, model)["rerank"]
+
+
+def _cross_encoder(raw: RawVllm, model: Path) -> dict[str, Any]:
+    """Both cross-encoder references from one raw `LLM(...)` (one spec, one engine start)."""
     pairs = _scorable(score_pairs(raw.own("pairs.jsonl")))
+    queries = [r for r in records(rerank_queries(raw.own("rerank.jsonl"))) if r["custom_id"].startswith("r")]
+    flat = [(r["custom_id"], r["query"], d) for r in queries for d in r["documents"]]
     answers = raw.answers(
         model,
         {"runner": "pooling"},
-        {"score": call("score", [r["query"] for r in pairs], [r["document"] for r in pairs])},
+        {
+            "score": call("score", [r["query"] for r in pairs], [r["document"] for r in pairs]),
+            "rerank": call("score", [q for _, q, _ in flat], [d for _, _, d in flat]),
+        },
     )
-    return _by_id([r["custom_id"] for r in pairs], answers["score"])
+    by_query: dict[str, list[Any]] = {}
+    for (custom_id, _, _), answer in zip(flat, answers["rerank"], strict=True):
+        by_query.setdefault(custom_id, []).append(answer)
+    return {"score": _by_id([r["custom_id"] for r in pairs], answers["score"]), "rerank": by_query}
 
 
 def _scorable(path: Path) -> list[dict[str, Any]]:

@@ -229,9 +229,8 @@ def with_documents(row: RowRequest, documents: Any, column: str, top_n: Any = No
     if isinstance(documents, str):
         documents = [documents]
     if not isinstance(documents, list) or not documents:
-        return dataclasses.replace(
-            row, error=f"{column}: must be a non-empty list of texts, got {_type(documents)}"
-        )
+        what = "an empty list" if documents == [] else _type(documents)
+        return dataclasses.replace(row, error=f"{column}: must be a non-empty list of texts, got {what}")
     for i, document in enumerate(documents):
         if not isinstance(document, str) or not document:
             what = "empty" if document == "" else _type(document)

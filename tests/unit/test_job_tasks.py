@@ -117,7 +117,7 @@ def test_rerank_rows_are_a_query_and_its_documents_or_the_rows_error() -> None:
     assert with_documents(query, ["a"], "documents", 0).top_n is None  # 0: every document
     for documents, top_n, error in (
         (None, None, "documents: must be a non-empty list of texts, got null"),
-        ([], None, "documents: must be a non-empty list of texts, got list"),
+        ([], None, "documents: must be a non-empty list of texts, got an empty list"),
         (["a", 3], None, "documents[1]: a document must be a text, got int"),
         (["a", ""], None, "documents[1]: a document must be a text, got empty"),
         (["a"], -1, "top_n must be an integer >= 0, got -1"),
