@@ -35,8 +35,8 @@ __all__ = [
 
 class _RefusalWithoutTraceback(logging.Filter):
     """Prefect logs the exception that ends a flow run with its traceback. Our own errors
-    (a refusal: bad settings, a changed job, a job already running; shards left
-    incomplete; an output location that refused a write) are one line each, which the
+    (a refusal: bad settings, a changed job, a job already running, early engines made
+    for other settings; shards left incomplete; an output location that refused a write) are one line each, which the
     command prints last; forty lines of traceback above it only bury it. On the
     command's console (`console`), a refusal's line is dropped whole: the command's last
     line says it."""
@@ -48,15 +48,19 @@ class _RefusalWithoutTraceback(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         from prefect_vllm.exceptions import (
             ConfigurationError,
+            HeadStartMismatchError,
             IncompleteJobError,
             JobRunningError,
             StorageError,
         )
 
         # Not EngineError: an engine actor that fails unexpectedly is worth its traceback.
-        quiet = (ConfigurationError, IncompleteJobError, JobRunningError, StorageError)
+        # A head start made for other settings names the one that differs, which is all
+        # its traceback would say (PREFECT_VLLM_DEBUG=1 shows it).
+        refusals = (ConfigurationError, JobRunningError, HeadStartMismatchError)
+        quiet = (*refusals, IncompleteJobError, StorageError)
         if record.exc_info and isinstance(record.exc_info[1], quiet) and not debugging():
-            if self.console and isinstance(record.exc_info[1], (ConfigurationError, JobRunningError)):
+            if self.console and isinstance(record.exc_info[1], refusals):
                 return False  # a refusal: the command's last line says it, not an ERROR above it
             record.exc_info = None
             record.exc_text = None

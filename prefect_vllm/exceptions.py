@@ -9,6 +9,7 @@ PrefectVllmError                       base; `retryable` says if a re-run may he
 │   ├── EngineStartError               an engine could not start (bounded attempts)
 │   ├── EngineCrashedError             an engine died or hung while a call was in flight
 │   └── EngineUnavailableError         no healthy actor is left to take work
+├── HeadStartMismatchError (RuntimeError)  the command's early engines are not the flow's (a bug)
 ├── IncompleteJobError (RuntimeError)  shards remain uncommitted; a re-run resumes them
 ├── JobRunningError (RuntimeError)     another live run holds the job's lock
 └── StorageError (OSError)             the output location refused a write (full, no permission)
@@ -29,6 +30,7 @@ __all__ = [
     "EngineStartError",
     "EngineUnavailableError",
     "FingerprintMismatchError",
+    "HeadStartMismatchError",
     "IncompleteJobError",
     "InputError",
     "JobRunningError",
@@ -152,6 +154,14 @@ class EngineUnavailableError(EngineError):
     def __init__(self, message: str, *, for_good: bool = False) -> None:
         super().__init__(message)
         self.for_good = for_good
+
+
+class HeadStartMismatchError(PrefectVllmError, RuntimeError):
+    """The engines `prefect-vllm run` started while its server started were made for other
+    settings than the flow decided: a bug of ours (both ask one deciding step). The run
+    stops, naming the difference, rather than start a second set of engines."""
+
+    retryable = False
 
 
 class IncompleteJobError(PrefectVllmError, RuntimeError):

@@ -145,8 +145,8 @@ def list_pools(*, ray_address: str | None = None) -> list[dict[str, Any]]:
 
 def _describe(name: str) -> dict[str, Any]:
     import ray
-    from ray._private import state
 
+    from prefect_vllm._engine.client import actor_record
     from prefect_vllm._engine.pool import warm_pool_handles
 
     handles = warm_pool_handles(name)
@@ -155,7 +155,7 @@ def _describe(name: str) -> dict[str, Any]:
     actors: list[dict[str, Any]] = []
     identity: dict[str, Any] = {}
     for index, handle in enumerate(handles):
-        record = state.actors(actor_id=handle._actor_id.hex()) or {}
+        record = actor_record(handle)
         actor: dict[str, Any] = {
             "index": index,
             "state": str(record.get("State", "UNKNOWN")),

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from prefect_vllm._cli.common import (
     EXIT_INCOMPLETE,
@@ -28,9 +28,7 @@ from prefect_vllm._cli.common import (
 )
 from prefect_vllm._cli.common import fail as _fail
 from prefect_vllm._cli.common import json_object as _json_object
-
-if TYPE_CHECKING:
-    from prefect_vllm._engine.pool import VllmActorPool
+from prefect_vllm.flows._resolve import MODEL_BLOCK_PREFIX
 
 __all__ = ["run"]
 
@@ -76,12 +74,11 @@ def run(args: argparse.Namespace) -> int:
 
     from prefect_vllm.config import ActorPoolConfig, RequestConfig, SamplingConfig
     from prefect_vllm.exceptions import ConfigurationError, JobRunningError, StorageError
-    from prefect_vllm.flows._resolve import check_task
 
     started = time.monotonic()
     try:
         sampling: SamplingConfig | None = sampling_config(args)
-        if sampling is None and not args.model.startswith("vllm-model/"):
+        if sampling is None and not args.model.startswith(MODEL_BLOCK_PREFIX):
             sampling = SamplingConfig()  # with a model block, its sampling is the default
         engine = engine_config(args)
         pool = pool_config(args)
@@ -92,21 +89,22 @@ def run(args: argparse.Namespace) -> int:
             lora_dir=args.lora_dir,
         )
         recovery = recovery_config(args)
-        args.task = _task(args)
-        check_task(
-            args.task or "generate", export=args.export, requests=requests,
-            truncate_prompt_tokens=args.truncate_prompt_tokens if args.task else None,
-        )  # fmt: skip
         embed = _embed(args)
-        _precheck(args)
-        done, engines_needed = _answer_from_checkpoints(args, sampling, engine, requests, started)
+        # The flow's own deciding step, on what the command knows (all of it, unless the
+        # job's settings live in blocks or its paths are dated: then the flow decides).
+        task, columns, decision = _decide(args, sampling, engine, requests, embed)
+        done, engines_needed = _answer_from_checkpoints(args, decision, started)
         if done is None and "{" not in args.input:
             # Every row read before a server, Ray or an engine starts: bad input is refused
             # in the time the read takes, and the flow gets this plan, not a second read.
             from prefect_vllm._input.planning import plan_job
 
-            plan_job(args.input, _columns(args), args.shard_size)
-        own_pool = _own_pool(args, sampling, engine, pool, requests) if engines_needed else None
+            plan_job(args.input, columns, args.shard_size)
+        own_pool = None
+        if decision is not None and engines_needed:  # the pool the flow will build: started early
+            from prefect_vllm._engine.pool import VllmActorPool
+
+            own_pool = VllmActorPool(args.model, decision.identity.engine, pool or ActorPoolConfig())
     except ValidationError as exc:
         return _fail(validation_message(exc), EXIT_USAGE)
     except (ConfigurationError, JobRunningError, StorageError) as exc:
@@ -130,14 +128,16 @@ def run(args: argparse.Namespace) -> int:
         quiet_console(keep_run_link=known_api_url is not None)
 
     head_started_for: list[str] = []
+    heads: list[Any] = []  # the head start made, handed to the flow below
+    offer: Any = None
 
     def start_engines(api_url: str) -> None:
         head_started_for.append(api_url)
         if own_pool is not None:
-            _headstart.start_early(own_pool, args.ray_address, api_url)
+            heads.append(_headstart.start_early(own_pool, args.ray_address, api_url))
         elif args.pool and not args.cluster:
             shards_per_actor = (pool or ActorPoolConfig()).shards_per_actor
-            _headstart.connect_early(args.pool, args.ray_address, api_url, shards_per_actor)
+            heads.append(_headstart.connect_early(args.pool, args.ray_address, api_url, shards_per_actor))
 
     with interrupts_end_the_run() as interrupt_status, summary_stdout() as stdout:
         failure: tuple[str, int] | None = None
@@ -157,24 +157,29 @@ def run(args: argparse.Namespace) -> int:
             # Ray and the engines start while the server does (see prefect_vllm/_launch/headstart.py).
             with prefect_api(while_starting=None if known_api_url else start_engines) as api_url:
                 server_start_s = round(time.monotonic() - server_starting, 3)
+                head = heads[0] if heads else None
                 if [u.rstrip("/") for u in head_started_for] != [api_url.rstrip("/")]:  # another server
-                    _headstart.abandon()
-                result = batch_inference(
+                    _headstart.abandon(head)
+                    heads.clear()
+                    head = None
+                with _headstart.offered(head) as offer:
+                    result = batch_inference(
                     input=args.input, output=args.output, model=args.model,
                     prompt_column=args.prompt_column, messages_column=args.messages_column, id_column=args.id_column,
                     pair_column=args.pair_column,
                     shard_size=args.shard_size, sampling=sampling, requests=requests, engine=engine, pool=pool,
                     recovery=recovery, ray_address=args.ray_address, job_id=args.job_id, restart=args.restart,
                     verify=args.verify, export=args.export, cluster=args.cluster, storage=args.storage,
-                    warm_pool=args.pool, task=args.task, embed=embed,
+                    warm_pool=args.pool, task=task, embed=embed,
                     truncate_prompt_tokens=args.truncate_prompt_tokens,
-                )  # fmt: skip
+                    )  # fmt: skip
         except BaseException as exc:
             failure = _failure(exc, interrupt_status(), args.json, stdout, lambda: _kept(args))
         finally:
             # A run that was refused, failed early or had nothing to run; and Ray disconnected
             # before the last line, which no worker's late log line then follows.
-            _headstart.abandon()
+            if offer is None or not offer.claimed:
+                _headstart.abandon(heads[0] if heads else None)
         if failure is not None:
             message, code = failure
             if code == interrupt_status():  # stopped on purpose: said plainly, not as an error
@@ -243,99 +248,69 @@ def _kept(args: argparse.Namespace) -> str | None:
     return f"{done} of {_count(len(manifest.plan.shards), 'shard')} committed in {store.uri}"
 
 
-def _precheck(args: argparse.Namespace) -> None:
-    """The checks that need no server and no engine: input files and the model folder."""
-    from prefect_vllm._input.planning import check_columns
-    from prefect_vllm._job import check_model
-    from prefect_vllm.exceptions import ConfigurationError
+def _decide(
+    args: argparse.Namespace, sampling: Any, engine: Any, requests: Any, embed: Any
+) -> tuple[Any, Any, Any]:
+    """What the command can decide before anything starts, by the flow's own deciding step
+    (`flows/_resolve.py`): the task (None: the flow decides, from a dated input), the
+    columns the input is checked against, and the whole `JobDecision` unless only the
+    flow can tell (`_decided_by_the_flow`).
 
+    Raises:
+        ConfigurationError: A refusal, naming the flag; the input or the model missing.
+    """
+    from prefect_vllm._input.planning import check_columns, discover_inputs
+    from prefect_vllm._job import check_model
+    from prefect_vllm.config import EngineConfig, SamplingConfig
+    from prefect_vllm.exceptions import ConfigurationError
+    from prefect_vllm.flows._resolve import ColumnNames, decide_job, decide_task, task_columns
+
+    names = {
+        "pair_column": "--text-pair-column", "shard_size": "--shard-size",
+        "embed": "--dimensions" if args.dimensions is not None else "--normalize",
+    }  # fmt: skip
+    given = ColumnNames(args.prompt_column, args.messages_column, args.id_column, args.pair_column)
+    files = None if "{" in args.input else discover_inputs(args.input)
+    options = {
+        "export": args.export, "requests": requests, "truncate_prompt_tokens": args.truncate_prompt_tokens,
+        "embed": embed, "names": names,
+    }  # fmt: skip
+    entry = decide_task(args.task, files, **options)
     if args.shard_size < 1:
         raise ConfigurationError(f"--shard-size must be at least 1, got {args.shard_size}")
-    check_columns(args.input, _columns(args))
+    columns = task_columns(entry, given, names)
+    check_columns(args.input, columns)
     check_model(args.model)
-
-
-def _own_pool(
-    args: argparse.Namespace, sampling: Any, engine: Any, pool: Any, requests: Any
-) -> VllmActorPool | None:
-    """The engine pool the flow will start for this run, when the command alone can tell.
-
-    Not with settings that live in Prefect blocks or a warm pool (the flow reads them
-    from the server), nor with a dated input (the flow fills in the date).
-    """
-    from prefect_vllm._engine.pool import VllmActorPool
-    from prefect_vllm.config import ActorPoolConfig
-
-    if _decided_by_the_flow(args):
-        return None
-    identity = _identity(args, sampling, engine, requests)
-    return VllmActorPool(args.model, identity.engine, pool or ActorPoolConfig())
+    if files is None:
+        return args.task, columns, None
+    decision = None
+    if not _decided_by_the_flow(args):
+        decision = decide_job(
+            model=args.model, engine=engine or EngineConfig(), sampling=sampling or SamplingConfig(),
+            files=files, task=args.task, columns=given, shard_size=args.shard_size,
+            job_id=args.job_id, **options,
+        )  # fmt: skip
+    return entry.name, columns, decision
 
 
 def _decided_by_the_flow(args: argparse.Namespace) -> bool:
     """Whether the job's settings live in Prefect blocks or a warm pool, or its paths are
     dated: only the flow can tell what it is."""
-    blocks = args.model.startswith("vllm-model/") or args.cluster or args.storage or args.pool
+    blocks = args.model.startswith(MODEL_BLOCK_PREFIX) or args.cluster or args.storage or args.pool
     return bool(blocks) or "{" in args.input or "{" in args.output
 
 
-def _identity(args: argparse.Namespace, sampling: Any, engine: Any, requests: Any) -> Any:
-    """The job's identity (`JobIdentity`) from the command's arguments and the input files."""
-    from prefect_vllm._input.planning import discover_inputs
-    from prefect_vllm._job import job_identity
-    from prefect_vllm.config import EngineConfig, SamplingConfig
-
-    return job_identity(
-        args.model, discover_inputs(args.input), _columns(args), args.shard_size, sampling or SamplingConfig(),
-        engine or EngineConfig(), requests, args.job_id, task=args.task, embed=_embed(args),
-        truncate_prompt_tokens=args.truncate_prompt_tokens,
-    )  # fmt: skip
-
-
-def _columns(args: argparse.Namespace) -> Any:
-    """The input's columns (`InputColumns`); a scoring job's second text too."""
-    from prefect_vllm._input.planning import InputColumns
-    from prefect_vllm._job_tasks import job_task
-    from prefect_vllm.exceptions import ConfigurationError
-
-    entry = job_task(args.task)
-    if args.pair_column is not None and entry.pair_column is None:
-        raise ConfigurationError(entry.refusal("pair_column", "--text-pair-column") or "")
-    return InputColumns.of_task(
-        entry, prompt=args.prompt_column, messages=args.messages_column, id=args.id_column,
-        pair=args.pair_column,
-    )  # fmt: skip
-
-
-def _task(args: argparse.Namespace) -> str | None:
-    """`--task`, or the task an OpenAI Batch input's requests need (None: the flow decides,
-    when the input's name holds a date)."""
-    from prefect_vllm._input.planning import discover_inputs, input_task
-    from prefect_vllm.flows._resolve import resolve_task
-
-    if "{" in args.input:
-        return str(args.task) if args.task else None
-    return resolve_task(args.task, input_task(discover_inputs(args.input)))
-
-
 def _embed(args: argparse.Namespace) -> Any:
-    """`--dimensions` and `--normalize` as an `EmbedConfig` for an embedding job, else None."""
-    from prefect_vllm._job_tasks import job_task
+    """`--dimensions` and `--normalize` as an `EmbedConfig` when either is given, else None
+    (a job of another task refuses it in the deciding step)."""
     from prefect_vllm.config import EmbedConfig
-    from prefect_vllm.exceptions import ConfigurationError
 
-    refusal = job_task(args.task).refusal
-    if refusal("embed") is not None:
-        for flag, value in (("--dimensions", args.dimensions), ("--normalize", args.normalize)):
-            if value is not None:
-                raise ConfigurationError(refusal("embed", flag) or "")
+    if args.dimensions is None and args.normalize is None:
         return None
     return EmbedConfig(dimensions=args.dimensions, normalize=args.normalize)
 
 
-def _answer_from_checkpoints(
-    args: argparse.Namespace, sampling: Any, engine: Any, requests: Any, started: float
-) -> tuple[Any, bool]:
+def _answer_from_checkpoints(args: argparse.Namespace, decision: Any, started: float) -> tuple[Any, bool]:
     """Decide a refusal or a no-op resume from the checkpoints alone: no server, Ray or engine.
 
     Returns:
@@ -351,15 +326,15 @@ def _answer_from_checkpoints(
     """
     from prefect_vllm._store.checkpoint import CheckpointStore
 
-    if _decided_by_the_flow(args):
+    if decision is None:  # only the flow can tell which job this is
         return None, True
     store = CheckpointStore(args.output)
     with store.storage_errors(action="read"):
-        return _answer_from_store(store, args, sampling, engine, requests, started)
+        return _answer_from_store(store, args, decision.identity, started)
 
 
 def _answer_from_store(
-    store: Any, args: argparse.Namespace, sampling: Any, engine: Any, requests: Any, started: float
+    store: Any, args: argparse.Namespace, identity: Any, started: float
 ) -> tuple[Any, bool]:
     """`_answer_from_checkpoints` once the output location is open."""
     from prefect_vllm._job import job_summary
@@ -371,7 +346,6 @@ def _answer_from_store(
     if args.restart:
         check_not_running(store)
         return None, True
-    identity = _identity(args, sampling, engine, requests)
     with _refusal_event(identity.job_id, args.model, store.uri):
         store.check_same_job(manifest, identity.job_id, identity.fingerprint)
         check_not_running(store)

@@ -53,6 +53,7 @@ from prefect_vllm._engine.vllm_io import (
     tokenize_prompts,
 )
 from prefect_vllm._job_tasks import job_task
+from prefect_vllm.exceptions import EngineStartError
 
 logger = logging.getLogger("prefect_vllm.engine")
 
@@ -150,7 +151,7 @@ class VllmEngineActor:
                 record_death(deaths_dir(), actor_id(), f"restart failed: {cause}")
                 crash_exit(f"the restarted engine failed to start: {cause}")
             # Ray never retries a constructor that raises: one clear line is all the user gets.
-            raise EngineStartFailure(cause) from None
+            raise EngineStartError(cause) from None
         self._start_s = time.monotonic() - started
         # With a forked or spawned engine alike, the engine process is this process's child.
         self._engine_children = [
@@ -551,10 +552,6 @@ _CANNOT_SCORE = "vLLM cannot score with this model"
 
 class _RowFailed(Exception):
     """One request failed for its own sake: the message is its row's error."""
-
-
-class EngineStartFailure(RuntimeError):
-    """The engine did not start; the message is one line the pool passes on as is."""
 
 
 def _start_failure(exc: BaseException) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefect_vllm._engine.protocol import GenerateCall, GenerateResult, GenerateStarted
-from prefect_vllm.exceptions import EngineCrashedError, EngineError, EngineUnavailableError
+from prefect_vllm.exceptions import EngineCrashedError, EngineError, EngineStartError, EngineUnavailableError
 
 logger = logging.getLogger("prefect_vllm.pool")
 
@@ -190,12 +190,17 @@ class EngineClient:
         return "lost"
 
 
-def actor_state(handle: Any) -> str:
-    """The actor's state in Ray's control store: ALIVE, RESTARTING, DEAD, ..."""
+def actor_record(handle: Any) -> dict[str, Any]:
+    """The actor's record in Ray's control store (`State`, `NumRestarts`, `Address`, ...);
+    empty when Ray has none. The one place we read Ray's internal actor state."""
     from ray._private import state
 
-    info = state.actors(actor_id=handle._actor_id.hex())
-    return str(info.get("State", "UNKNOWN")) if info else "UNKNOWN"
+    return dict(state.actors(actor_id=handle._actor_id.hex()) or {})
+
+
+def actor_state(handle: Any) -> str:
+    """The actor's state in Ray's control store: ALIVE, RESTARTING, DEAD, ..."""
+    return str(actor_record(handle).get("State", "UNKNOWN"))
 
 
 def _next_item(stream: Any, timeout: float | None) -> Any:
@@ -222,9 +227,12 @@ def root_cause(exc: BaseException | None) -> str:
     if exc is None:
         return "unknown cause"
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # The actor's constructor raises `EngineStartError` (the tree's own class); Ray passes
+    # a constructor's exception on only as text, in its traceback.
+    ours = f"{EngineStartError.__name__}: "
     for line in reversed(lines):
-        if "EngineStartFailure: " in line:
-            return line.split("EngineStartFailure: ", 1)[1][:600]
+        if ours in line:
+            return line.split(ours, 1)[1][:600]
     exception_line = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Failure): ")
     for line in reversed(lines):
         if exception_line.match(line):

@@ -45,14 +45,12 @@ class IsolationReport:
 
     Attributes:
         deaths: Engine deaths (hangs included) while the shard's rows were in flight.
-        hangs: Of those, the calls that ran past their deadline.
         calls: Engine calls made.
         poisoned: Row positions committed as "engine died" row errors.
         pid: The process id of the actor that generated the last rows.
     """
 
     deaths: int = 0
-    hangs: int = 0
     calls: int = 0
     poisoned: list[int] = field(default_factory=list)
     pid: int = 0
@@ -101,7 +99,6 @@ def generate_isolating(
             out = call(segment.start, segment.stop, segment.exclusive)
         except EngineCrashedError as exc:
             report.deaths += 1
-            report.hangs += int(exc.hung)
             stack.extend(
                 reversed(_after_death(segment, exc, poison_after, single_rows_at, columns, report, log))
             )

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from prefect_vllm._engine.client import EngineClient, actor_state, root_cause
+from prefect_vllm._engine.client import EngineClient, actor_record, actor_state, root_cause
 from prefect_vllm.config import ActorPoolConfig, EngineConfig
 from prefect_vllm.exceptions import (
     ConfigurationError,
@@ -334,13 +334,7 @@ class VllmActorPool:
         return None
 
     def _actor_restarts(self) -> list[int]:
-        from ray._private import state
-
-        counts = []
-        for handle in self.handles:
-            info = state.actors(actor_id=handle._actor_id.hex())
-            counts.append(int(info.get("NumRestarts", 0)) if info else 0)
-        return counts
+        return [int(actor_record(handle).get("NumRestarts", 0)) for handle in self.handles]
 
     def shutdown(self) -> None:
         """Kill every actor for good; Ray's child-process cleanup reaps the engines."""

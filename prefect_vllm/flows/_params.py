@@ -9,11 +9,9 @@ from prefect.blocks.core import Block
 
 from prefect_vllm.blocks import VllmModel
 from prefect_vllm.exceptions import ConfigurationError
+from prefect_vllm.flows._resolve import MODEL_BLOCK_PREFIX
 
 B = TypeVar("B", bound=Block)
-
-#: A `model` value of this form names a saved `VllmModel` block instead of a model.
-MODEL_BLOCK_PREFIX = "vllm-model/"
 
 
 def load_block(kind: type[B], value: B | str | None, parameter: str) -> B | None:

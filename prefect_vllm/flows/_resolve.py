@@ -1,26 +1,45 @@
-"""From a flow run's parameters and blocks to the one set of settings the job runs with.
+"""From a run's parameters and blocks to the one set of settings the job runs with,
+and the one step that decides the job (`decide_job`).
 
 Pure: the blocks are loaded before (`flows/_params.py`), so every rule about which
-source wins, and which combinations are refused, is here and unit-tested.
+source wins, and which combinations are refused, is here and unit-tested. The
+command (`prefect-vllm run`) and the flow call the same `decide_job` with the same
+inputs: the command answers refusals and no-op resumes, and starts engines early,
+without a second copy of the rules.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
-from prefect_vllm._input.planning import InputColumns
-from prefect_vllm._job_tasks import job_task
-from prefect_vllm.config import ActorPoolConfig, EngineConfig, RequestConfig, SamplingConfig
+from prefect_vllm._input.planning import InputColumns, InputFile, input_task
+from prefect_vllm._job_tasks import JobTask, job_task
+from prefect_vllm.config import ActorPoolConfig, EmbedConfig, EngineConfig, RequestConfig, SamplingConfig
 from prefect_vllm.exceptions import ConfigurationError
 
 if TYPE_CHECKING:  # Prefect's blocks: a second of imports the command's checks do without
+    from prefect_vllm._job import JobIdentity
     from prefect_vllm.blocks import RayCluster, VllmModel
 
-__all__ = ["JobSettings", "check_task", "resolve_settings", "resolve_task"]
+__all__ = [
+    "MODEL_BLOCK_PREFIX",
+    "ColumnNames",
+    "JobDecision",
+    "JobSettings",
+    "check_task",
+    "decide_job",
+    "decide_task",
+    "resolve_settings",
+    "resolve_task",
+]
+
+#: A `model` value of this form names a saved `VllmModel` block instead of a model.
+MODEL_BLOCK_PREFIX = "vllm-model/"
 
 
 @dataclass(frozen=True)
@@ -160,6 +179,112 @@ def check_task(
             f"truncate_prompt_tokens: keep N >= 1 tokens, or -1 for the model's context; "
             f"got {truncate_prompt_tokens}"
         )
+
+
+@dataclass(frozen=True)
+class ColumnNames:
+    """The column names a run was given (None: its task's default)."""
+
+    prompt: str | None = None
+    messages: str = "messages"
+    id: str = "custom_id"
+    pair: str | None = None
+
+
+@dataclass(frozen=True)
+class JobDecision:
+    """A job, decided: what it does, the columns it reads, who it is (id, fingerprint,
+    the engine settings its engines start with, LoRA adapters) and its task's options.
+    """
+
+    task: JobTask
+    columns: InputColumns
+    identity: JobIdentity
+    embed: EmbedConfig | None
+    truncate_prompt_tokens: int | None
+
+
+def decide_task(
+    task: str | None,
+    files: list[InputFile] | None,
+    *,
+    export: str | None,
+    requests: RequestConfig,
+    truncate_prompt_tokens: int | None,
+    embed: EmbedConfig | None,
+    names: Mapping[str, str] | None = None,
+) -> JobTask:
+    """The job's task (the one asked for, else the one an OpenAI Batch input's urls need),
+    refusing each option given that its entry does not have.
+
+    Args:
+        files: The input files; None when they are not known yet (a dated input):
+            the task asked for, else `generate`, is checked.
+        names: How the caller names an option in messages (the command: its flags).
+
+    Raises:
+        ConfigurationError: Naming the parameter.
+    """
+    entry = job_task(resolve_task(task, input_task(files) if files is not None else None))
+    check_task(entry.name, export=export, requests=requests, truncate_prompt_tokens=truncate_prompt_tokens)
+    refusal = entry.refusal("embed", (names or {}).get("embed")) if embed is not None else None
+    if refusal is not None:
+        raise ConfigurationError(refusal)
+    return entry
+
+
+def task_columns(entry: JobTask, given: ColumnNames, names: Mapping[str, str] | None = None) -> InputColumns:
+    """The columns a job of `entry`'s task reads, from the names given.
+
+    Raises:
+        ConfigurationError: A second column is named for a task that reads none.
+    """
+    if given.pair is not None and entry.pair_column is None:
+        raise ConfigurationError(entry.refusal("pair_column", (names or {}).get("pair_column")) or "")
+    return InputColumns.of_task(
+        entry, prompt=given.prompt, messages=given.messages, id=given.id, pair=given.pair
+    )
+
+
+def decide_job(
+    *,
+    model: str,
+    engine: EngineConfig,
+    sampling: SamplingConfig,
+    requests: RequestConfig,
+    files: list[InputFile],
+    task: str | None,
+    columns: ColumnNames,
+    shard_size: int,
+    job_id: str | None,
+    export: str | None,
+    embed: EmbedConfig | None,
+    truncate_prompt_tokens: int | None,
+    names: Mapping[str, str] | None = None,
+) -> JobDecision:
+    """Decide the job from its settings and its input files' identity (no row is read):
+    the one step the command and the flow both take.
+
+    Raises:
+        ConfigurationError: Naming the parameter (the task's refusals, the shard size,
+            the job id or LoRA folder).
+    """
+    from prefect_vllm._job import job_identity
+
+    entry = decide_task(
+        task, files, export=export, requests=requests, truncate_prompt_tokens=truncate_prompt_tokens,
+        embed=embed, names=names,
+    )  # fmt: skip
+    if shard_size < 1:
+        raise ConfigurationError(
+            f"{(names or {}).get('shard_size', 'shard_size')} must be at least 1, got {shard_size}"
+        )
+    input_columns = task_columns(entry, columns, names)
+    identity = job_identity(
+        model, files, input_columns, shard_size, sampling, engine, requests, job_id, task=entry.name,
+        embed=embed, truncate_prompt_tokens=truncate_prompt_tokens,
+    )  # fmt: skip
+    return JobDecision(entry, input_columns, identity, embed, truncate_prompt_tokens)
 
 
 def _over(default: SamplingConfig, given: SamplingConfig | None) -> SamplingConfig:

@@ -5,24 +5,16 @@
 # be objects in the signature, not names to look up (pydantic builds the form from them).
 
 import contextlib
-import dataclasses
 import time
-from collections.abc import Iterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from pydantic import Field
 
 from prefect_vllm._engine.pool import VllmActorPool
-from prefect_vllm._input.planning import InputColumns, discover_inputs, input_task, plan_job
-from prefect_vllm._job import adopt_pool_settings, check_model, job_identity, job_summary
+from prefect_vllm._input.planning import discover_inputs
 from prefect_vllm._job_tasks import TaskName
-from prefect_vllm._job_tasks import job_task as task_entry
-from prefect_vllm._launch.server import run_api_url
-from prefect_vllm._logs import counted, quiet_refusals
-from prefect_vllm._output.export import export_openai
-from prefect_vllm._store.checkpoint import EXPORTS, CheckpointStore, JobManifest
-from prefect_vllm._store.lock import JobLock
+from prefect_vllm._logs import quiet_refusals
 from prefect_vllm.blocks import CheckpointStorage, RayCluster, VllmModel
 from prefect_vllm.blocks.storage import open_store
 from prefect_vllm.config import (
@@ -33,21 +25,28 @@ from prefect_vllm.config import (
     RequestConfig,
     SamplingConfig,
 )
-from prefect_vllm.exceptions import (
-    FingerprintMismatchError,
-    IncompleteJobError,
-    JobRunningError,
-    StorageError,
-)
-from prefect_vllm.flows._events import JobEvents, materialize_output
+from prefect_vllm.flows._events import JobEvents
 from prefect_vllm.flows._params import load_block, model_block, scheduled_time
-from prefect_vllm.flows._ray import RayRun, ray_connection, run_on_ray
-from prefect_vllm.flows._report import Progress, publish_results
-from prefect_vllm.flows._resolve import check_task, resolve_settings, resolve_task
-from prefect_vllm.results import BatchResult, ShardResult
-from prefect_vllm.tasks import ShardJob
+from prefect_vllm.flows._resolve import (
+    ColumnNames,
+    decide_task,
+    resolve_settings,
+)
+from prefect_vllm.flows._steps import (
+    Given,
+    decide,
+    finish,
+    job_lock,
+    on_warm_pool,
+    prepare,
+    refusals_told,
+    run_pending,
+    shard_job,
+    tell,
+)
+from prefect_vllm.results import BatchResult
 
-__all__ = ["batch_inference", "check_model"]
+__all__ = ["batch_inference"]
 
 
 @flow(name="batch-inference", validate_parameters=True)
@@ -172,7 +171,6 @@ def batch_inference(
             print(result.rows_ok, result.output)
         ```
     """
-    logger = get_run_logger()
     quiet_refusals(root=False)  # our refusals are one line each: no traceback in the run's logs
     started = time.monotonic()
     settings = resolve_settings(
@@ -181,193 +179,32 @@ def batch_inference(
         pool=pool, cluster=load_block(RayCluster, cluster, "cluster"), ray_address=ray_address,
         warm_pool=warm_pool, when=scheduled_time(),
     )  # fmt: skip
-    # The task asked for, or the one an OpenAI Batch input's urls need (planning checks each line).
-    job_task = resolve_task(task, input_task(discover_inputs(settings.input)))
-    check_task(
-        job_task, export=export, requests=settings.requests, truncate_prompt_tokens=truncate_prompt_tokens
-    )
-    columns = InputColumns.of_task(
-        task_entry(job_task), prompt=prompt_column, messages=messages_column, id=id_column, pair=pair_column
-    )
-    settings = dataclasses.replace(settings, columns=columns)
+    given = Given(
+        task, ColumnNames(prompt_column, messages_column, id_column, pair_column), shard_size, job_id,
+        export, embed, truncate_prompt_tokens,
+    )  # fmt: skip
+    # Refused before Ray connects (a warm pool's) and before the input is read.
+    decide_task(task, discover_inputs(settings.input), requests=settings.requests, **given.options())
     storage_block = load_block(CheckpointStorage, storage, "storage")
     with contextlib.ExitStack() as connection:
-        warm = None
-        if settings.warm_pool is not None:
-            connection.enter_context(
-                ray_connection(settings.ray_address, settings.runtime_env)
-            )  # until the end
-            warm = VllmActorPool.attach(settings.warm_pool, settings.pool)
-            model, engine = adopt_pool_settings(
-                settings.warm_pool, warm.model, warm.engine, settings.model, settings.engine
-            )
-            settings = dataclasses.replace(settings, model=model, engine=engine)
-        assert settings.engine is not None  # a warm pool's, or resolved to the defaults
-        check_model(settings.model)
-        plan = plan_job(settings.input, settings.columns, shard_size)
+        settings, warm = on_warm_pool(settings, connection)
+        decision, plan = decide(settings, given)
         store = open_store(settings.output, storage_block)
-        identity = job_identity(
-            settings.model, plan.files, settings.columns, shard_size, settings.sampling, settings.engine,
-            settings.requests, job_id, task=job_task, embed=embed, truncate_prompt_tokens=truncate_prompt_tokens,
-        )  # fmt: skip
         # The run's own engines are built with the job's engine settings (LoRA slots included).
-        actor_pool = warm or VllmActorPool(settings.model, identity.engine, settings.pool, settings.hf_token)
-        with store.storage_errors():
-            store.fs.create_dir(store.root, recursive=True)
-        events = JobEvents(identity.job_id, settings.model, store.uri)
-        run_id, deployment_id = _run_ids()
-        lock = JobLock(store, identity.job_id, _run_name(), run_id, run_api_url(), deployment_id)
-        with _refusals_told(events), lock:
-            manifest = store.prepare(
-                JobManifest(
-                    job_id=identity.job_id,
-                    fingerprint=identity.fingerprint,
-                    plan=plan,
-                    created_at=time.time(),
-                ),
-                restart=restart,
-            )
-            job = ShardJob(
-                job_id=identity.job_id, output=settings.output, columns=settings.columns,
-                has_id_column=manifest.plan.has_id_column, sampling=settings.sampling,
-                requests=settings.requests, recovery=recovery, adapters=identity.adapters,
-                storage=storage_block, task=job_task, embed=embed, truncate_prompt_tokens=truncate_prompt_tokens,
-            )  # fmt: skip
-            plan_s = round(time.monotonic() - started, 3)
-            committed, run, repaired = _run_pending(
-                manifest,
-                store,
-                job,
-                actor_pool,
-                settings.ray_address,
-                settings.runtime_env,
-                events,
-                verify=verify,
-            )
-            finalising = time.monotonic()
-            results = {**committed, **run.results}
-            counts = None
-            if export == "openai" and all(s.shard_id in results for s in manifest.plan.shards):
-                shards = [results[s.shard_id] for s in manifest.plan.shards]
-                counts = export_openai(
-                    store, shards, job_id=identity.job_id, model=settings.model, task=job_task
-                )
-                logger.info("exported %d requests (%d completed, %d failed) to %s/%s", counts["total"],
-                            counts["completed"], counts["failed"], store.uri, EXPORTS)  # fmt: skip
-            timings = {"plan_s": plan_s, **run.timings}
-            timings["finalise_s"] = round(timings.pop("shutdown_s", 0.0) + time.monotonic() - finalising, 3)
-            summary = job_summary(
-                identity.job_id, manifest.plan, committed, run.results, store.uri,
-                wall_s=time.monotonic() - started, generation_s=run.generation_s,
-                engine_restarts=run.engine_restarts, deaths_by_cause=run.engine_deaths_by_cause,
-                repaired=repaired, stopped_by=run.stopped_by, timings=timings, request_counts=counts,
-            )  # fmt: skip
-            try:
-                store.write_summary(summary)
-            except StorageError as exc:  # the run's outcome matters more than its copy on disk
-                logger.warning("the summary was not kept beside the output: %s", exc)
-    publish_results(
-        summary, results, _RERUN, task=job_task, rows_run=sum(r.rows for r in run.results.values())
-    )
-    events.finished(summary)
-    if not summary.shards_incomplete:
-        materialize_output(settings.input, summary, settings.model)
-    if summary.shards_incomplete:
-        incomplete = summary.shards_incomplete
-        shown = ", ".join(incomplete[:10]) + (" ..." if len(incomplete) > 10 else "")
-        why = f"{summary.stopped_by}, and {_RERUN}" if summary.stopped_by else _RERUN
-        raise IncompleteJobError(
-            f"{len(incomplete)} of {summary.shards_total} shards were not committed ({shown}); {why}",
-            incomplete=incomplete,
-            result=summary,
+        actor_pool = warm or VllmActorPool(
+            settings.model, decision.identity.engine, settings.pool, settings.hf_token
         )
-    logger.info(
-        "job %s complete: %d rows ok, %s, %s, %.1f s",
-        identity.job_id, summary.rows_ok, counted(summary.rows_failed, "row error"),
-        counted(summary.engine_restarts, "engine restart"), summary.wall_s,
-    )  # fmt: skip
-    return summary
-
-
-#: How a user resumes an incomplete job, in messages and the summary artifact.
-_RERUN = "run the same command again (or retry the flow run) to resume; committed shards are skipped"
-
-
-def _run_ids() -> tuple[str | None, str | None]:
-    """This flow run's id and its deployment's (None when the flow was called directly)."""
-    from prefect.runtime import deployment, flow_run
-
-    return (str(flow_run.id) if flow_run.id else None), (str(deployment.id) if deployment.id else None)
-
-
-def _run_name() -> str:
-    from prefect.runtime import flow_run
-
-    return f"flow run {flow_run.name!r}" if flow_run.name else "a prefect-vllm run"
-
-
-@contextlib.contextmanager
-def _refusals_told(events: JobEvents) -> Iterator[None]:
-    """Emit `job.refused` for a refusal: another job's output, other settings, a live run."""
-    try:
-        yield
-    except (FingerprintMismatchError, JobRunningError) as exc:
-        events.refused(str(exc))
-        raise
-
-
-def _run_pending(
-    manifest: JobManifest,
-    store: CheckpointStore,
-    job: ShardJob,
-    pool: VllmActorPool,
-    ray_address: str | None,
-    runtime_env: dict[str, Any],
-    events: JobEvents,
-    *,
-    verify: bool,
-) -> tuple[dict[str, ShardResult], RayRun, int]:
-    """Run the job's uncommitted shards: the shards committed before, what the run did,
-    and how many damaged commits it repaired.
-
-    A committed shard whose part file is missing or does not match its marker is
-    uncommitted and run again.
-    """
-    logger = get_run_logger()
-    committed = store.committed()
-    damaged = store.damaged(committed, checksums=verify)
-    for shard_id, problem in damaged.items():
-        logger.warning("shard %s was committed, but %s: generating it again", shard_id, problem)
-        store.uncommit(shard_id)
-        del committed[shard_id]
-    shards = manifest.plan.shards
-    pending = [s for s in shards if s.shard_id not in committed]
-    logger.info(
-        "job %s: %s in %s; %d already committed, %d to run; output: %s",
-        job.job_id, counted(manifest.plan.rows_total, "row"), counted(len(shards), "shard"), len(committed),
-        len(pending), store.uri,
-    )  # fmt: skip
-    events.started(len(shards), len(pending), manifest.plan.rows_total)
-    run = RayRun(results={}, engine_restarts=0, engine_deaths_by_cause={}, generation_s=0.0, timings={})
-    if pending:
-        progress = Progress(job.job_id, len(shards), len(committed))
-
-        def on_commit(result: ShardResult) -> None:
-            progress.commit(result)
-            events.shard_committed(result)
-
-        try:
-            run = run_on_ray(
-                pending,
-                job,
-                pool,
-                ray_address,
-                runtime_env,
-                on_commit=on_commit,
-                on_engine_death=events.engine_died,
-            )
-        finally:
-            progress.close()
-    for cause, count in run.engine_deaths_by_cause.items():
-        logger.warning("%d engine death(s): %s", count, cause)
-    return committed, run, sum(1 for shard_id in damaged if shard_id in run.results)
+        events = JobEvents(decision.identity.job_id, settings.model, store.uri)
+        with refusals_told(events), job_lock(store, decision.identity.job_id):
+            manifest = prepare(store, decision, plan, restart=restart)
+            job = shard_job(decision, settings, manifest, recovery, storage_block)
+            plan_s = round(time.monotonic() - started, 3)
+            committed, run, repaired = run_pending(
+                manifest, store, job, actor_pool, settings.ray_address, settings.runtime_env, events,
+                verify=verify,
+            )  # fmt: skip
+            summary = finish(
+                store, manifest, decision, settings.model, committed, run, repaired,
+                export=export, started=started, plan_s=plan_s,
+            )  # fmt: skip
+    return tell(summary, {**committed, **run.results}, run, decision, settings, events)

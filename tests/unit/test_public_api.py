@@ -19,7 +19,7 @@ PUBLIC = {
     ],
     "prefect_vllm.exceptions": [
         "ConfigurationError", "EngineCrashedError", "EngineError", "EngineStartError", "EngineUnavailableError",
-        "FingerprintMismatchError", "IncompleteJobError", "InputError", "JobRunningError", "PrefectVllmError",
+        "FingerprintMismatchError", "HeadStartMismatchError", "IncompleteJobError", "InputError", "JobRunningError", "PrefectVllmError",
         "StorageError",
     ],
     "prefect_vllm.flows": ["batch_inference"],
