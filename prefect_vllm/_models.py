@@ -17,9 +17,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from prefect_vllm._corpus import corpus
+
 __all__ = [
     "CHAT_TEMPLATE",
-    "CORPUS_WORDS",
     "SHAPES",
     "llama_tensors",
     "make_tiny_lora",
@@ -36,143 +37,6 @@ CHAT_TEMPLATE = (
 )
 
 _SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
-
-#: Words of the tokenizer's training corpus and of the sample prompts, in this order.
-CORPUS_WORDS = [
-    "the",
-    "a",
-    "an",
-    "of",
-    "to",
-    "in",
-    "and",
-    "or",
-    "is",
-    "are",
-    "was",
-    "were",
-    "be",
-    "been",
-    "it",
-    "this",
-    "that",
-    "these",
-    "those",
-    "model",
-    "prompt",
-    "token",
-    "batch",
-    "shard",
-    "engine",
-    "actor",
-    "ray",
-    "prefect",
-    "flow",
-    "task",
-    "run",
-    "job",
-    "checkpoint",
-    "resume",
-    "crash",
-    "restart",
-    "output",
-    "input",
-    "row",
-    "column",
-    "file",
-    "folder",
-    "data",
-    "write",
-    "read",
-    "generate",
-    "text",
-    "answer",
-    "question",
-    "summary",
-    "translate",
-    "explain",
-    "list",
-    "one",
-    "two",
-    "three",
-    "four",
-    "five",
-    "six",
-    "seven",
-    "eight",
-    "nine",
-    "ten",
-    "hundred",
-    "thousand",
-    "million",
-    "cat",
-    "dog",
-    "bird",
-    "fish",
-    "tree",
-    "river",
-    "mountain",
-    "city",
-    "road",
-    "house",
-    "book",
-    "story",
-    "song",
-    "red",
-    "green",
-    "blue",
-    "black",
-    "white",
-    "small",
-    "large",
-    "fast",
-    "slow",
-    "good",
-    "bad",
-    "new",
-    "old",
-    "first",
-    "last",
-    "what",
-    "why",
-    "how",
-    "when",
-    "where",
-    "who",
-    "which",
-    "please",
-    "tell",
-    "me",
-    "about",
-    "give",
-    "describe",
-    "user",
-    "assistant",
-    "system",
-    "hello",
-    "world",
-    "yes",
-    "no",
-    "maybe",
-    "always",
-    "never",
-    "sometimes",
-]
-
-
-def _corpus(seed: int) -> list[str]:
-    """A deterministic corpus of pseudo-sentences to train the tokenizer on."""
-    import random
-
-    rng = random.Random(seed)
-    sentences = []
-    for _ in range(4000):
-        words = [rng.choice(CORPUS_WORDS) for _ in range(rng.randint(4, 16))]
-        sentences.append(" ".join(words).capitalize() + rng.choice([".", "?", "!"]))
-    sentences.extend(CORPUS_WORDS)
-    sentences.append("0123456789 ,;:'\"()[]{}<>-_=+*/\\|@#$%^&~`")
-    return sentences
-
 
 #: Full-size layouts `make_tiny_model(shape=...)` writes with random weights: the
 #: `LlamaConfig` fields of the real model (its vocabulary size included).
@@ -324,7 +188,7 @@ def _tokenizer(out: Path, seed: int, vocab_size: int, max_length: int, pad_to: i
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_corpus(seed), trainer=trainer)
+    tokenizer.train_from_iterator(corpus(seed), trainer=trainer)
     if pad_to is not None:
         tokenizer = _padded(tokenizer, pad_to)
     fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]

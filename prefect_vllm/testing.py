@@ -23,8 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prefect_vllm._corpus import CORPUS_WORDS
 from prefect_vllm._engine.markers import POISON_MARKER, POISON_RAISE_MARKER
-from prefect_vllm._models import CHAT_TEMPLATE, CORPUS_WORDS, make_tiny_lora, make_tiny_model
+from prefect_vllm._models import CHAT_TEMPLATE, make_tiny_lora, make_tiny_model
 
 if TYPE_CHECKING:
     from prefect_vllm._engine.poison import PoisonLogitsProcessor

@@ -8,12 +8,10 @@ reported before any engine starts.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any, TextIO
 
 from prefect_vllm._cli.common import (
@@ -28,6 +26,7 @@ from prefect_vllm._cli.common import (
 )
 from prefect_vllm._cli.common import fail as _fail
 from prefect_vllm._cli.common import json_object as _json_object
+from prefect_vllm._cli.resume import answer_from_checkpoints
 from prefect_vllm.flows._resolve import MODEL_BLOCK_PREFIX
 
 __all__ = ["run"]
@@ -93,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         # The flow's own deciding step, on what the command knows (all of it, unless the
         # job's settings live in blocks or its paths are dated: then the flow decides).
         task, columns, decision = _decide(args, sampling, engine, requests, embed)
-        done, engines_needed = _answer_from_checkpoints(args, decision, started)
+        done, engines_needed = answer_from_checkpoints(args, decision, started)
         if done is None and "{" not in args.input:
             # Every row read before a server, Ray or an engine starts: bad input is refused
             # in the time the read takes, and the flow gets this plan, not a second read.
@@ -308,82 +307,6 @@ def _embed(args: argparse.Namespace) -> Any:
     if args.dimensions is None and args.normalize is None:
         return None
     return EmbedConfig(dimensions=args.dimensions, normalize=args.normalize)
-
-
-def _answer_from_checkpoints(args: argparse.Namespace, decision: Any, started: float) -> tuple[Any, bool]:
-    """Decide a refusal or a no-op resume from the checkpoints alone: no server, Ray or engine.
-
-    Returns:
-        The summary (a `BatchResult`) of a job with nothing to do (every shard of it
-        committed in the output), else None: the flow decides; and whether the flow will
-        need engines (not for an export of a finished job), so that none start early in vain.
-
-    Raises:
-        FingerprintMismatchError: The output holds another job, or this one with
-            other settings.
-        JobRunningError: A live run holds the job's lock (with --restart too: a restart
-            discards the checkpoints of a job nobody is writing).
-    """
-    from prefect_vllm._store.checkpoint import CheckpointStore
-
-    if decision is None:  # only the flow can tell which job this is
-        return None, True
-    store = CheckpointStore(args.output)
-    with store.storage_errors(action="read"):
-        return _answer_from_store(store, args, decision.identity, started)
-
-
-def _answer_from_store(
-    store: Any, args: argparse.Namespace, identity: Any, started: float
-) -> tuple[Any, bool]:
-    """`_answer_from_checkpoints` once the output location is open."""
-    from prefect_vllm._job import job_summary
-    from prefect_vllm._store.lock import check_not_running
-
-    manifest = store.read_manifest()
-    if manifest is None:
-        return None, True
-    if args.restart:
-        check_not_running(store)
-        return None, True
-    with _refusal_event(identity.job_id, args.model, store.uri):
-        store.check_same_job(manifest, identity.job_id, identity.fingerprint)
-        check_not_running(store)
-    committed = store.committed()
-    if any(s.shard_id not in committed for s in manifest.plan.shards):
-        return None, True  # shards to run: the flow's work
-    if store.damaged(committed, checksums=args.verify):
-        return None, True  # committed parts to repair: the flow names them and runs them again
-    if args.export:
-        return None, False  # the flow writes the export again, from the part files alone
-    print(
-        f"prefect-vllm: job {manifest.job_id}: every shard is already committed in {store.uri}; "
-        "nothing to run",
-        file=sys.stderr,
-    )
-    done = job_summary(
-        manifest.job_id, manifest.plan, committed, {}, store.uri, wall_s=time.monotonic() - started
-    )
-    return done, False
-
-
-@contextlib.contextmanager
-def _refusal_event(job_id: str, model: str, output: str) -> Iterator[None]:
-    """Emit `job.refused` for a refusal decided here, when a Prefect server is configured
-    (with none, the refusal comes before any server starts: nothing could receive it)."""
-    from prefect_vllm.exceptions import FingerprintMismatchError, JobRunningError
-
-    try:
-        yield
-    except (FingerprintMismatchError, JobRunningError) as exc:
-        if os.environ.get("PREFECT_API_URL"):
-            from prefect.events.worker import EventsWorker
-
-            from prefect_vllm.flows._events import JobEvents
-
-            JobEvents(job_id, model, output).refused(str(exc))
-            EventsWorker.drain_all(timeout=10)
-        raise
 
 
 def _rate(result: Any) -> str:

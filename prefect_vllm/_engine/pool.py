@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from prefect_vllm._engine.client import EngineClient, actor_record, actor_state, root_cause
+from prefect_vllm._engine.placement import check_fits, cluster_grows
 from prefect_vllm.config import ActorPoolConfig, EngineConfig
 from prefect_vllm.exceptions import (
     ConfigurationError,
@@ -182,8 +183,8 @@ class VllmActorPool:
                 f"--gpus-per-actor {num_gpus:g} is fewer than --tensor-parallel-size "
                 f"{self.engine.tensor_parallel_size}: each of an engine's workers needs a GPU of its actor"
             )
-        if fixed_cluster or not _cluster_grows():
-            _check_fits(cfg, num_gpus, nodes)
+        if fixed_cluster or not cluster_grows():
+            check_fits(cfg, num_gpus, nodes)
         options: dict[str, Any] = dict(
             num_cpus=cfg.num_cpus,
             num_gpus=num_gpus,
@@ -367,84 +368,3 @@ def warm_pool_names() -> list[str]:
     return sorted(
         {a["name"].rsplit("/", 1)[0] for a in actors if a["namespace"] == WARM_NAMESPACE and "/" in a["name"]}
     )
-
-
-def _cluster_grows() -> bool:
-    """Whether an autoscaler may add nodes to the connected cluster (KubeRay's and the
-    cluster launcher's publish their node types): actors that no node holds today then
-    wait for one instead of being refused."""
-    try:
-        from ray._private import state
-
-        return state.state.get_cluster_config() is not None
-    except Exception:  # an older Ray, or a client connection: assume it does not grow
-        return False
-
-
-def _check_fits(cfg: ActorPoolConfig, num_gpus: float, nodes: list[dict[str, float]]) -> None:
-    """Raise when the actors cannot all be placed on the cluster's nodes at once.
-
-    An actor's reservation is never split across nodes (its engine's workers are its
-    own child processes): each actor needs one node with all of it, which is what a
-    tensor-parallel engine needs of its GPUs.
-
-    Examples:
-        ```python
-        from prefect_vllm._engine.pool import _check_fits
-        from prefect_vllm.config import ActorPoolConfig
-        from prefect_vllm.exceptions import ConfigurationError
-
-        two_nodes = [{"CPU": 2.0, "GPU": 2.0}, {"CPU": 2.0, "GPU": 2.0}]
-        _check_fits(ActorPoolConfig(num_actors=4, num_cpus=0.5), 1.0, two_nodes)
-        try:
-            _check_fits(ActorPoolConfig(num_actors=1, num_cpus=0.5), 4.0, two_nodes)
-        except ConfigurationError as exc:
-            assert "no node of this Ray cluster has more than 2 GPU" in str(exc)
-        ```
-    """
-    per_actor = {
-        name: amount
-        for name, amount in {"CPU": cfg.num_cpus, "GPU": num_gpus, **cfg.resources}.items()
-        if amount > 0
-    }
-    if not per_actor:  # reserves nothing: fits anywhere
-        return
-    totals = {name: sum(node.get(name, 0.0) for node in nodes) for name in per_actor}
-    short = {
-        name: (amount * cfg.num_actors, totals[name])
-        for name, amount in per_actor.items()
-        if amount * cfg.num_actors > totals[name] + 1e-9
-    }
-    if short:
-        name, (need, have) = next(iter(short.items()))
-        hint = ""
-        if name == "CPU" and have > 0:
-            hint = f", or --cpus-per-actor {have / cfg.num_actors:g} (CPU engines share the cores anyway)"
-        raise ConfigurationError(
-            f"{cfg.num_actors} engine actors reserve {need:g} {name} in all, but this Ray cluster has "
-            f"{have:g}: ask for fewer actors (--actors){hint}"
-        )
-    for name, amount in per_actor.items():
-        most = max((node.get(name, 0.0) for node in nodes), default=0.0)
-        if amount > most + 1e-9:
-            flag = {"GPU": "--gpus-per-actor, by default --tensor-parallel-size", "CPU": "--cpus-per-actor"}
-            raise ConfigurationError(
-                f"an engine actor reserves {amount:g} {name} ({flag.get(name, '--actor-resources')}), but "
-                f"no node of this Ray cluster has more than {most:g} {name}: an actor's {name} must all "
-                "be on one node"
-            )
-    held = [
-        min(int(node.get(name, 0.0) / amount + 1e-9) for name, amount in per_actor.items()) for node in nodes
-    ]
-    each = ", ".join(f"{amount:g} {name}" for name, amount in per_actor.items())
-    if sum(held) == 0:
-        raise ConfigurationError(
-            f"an engine actor reserves {each}, but no node of this Ray cluster has all of it: an "
-            "actor's resources must all be on one node"
-        )
-    if sum(held) < cfg.num_actors:
-        raise ConfigurationError(
-            f"{cfg.num_actors} engine actors of {each} each do not fit this Ray cluster's nodes, which hold "
-            f"{sum(held)} at once ({' + '.join(str(n) for n in held if n)} by node): ask for fewer actors "
-            f"(--actors {sum(held)})"
-        )

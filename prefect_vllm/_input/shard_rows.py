@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from prefect_vllm._columns import MODEL, SAMPLING_PARAMS
 from prefect_vllm._input.openai_batch import parse_request
-from prefect_vllm._input.planning import InputColumns, ShardSpec, iter_jsonl_lines, parse_jsonl_line
+from prefect_vllm._input.planning import InputColumns, ShardSpec
 from prefect_vllm._input.requests import RowRequest, plain_row
+from prefect_vllm._input.scan import iter_jsonl_lines, parse_jsonl_line
 from prefect_vllm._job_tasks import JobTask, job_task
 
 if TYPE_CHECKING:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from prefect_vllm._engine.pool import _check_fits
+from prefect_vllm._engine.placement import check_fits
 from prefect_vllm.config import ActorPoolConfig
 from prefect_vllm.exceptions import ConfigurationError
 
@@ -14,14 +14,14 @@ TWO_NODES = [{"CPU": 2.0, "GPU": 2.0, "memory": 1e9}, {"CPU": 2.0, "GPU": 2.0, "
 
 def refusal(actors: int, gpus: float, nodes: list[dict[str, float]], **pool: object) -> str:
     with pytest.raises(ConfigurationError) as refused:
-        _check_fits(ActorPoolConfig(num_actors=actors, num_cpus=0.25, **pool), gpus, nodes)  # type: ignore[arg-type]
+        check_fits(ActorPoolConfig(num_actors=actors, num_cpus=0.25, **pool), gpus, nodes)  # type: ignore[arg-type]
     return str(refused.value)
 
 
 def test_actors_that_fill_every_node_fit() -> None:
-    _check_fits(ActorPoolConfig(num_actors=4, num_cpus=0.25), 1.0, TWO_NODES)
-    _check_fits(ActorPoolConfig(num_actors=2, num_cpus=0.25), 2.0, TWO_NODES)
-    _check_fits(ActorPoolConfig(num_actors=8, num_cpus=0.25), 0.0, TWO_NODES)
+    check_fits(ActorPoolConfig(num_actors=4, num_cpus=0.25), 1.0, TWO_NODES)
+    check_fits(ActorPoolConfig(num_actors=2, num_cpus=0.25), 2.0, TWO_NODES)
+    check_fits(ActorPoolConfig(num_actors=8, num_cpus=0.25), 0.0, TWO_NODES)
 
 
 def test_more_gpus_than_the_cluster_has_in_all_names_both_counts() -> None:
@@ -57,4 +57,4 @@ def test_a_custom_resource_is_named_with_its_flag() -> None:
 
 
 def test_actors_that_reserve_nothing_fit_any_cluster() -> None:
-    _check_fits(ActorPoolConfig(num_actors=3, num_cpus=0), 0.0, TWO_NODES)
+    check_fits(ActorPoolConfig(num_actors=3, num_cpus=0), 0.0, TWO_NODES)
