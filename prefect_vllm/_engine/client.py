@@ -9,6 +9,7 @@ the proof of life; the actor's watchdog looks after an idle engine.
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from dataclasses import dataclass
@@ -26,6 +27,17 @@ UNAVAILABLE_WAIT_S = 600.0
 
 #: How often a call lost before it started is sent again before it counts as a death.
 UNSTARTED_RETRIES = 8
+
+
+class Unanswered(enum.Enum):
+    """Why an actor did not answer a call that never started on its engine."""
+
+    #: Ray is restarting the actor: the call never reached the engine.
+    RESTARTING = "restarting"
+    #: The actor died (or froze and was killed) before the call started: send it again.
+    LOST = "lost"
+    #: Ray will not restart the actor: leave it out.
+    DEAD = "dead"
 
 
 @dataclass(frozen=True)
@@ -69,10 +81,10 @@ class EngineClient:
             outcome = self._call(index, call)
             if isinstance(outcome, GenerateResult):
                 return outcome
-            if outcome == "dead":
+            if outcome is Unanswered.DEAD:
                 logger.warning("engine actor %d is dead for good; trying the next one", index)
                 dead.add(index)
-            elif outcome == "lost":
+            elif outcome is Unanswered.LOST:
                 lost_unstarted[index] += 1
                 if lost_unstarted[index] >= UNSTARTED_RETRIES:
                     raise EngineCrashedError(
@@ -90,10 +102,8 @@ class EngineClient:
             f"no vLLM engine actor took the call within {UNAVAILABLE_WAIT_S:.0f} s (all restarting)"
         )
 
-    def _call(self, index: int, call: GenerateCall) -> GenerateResult | str:
-        """One call on actor `index`: its result, or why there is none (`unavailable`:
-        restarting, `lost`: the call never started and the actor is gone or was killed
-        as frozen, `dead`: for good)."""
+    def _call(self, index: int, call: GenerateCall) -> GenerateResult | Unanswered:
+        """One call on actor `index`: its result, or why there is none (`Unanswered`)."""
         import ray
 
         handle = self.handles[index]
@@ -129,7 +139,7 @@ class EngineClient:
             raise EngineError(f"engine actor {index} answered with {type(result).__name__}, not its rows")
         return result
 
-    def _wait_start(self, index: int, stream: Any, backstop: float | None) -> str | None:
+    def _wait_start(self, index: int, stream: Any, backstop: float | None) -> Unanswered | None:
         """Wait for the call's `GenerateStarted`: None once it came, else why it will not.
 
         A call may wait its turn behind others (an exclusive call keeps the engine to
@@ -170,24 +180,24 @@ class EngineClient:
             return False
         return True
 
-    def _unstarted(self, index: int, *, silent: bool = False) -> str:
+    def _unstarted(self, index: int, *, silent: bool = False) -> Unanswered:
         """What to do with a call that did not start on actor `index`, from Ray's view of it."""
         state = actor_state(self.handles[index])
         if state == "DEAD":
-            return "dead"
+            return Unanswered.DEAD
         if state == "ALIVE":
             if silent:  # alive, and no answer to anything: frozen
                 return self._frozen(index, "it is alive but does not answer")
             logger.info("engine actor %d died before the call started; sending it again", index)
-            return "lost"
-        return "unavailable"  # Ray is restarting it: the call never reached the engine
+            return Unanswered.LOST
+        return Unanswered.RESTARTING  # the call never reached the engine
 
-    def _frozen(self, index: int, why: str) -> str:
+    def _frozen(self, index: int, why: str) -> Unanswered:
         import ray
 
         logger.error("engine actor %d: %s; killing it for a restart", index, why)
         ray.kill(self.handles[index], no_restart=False)
-        return "lost"
+        return Unanswered.LOST
 
 
 def actor_record(handle: Any) -> dict[str, Any]:

@@ -9,9 +9,55 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from prefect_vllm._job_tasks import job_task
 
-__all__ = ["CallParams", "GenerateCall", "GenerateResult", "GenerateStarted"]
+__all__ = ["CallParams", "EngineRow", "GenerateCall", "GenerateResult", "GenerateStarted"]
+
+
+class EngineRow(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One row as the engine actor receives it (`RowRequest.payload()`'s fields, typed).
+
+    Exactly one of `prompt`, `messages`, `inputs` is set, or `error` (a row that failed
+    already, which the engine answers with that error). Rows cross the task-actor
+    boundary msgpack-encoded (`GenerateCall.__reduce__`): as fast as plain dicts
+    through Ray, and ten times faster than pickled dataclasses (docs/benchmarks.md).
+
+    Attributes:
+        prompt: A completion's text or token ids; a scoring row's first text; a
+            rerank row's query.
+        messages: A chat row's `{role, content}` messages.
+        inputs: An embeddings request's several inputs (one vector each).
+        pair: A scoring row's second text.
+        documents: A rerank row's documents; `top_n` how many of the best it keeps.
+        sampling: The row's own `SamplingParams` overrides.
+        pooling: The row's own `PoolingParams` overrides (an embeddings request's `dimensions`).
+        response_format: The row's own structured output (`json_schema`, `json_object`).
+        adapter: The LoRA adapter that generates the row.
+        error: Why the row cannot be served (its row error).
+    """
+
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, Any]] | None = None
+    inputs: list[str | list[int]] | None = None
+    pair: str | None = None
+    documents: list[str] | None = None
+    top_n: int | None = None
+    sampling: dict[str, Any] = msgspec.field(default_factory=dict)
+    pooling: dict[str, Any] = msgspec.field(default_factory=dict)
+    response_format: dict[str, Any] | None = None
+    adapter: str | None = None
+    error: str | None = None
+
+
+_ROWS_DECODER = msgspec.msgpack.Decoder(list[EngineRow])
+_ROWS_ENCODER = msgspec.msgpack.Encoder()
+
+
+def _call_of(rows: bytes, *fields: Any) -> GenerateCall:
+    """A `GenerateCall` rebuilt on the other side of Ray, its rows decoded."""
+    return GenerateCall(_ROWS_DECODER.decode(rows), *fields)
 
 
 @dataclass(frozen=True)
@@ -43,19 +89,24 @@ class GenerateCall:
     """One batch of rows for one actor call (a shard, or part of one).
 
     Attributes:
-        rows: `RowRequest.payload()` per row: a prompt or messages, the row's own
-            sampling overrides and response format, or an error found already.
+        rows: One `EngineRow` per row: a prompt or messages, the row's own sampling
+            overrides and response format, or an error found already.
         seeds: Per-row sampling seeds derived from the job seed, `None` for greedy rows.
         params: What the job's calls share.
         exclusive: Run alone on the engine, so a crash is these rows' doing.
         deadline_s: Past this, the engine is declared hung and its actor restarted.
     """
 
-    rows: list[dict[str, Any]]
+    rows: list[EngineRow]
     seeds: list[int | None]
     params: CallParams = field(default_factory=CallParams)
     exclusive: bool = False
     deadline_s: float | None = None
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickled (by Ray) with its rows msgpack-encoded: one bytes object, not a tree."""
+        encoded = _ROWS_ENCODER.encode(self.rows)
+        return _call_of, (encoded, self.seeds, self.params, self.exclusive, self.deadline_s)
 
     @classmethod
     def of_prompts(cls, prompts: list[str], **kwargs: Any) -> GenerateCall:
@@ -66,10 +117,10 @@ class GenerateCall:
             from prefect_vllm._engine.protocol import CallParams, GenerateCall
 
             call = GenerateCall.of_prompts(["Hi."], params=CallParams(sampling={"max_tokens": 4}))
-            assert call.rows == [{"prompt": "Hi."}] and call.seeds == [None]
+            assert call.rows[0].prompt == "Hi." and call.seeds == [None]
             ```
         """
-        return cls(rows=[{"prompt": p} for p in prompts], seeds=[None] * len(prompts), **kwargs)
+        return cls(rows=[EngineRow(prompt=p) for p in prompts], seeds=[None] * len(prompts), **kwargs)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
-from prefect_vllm._engine.protocol import CallParams, GenerateCall
+from prefect_vllm._engine.protocol import CallParams, EngineRow, GenerateCall
 from prefect_vllm._engine.vllm_io import (
     can_score,
     classification_row,
@@ -88,7 +88,9 @@ class RowServing:
         job_params: Any
         try:
             if task.samples:
-                job_params = sampling_params({}, None, call.params.sampling, call.params.response_format)
+                job_params = sampling_params(
+                    EngineRow(), None, call.params.sampling, call.params.response_format
+                )
             else:
                 job_params = pooling_params(task.serves, call.params.pooling)
         except (ValueError, TypeError) as exc:
@@ -98,19 +100,19 @@ class RowServing:
     async def _generate_one(
         self,
         request_id: str,
-        row: dict[str, Any],
+        row: EngineRow,
         seed: int | None,
         params: CallParams,
         token_ids: list[int] | None,
         job_params: Any,
     ) -> dict[str, Any]:
-        if "error" in row:
-            return failed_row(row["error"])
+        if row.error is not None:
+            return failed_row(row.error)
         try:
             prompt = engine_prompt(
                 row, self._engine.get_tokenizer(), params.template, token_ids, self._max_model_len
             )
-            if seed is None and not row.get("sampling") and not row.get("response_format"):
+            if seed is None and not row.sampling and not row.response_format:
                 if isinstance(job_params, Exception):
                     raise job_params
                 row_params = job_params
@@ -132,7 +134,7 @@ class RowServing:
     async def _pool_one(
         self,
         request_id: str,
-        row: dict[str, Any],
+        row: EngineRow,
         _seed: int | None,
         params: CallParams,
         token_ids: list[int] | None,
@@ -141,9 +143,9 @@ class RowServing:
         """One row's embedding (one per input, for a request of several) or class
         probabilities, through vLLM's pooling runner (`AsyncLLM.encode`)."""
         task = params.task
-        if "error" in row:
-            return failed_row(row["error"], task)
-        if row.get("messages") is not None:
+        if row.error is not None:
+            return failed_row(row.error, task)
+        if row.messages is not None:
             return failed_row(f"a {task} job reads text (the prompt column), not chat messages", task)
         from vllm.exceptions import VLLMValidationError
 
@@ -152,14 +154,14 @@ class RowServing:
                 raise job_params
             # Shared by the call's rows: vLLM copies it for each request (`InputProcessor`).
             row_params = (
-                pooling_params(task, {**params.pooling, **row["pooling"]})
-                if row.get("pooling")
-                else job_params
+                pooling_params(task, {**params.pooling, **row.pooling}) if row.pooling else job_params
             )
-            if "inputs" in row or params.tokenization:
+            if row.inputs is not None or params.tokenization:
                 # Several inputs (an OpenAI embeddings request), or prompts to cut: vLLM's
                 # renderer tokenizes, cuts and checks each one, as `LLM.embed` has it do.
-                texts = row["inputs"] if "inputs" in row else [row["prompt"]]
+                texts = (
+                    row.inputs if row.inputs is not None else [row.prompt] if row.prompt is not None else []
+                )
                 prompts = [rendered_prompt(self._engine, text, params.tokenization) for text in texts]
             else:
                 tokenizer = self._engine.get_tokenizer()
@@ -178,12 +180,12 @@ class RowServing:
             return failed_row(str(exc), task)
         if job_task(task).classifies:
             return classification_row(finals[0], self._class_names)
-        return embedding_row(finals, several="inputs" in row)
+        return embedding_row(finals, several=row.inputs is not None)
 
     async def _score_one(
         self,
         request_id: str,
-        row: dict[str, Any],
+        row: EngineRow,
         _seed: int | None,
         params: CallParams,
         _token_ids: list[int] | None,
@@ -197,7 +199,7 @@ class RowServing:
     async def _rerank_one(
         self,
         request_id: str,
-        row: dict[str, Any],
+        row: EngineRow,
         _seed: int | None,
         params: CallParams,
         _token_ids: list[int] | None,
@@ -206,23 +208,25 @@ class RowServing:
         """A query's documents ranked by their scores against it, as vLLM's `/v1/rerank` ranks them."""
         return await self._scored_row(
             "rerank", request_id, row, params,
-            lambda finals: rerank_row(self._scorer, finals, row["documents"], row.get("top_n")),
+            lambda finals: rerank_row(self._scorer, finals, row.documents or [], row.top_n),
         )  # fmt: skip
 
     async def _scored_row(
-        self, task: str, request_id: str, row: dict[str, Any], params: CallParams, answer: Any
+        self, task: str, request_id: str, row: EngineRow, params: CallParams, answer: Any
     ) -> dict[str, Any]:
         """A row scored through vLLM's scoring processor: a text against its pair
         (`pair`), or against each of its `documents`; `answer` makes its output row."""
-        if "error" in row:
-            return failed_row(row["error"], task)
+        if row.error is not None:
+            return failed_row(row.error, task)
         from vllm.exceptions import VLLMValidationError
 
         if self._scorer is None:
             return failed_row(self._scorer_error or _CANNOT_SCORE, task)
-        against = row["documents"] if "documents" in row else row["pair"]
+        against = row.documents if row.documents is not None else row.pair
+        if not isinstance(row.prompt, str) or against is None:  # the reader sets both, or an error
+            return failed_row("a scored row needs a text and what to score it against", task)
         try:
-            inputs = score_inputs(self._scorer, row["prompt"], against, params.tokenization)
+            inputs = score_inputs(self._scorer, row.prompt, against, params.tokenization)
         except (ValueError, TypeError, VLLMValidationError) as exc:
             return failed_row(_row_error(exc), task)
         try:

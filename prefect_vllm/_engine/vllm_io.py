@@ -23,12 +23,11 @@ from prefect_vllm._columns import (
     SCORE,
     TEXT,
 )
+from prefect_vllm._engine.protocol import EngineRow
 from prefect_vllm._job_tasks import job_task
 
 
-def tokenize_prompts(
-    rows: list[dict[str, Any]], tokenizer: Any, max_model_len: int
-) -> list[list[int] | None]:
+def tokenize_prompts(rows: list[EngineRow], tokenizer: Any, max_model_len: int) -> list[list[int] | None]:
     """Token ids of every plain-text row, in one batched tokenizer call; None for the others.
 
     vLLM tokenizes each prompt on its own (a Python call per row); a fast tokenizer
@@ -36,7 +35,7 @@ def tokenize_prompts(
     tokens added, and cut at one token over the context so that an over-long prompt
     still fails vLLM's own length check as a row error.
     """
-    texts = {i: row["prompt"] for i, row in enumerate(rows) if isinstance(row.get("prompt"), str)}
+    texts = {i: row.prompt for i, row in enumerate(rows) if isinstance(row.prompt, str)}
     ids: list[list[int] | None] = [None] * len(rows)
     if not texts:
         return ids
@@ -52,7 +51,7 @@ def tokenize_prompts(
 
 
 def engine_prompt(
-    row: dict[str, Any],
+    row: EngineRow,
     tokenizer: Any,
     template: dict[str, Any],
     token_ids: list[int] | None = None,
@@ -65,7 +64,7 @@ def engine_prompt(
     (and warns about) only what it gets as raw prompts.
 
     Args:
-        row: `RowRequest.payload()`.
+        row: The row (`EngineRow`).
         tokenizer: The engine's tokenizer.
         template: `chat_template` (a Jinja string or None for the model's own) and
             `chat_template_kwargs` (extra variables, e.g. `enable_thinking`).
@@ -78,9 +77,9 @@ def engine_prompt(
     """
     if token_ids is not None:
         return _tokens_input(token_ids, max_model_len)
-    messages = row.get("messages")
+    messages = row.messages
     if messages is None:
-        prompt = row["prompt"]
+        prompt = row.prompt
         return _tokens_input(prompt, max_model_len) if isinstance(prompt, list) else {"prompt": prompt}
     try:
         rendered = tokenizer.apply_chat_template(
@@ -127,12 +126,12 @@ def rendered_prompt(engine: Any, prompt: str | list[int], tokenization: dict[str
     return engine_input
 
 
-def lora_request(row: dict[str, Any], adapters: dict[str, str]) -> Any:
+def lora_request(row: EngineRow, adapters: dict[str, str]) -> Any:
     """vLLM's `LoRARequest` for a row that names an adapter, else None.
 
     Adapter ids are positions in the sorted names: the same in every actor of a job.
     """
-    name = row.get("adapter")
+    name = row.adapter
     if name is None:
         return None
     from vllm.lora.request import LoRARequest
@@ -141,7 +140,7 @@ def lora_request(row: dict[str, Any], adapters: dict[str, str]) -> Any:
 
 
 def sampling_params(
-    row: dict[str, Any], seed: int | None, job_sampling: dict[str, Any], job_format: dict[str, Any] | None
+    row: EngineRow, seed: int | None, job_sampling: dict[str, Any], job_format: dict[str, Any] | None
 ) -> Any:
     """vLLM `SamplingParams` for a row: the job's, overridden by the row's own.
 
@@ -154,9 +153,9 @@ def sampling_params(
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-    merged = {**job_sampling, **row.get("sampling", {})}
+    merged = {**job_sampling, **row.sampling}
     merged.setdefault("seed", seed)
-    response_format = row.get("response_format") or job_format
+    response_format = row.response_format or job_format
     if response_format:
         if response_format["type"] == "json_schema":
             structured = StructuredOutputsParams(json=response_format["json_schema"]["schema"])

@@ -119,7 +119,7 @@ _SENT_JOBS_KEPT = 4
 
 def _engine_call(job: ShardJob, rows: list[RowRequest], actor_index: int) -> EngineCall:
     """Generate rows [start, stop) of the shard on the job's engines, with the call's deadline."""
-    from prefect_vllm._engine.protocol import CallParams, GenerateCall
+    from prefect_vllm._engine.protocol import CallParams, EngineRow, GenerateCall
 
     if job.engines is None:
         raise PrefectVllmError("the shard task was given no engines to call")
@@ -142,7 +142,7 @@ def _engine_call(job: ShardJob, rows: list[RowRequest], actor_index: int) -> Eng
     seeds: list[int | None] = (
         [None] * len(rows) if greedy else list(row_seeds(job.sampling.seed, [r.custom_id for r in rows]))
     )
-    payloads = [r.payload() for r in rows]
+    payloads = [EngineRow(**r.payload()) for r in rows]
     budgets = [task.row_budget(r, job.sampling.max_tokens) for r in rows]
 
     def call(start: int, stop: int, exclusive: bool) -> GenerateResult:

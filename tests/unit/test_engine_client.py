@@ -124,3 +124,23 @@ def test_a_call_stuck_after_it_started_is_a_hang_and_its_actor_is_killed(fake_ra
     with pytest.raises(EngineCrashedError, match="hung past the call's deadline") as hung:
         EngineClient((a,)).generate(CALL)
     assert hung.value.hung and a.killed == 1
+
+
+def test_a_calls_rows_cross_ray_msgpack_encoded_and_come_back_the_same() -> None:
+    import pickle
+
+    import ray.cloudpickle
+
+    from prefect_vllm._engine.protocol import EngineRow, GenerateCall
+
+    rows = [
+        EngineRow(prompt="hi", sampling={"n": 2}),
+        EngineRow(messages=[{"role": "user", "content": "hi"}], adapter="pirate"),
+        EngineRow(prompt=[1, 2, 3]),
+        EngineRow(prompt="q", documents=["a", "b"], top_n=1),
+        EngineRow(error="bad"),
+    ]
+    call = GenerateCall(rows=rows, seeds=[1, None, 2, None, None], exclusive=True, deadline_s=5.0)
+    sent = ray.cloudpickle.dumps(call)
+    assert b"pirate" in sent and b"EngineRow" not in sent, "one msgpack blob, not pickled objects"
+    assert pickle.loads(sent) == call

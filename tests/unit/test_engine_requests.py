@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from prefect_vllm._engine.protocol import EngineRow
 from prefect_vllm._engine.vllm_io import engine_prompt, tokenize_prompts
 
 
@@ -14,12 +15,12 @@ def test_batched_tokenization_matches_one_call_per_row_and_skips_other_rows(tiny
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    rows: list[dict[str, Any]] = [
-        {"prompt": "Tell me about the model."},
-        {"messages": [{"role": "user", "content": "hi"}]},
-        {"prompt": "word " * 200},
-        {"error": "sampling_params: bad"},
-        {"prompt": ""},
+    rows = [
+        EngineRow(prompt="Tell me about the model."),
+        EngineRow(messages=[{"role": "user", "content": "hi"}]),
+        EngineRow(prompt="word " * 200),
+        EngineRow(error="sampling_params: bad"),
+        EngineRow(prompt=""),
     ]
     ids = tokenize_prompts(rows, tok, max_model_len=64)
     assert ids[0] == tok("Tell me about the model.")["input_ids"]
@@ -38,4 +39,4 @@ def test_a_tokenizer_that_fails_on_the_batch_leaves_every_row_to_vllm() -> None:
     def broken(*_args: Any, **_kwargs: Any) -> Any:
         raise TypeError("no batch")
 
-    assert tokenize_prompts([{"prompt": "a"}, {"prompt": "b"}], broken, 64) == [None, None]
+    assert tokenize_prompts([EngineRow(prompt="a"), EngineRow(prompt="b")], broken, 64) == [None, None]
