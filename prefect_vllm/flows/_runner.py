@@ -29,13 +29,15 @@ from prefect_ray import RayTaskRunner
 from prefect_ray.context import RemoteOptionsContext
 from prefect_ray.task_runners import PrefectRayFuture
 
+from prefect_vllm._sent import SentOnce
+
 
 class ShardTaskRunner(RayTaskRunner):  # type: ignore[misc]  # prefect-ray ships no type information
     """`RayTaskRunner`, sending what a flow run's tasks share once, not with each task."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._sent: dict[tuple[str, int], tuple[Any, _Sent]] = {}
+        self._sent: dict[tuple[str, int], tuple[Any, SentOnce[Any]]] = {}
         self._remote_functions: dict[str, Any] = {}
         self._stand_ins: dict[type, tuple[Any, Any]] = {}
 
@@ -94,13 +96,12 @@ class ShardTaskRunner(RayTaskRunner):  # type: ignore[misc]  # prefect-ray ships
         )
         return PrefectRayFuture(task_run_id=task_run_id, wrapped_future=object_ref)
 
-    def _send(self, kind: str, value: Any, serialized: Callable[[], Any]) -> _Sent:
+    def _send(self, kind: str, value: Any, serialized: Callable[[], Any]) -> SentOnce[Any]:
         """`value`, put in the object store the first time it is sent (while it is the same object)."""
-        import ray
 
         known = self._sent.get((kind, id(value)))
         if known is None or known[0] is not value:
-            known = (value, _Sent(uuid.uuid4().hex, ray.put(serialized())))
+            known = (value, SentOnce.put(serialized()))
             self._sent[(kind, id(value))] = known
         return known[1]
 
@@ -142,37 +143,16 @@ class _FlowRunSentApart(EngineContext):
 
 
 @dataclass(frozen=True)
-class _Sent:
-    """Something sent once: its key in the workers' cache, and its object ref (nested in
-    a task's arguments, so Ray does not fetch it for every task)."""
-
-    key: str
-    ref: Any
-
-    def received(self) -> Any:
-        """The value: read from the object store the first time in this worker process."""
-        if self.key not in _RECEIVED:
-            import ray
-
-            while len(_RECEIVED) >= _RECEIVED_KEPT:  # oldest first: a worker serves few runs at once
-                del _RECEIVED[next(iter(_RECEIVED))]
-            _RECEIVED[self.key] = ray.get(self.ref)
-        return _RECEIVED[self.key]
-
-
-@dataclass(frozen=True)
 class _Shared:
     """What every task of a flow run shares, as sent once."""
 
-    settings: _Sent
-    flow_run: _Sent
-    task: _Sent
+    settings: SentOnce[Any]
+    flow_run: SentOnce[Any]
+    task: SentOnce[Any]
 
 
-#: In a Ray worker: what was sent once, by key, newest last; the settings contexts made
-#: from them; the API client, by settings key.
-_RECEIVED: dict[str, Any] = {}
-_RECEIVED_KEPT = 16
+#: In a Ray worker: the settings contexts made from what was sent once; the API client,
+#: by settings key.
 _WORKER_SETTINGS: dict[str, SettingsContext] = {}
 _WORKER_CLIENT: list[tuple[str, SyncClientContext]] = []
 
@@ -181,16 +161,14 @@ def _run_task(*upstream_refs: Any, shared: _Shared, context: dict[str, Any], **r
     """Run one Prefect task run in a Ray worker, under the flow run's settings."""
     settings_key = shared.settings.key
     if settings_key not in _WORKER_SETTINGS:
-        settings = shared.settings.received()
+        settings = shared.settings.get()
         _WORKER_SETTINGS[settings_key] = SettingsContext(**settings) if settings else None  # type: ignore[assignment]
         _quiet_completions()
-    context = {**context, "flow_run_context": shared.flow_run.received()}
+    context = {**context, "flow_run_context": shared.flow_run.get()}
     settings_context = _WORKER_SETTINGS[settings_key]
     with settings_context if settings_context is not None else contextlib.nullcontext():
         _keep_client(settings_key)
-        return RayTaskRunner._run_prefect_task(
-            *upstream_refs, task=shared.task.received(), context=context, **run
-        )
+        return RayTaskRunner._run_prefect_task(*upstream_refs, task=shared.task.get(), context=context, **run)
 
 
 class _NoCompletedLine(logging.Filter):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ from prefect_vllm._input.requests import RowRequest
 from prefect_vllm._input.shard_rows import read_shard, row_seeds
 from prefect_vllm._job_tasks import job_task
 from prefect_vllm._output.table import output_table
+from prefect_vllm._sent import SentOnce
 from prefect_vllm._store.checkpoint import CheckpointStore
 from prefect_vllm.blocks.storage import open_store
 from prefect_vllm.config import EmbedConfig, RecoveryConfig, RequestConfig, SamplingConfig
@@ -69,52 +69,10 @@ class ShardJob:
         """The job's output location, with the storage block's credentials if any."""
         return open_store(self.output, self.storage)
 
-    def sent_once(self) -> SentJob:
-        """This job, to pass to many shard tasks: put in Ray's object store once."""
-        return SentJob(self)
-
-
-class SentJob:
-    """A `ShardJob` put in Ray's object store once and read once per Ray worker.
-
-    Passed as the `job` of thousands of shard tasks it pickles as a key and an object
-    reference, and Prefect sees one opaque parameter, not a tree to walk: a
-    `ShardJob` itself (its configs, the engine actors' handles) was serialized with
-    every task, deserialized in every task run and walked by Prefect on both sides.
-    Made where Ray is connected (the flow); resolved in the workers with `get()`.
-    """
-
-    def __init__(self, job: ShardJob) -> None:
-        import ray
-
-        self._key = uuid.uuid4().hex
-        self._ref = ray.put(job)
-        self._job: ShardJob | None = job
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"_key": self._key, "_ref": self._ref}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self._key, self._ref, self._job = state["_key"], state["_ref"], None
-
-    def get(self) -> ShardJob:
-        """The job: read from the object store the first time in this process."""
-        if self._job is None:
-            job = _SENT_JOBS.get(self._key)
-            if job is None:
-                import ray
-
-                job = ray.get(self._ref)
-                while len(_SENT_JOBS) >= _SENT_JOBS_KEPT:  # a worker serves few runs at once
-                    del _SENT_JOBS[next(iter(_SENT_JOBS))]
-                _SENT_JOBS[self._key] = job
-            self._job = job
-        return self._job
-
-
-#: In a Ray worker: the jobs read by `SentJob.get`, newest last.
-_SENT_JOBS: dict[str, ShardJob] = {}
-_SENT_JOBS_KEPT = 4
+    def sent_once(self) -> SentOnce[ShardJob]:
+        """This job, to pass to many shard tasks: put in Ray's object store once (and
+        read once per Ray worker), where Ray is connected (the flow)."""
+        return SentOnce.put(self)
 
 
 def _engine_call(job: ShardJob, rows: list[RowRequest], actor_index: int) -> EngineCall:
@@ -181,7 +139,7 @@ def _retry_if_retryable(task: Any, task_run: Any, state: Any) -> bool:
     retry_condition_fn=_retry_if_retryable,
     task_run_name="shard-{spec.shard_id}",
 )
-def run_shard(spec: ShardSpec, job: ShardJob | SentJob, actor_index: int = 0) -> ShardResult:
+def run_shard(spec: ShardSpec, job: ShardJob | SentOnce[ShardJob], actor_index: int = 0) -> ShardResult:
     """Generate one shard and commit it; a re-run of a committed shard never happens.
 
     The part file has a deterministic name and the marker is written last, so a
@@ -198,7 +156,7 @@ def run_shard(spec: ShardSpec, job: ShardJob | SentJob, actor_index: int = 0) ->
     """
     started = time.monotonic()
     logger = get_run_logger()
-    if isinstance(job, SentJob):
+    if isinstance(job, SentOnce):
         job = job.get()
     rows = read_shard(spec, job.columns, job.has_id_column, job.adapters, job.task)
     read_done = time.monotonic()
