@@ -48,6 +48,9 @@ def raw_worker(model: str, prompts_path: str, on_cpu: bool) -> dict[str, Any]:
     t1 = time.monotonic()
     outs = llm.embed(texts, use_tqdm=False)
     embed_s = time.monotonic() - t1
+    # The engine stopped, no interpreter teardown (the caller leaves with os._exit): its
+    # C++ threads can abort it ("terminate called without an active exception").
+    llm.llm_engine.engine_core.shutdown()
     return {
         "tokens": sum(len(o.prompt_token_ids) for o in outs),
         "rows": sum(1 for o in outs if o.outputs.embedding),
@@ -159,5 +162,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         _model, _prompts, _cpu = sys.argv[2:5]
         print(json.dumps(raw_worker(_model, _prompts, _cpu == "True")), flush=True)
+        os._exit(0)
     else:
         main()

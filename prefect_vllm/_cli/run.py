@@ -261,8 +261,13 @@ def _decide(
     from prefect_vllm._input.planning import check_columns, discover_inputs
     from prefect_vllm._job import check_model
     from prefect_vllm.config import EngineConfig, SamplingConfig
-    from prefect_vllm.exceptions import ConfigurationError
-    from prefect_vllm.flows._resolve import ColumnNames, decide_job, decide_task, task_columns
+    from prefect_vllm.flows._resolve import (
+        ColumnNames,
+        check_shard_size,
+        decide_job,
+        decide_task,
+        task_columns,
+    )
 
     names = {
         "pair_column": "--text-pair-column", "shard_size": "--shard-size",
@@ -275,8 +280,7 @@ def _decide(
         "embed": embed, "names": names,
     }  # fmt: skip
     entry = decide_task(args.task, files, **options)
-    if args.shard_size < 1:
-        raise ConfigurationError(f"--shard-size must be at least 1, got {args.shard_size}")
+    check_shard_size(args.shard_size, "--shard-size")
     columns = task_columns(entry, given, names)
     check_columns(args.input, columns)
     check_model(args.model)

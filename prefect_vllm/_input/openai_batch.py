@@ -21,6 +21,7 @@ Examples:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from prefect_vllm._input.requests import (
@@ -31,7 +32,7 @@ from prefect_vllm._input.requests import (
     token_ids_of,
     with_documents,
 )
-from prefect_vllm._job_tasks import ENDPOINT_TASKS
+from prefect_vllm._job_tasks import ENDPOINT_TASKS, job_task
 from prefect_vllm.exceptions import InputError
 
 __all__ = ["EMBEDDINGS", "ENDPOINTS", "endpoint_task", "looks_like_batch", "parse_request"]
@@ -83,20 +84,23 @@ def parse_request(record: Any, *, path: str, line: int) -> RowRequest:
     if not isinstance(custom_id, str) or not custom_id:
         raise InputError("must be a non-empty string", path=path, line=line, column="custom_id")
     url = record.get("url")
-    if url == EMBEDDINGS:
-        return _embedding_request(custom_id, record)
-    if isinstance(url, str) and ENDPOINT_TASKS.get(url) == "rerank":
-        return _rerank_request(custom_id, record)
-    kind = ENDPOINTS.get(url) if isinstance(url, str) else None
-    if kind is None:
+    task = ENDPOINT_TASKS.get(url) if isinstance(url, str) else None
+    if task is None:
         return RowRequest(
             custom_id, "completion", error=f"unsupported endpoint {url!r}; supported: {_SERVED}"
         )
+    kind: Literal["chat", "completion", "embedding"] = (
+        "embedding" if url == EMBEDDINGS else ENDPOINTS.get(str(url), "completion")
+    )
+    # Every endpoint's requests are a POST with a JSON object for a body.
     if record.get("method", "POST") != "POST":
         return RowRequest(custom_id, kind, error=f"unsupported method {record.get('method')!r}; use POST")
     body = record.get("body")
     if not isinstance(body, dict):
         return RowRequest(custom_id, kind, error="body must be a JSON object")
+    reader = _BODY_READERS.get(str(url))  # the endpoint decides the body's shape
+    if reader is not None:
+        return reader(custom_id, body)
     model = body.get("model") if isinstance(body.get("model"), str) else None
     try:
         sampling, response_format = _sampling(body, kind)
@@ -121,19 +125,12 @@ def parse_request(record: Any, *, path: str, line: int) -> RowRequest:
         return RowRequest(custom_id, kind, error=str(exc))
 
 
-def _embedding_request(custom_id: str, record: dict[str, Any]) -> RowRequest:
+def _embedding_request(custom_id: str, body: dict[str, Any]) -> RowRequest:
     """A `/v1/embeddings` request: its inputs, `dimensions` and `encoding_format`.
 
     `input` is a string, a list of strings, a token array or a list of token arrays;
     a list of several inputs is one row with one vector per input.
     """
-    if record.get("method", "POST") != "POST":
-        return RowRequest(
-            custom_id, "embedding", error=f"unsupported method {record.get('method')!r}; use POST"
-        )
-    body = record.get("body")
-    if not isinstance(body, dict):
-        return RowRequest(custom_id, "embedding", error="body must be a JSON object")
     try:
         prompt, inputs = _embedding_inputs(body.get("input"))
         encoding = body.get("encoding_format") or "float"
@@ -164,16 +161,9 @@ _RERANK_READ = {"query", "documents", "top_n"}
 _RERANK_ACCEPTED = {"model", "user"}
 
 
-def _rerank_request(custom_id: str, record: dict[str, Any]) -> RowRequest:
+def _rerank_request(custom_id: str, body: dict[str, Any]) -> RowRequest:
     """A `/v1/rerank` request, as vLLM's run-batch reads it: a `query`, its `documents`
     (a text or a list of texts) and `top_n` (0 or none: every document)."""
-    if record.get("method", "POST") != "POST":
-        return RowRequest(
-            custom_id, "completion", error=f"unsupported method {record.get('method')!r}; use POST"
-        )
-    body = record.get("body")
-    if not isinstance(body, dict):
-        return RowRequest(custom_id, "completion", error="body must be a JSON object")
     model = body.get("model") if isinstance(body.get("model"), str) else None
     unknown = sorted(set(body) - _RERANK_READ - _RERANK_ACCEPTED)
     query = body.get("query")
@@ -185,6 +175,13 @@ def _rerank_request(custom_id: str, record: dict[str, Any]) -> RowRequest:
         row = RowRequest(custom_id, "completion", prompt=query, model=model)
         return with_documents(row, body.get("documents"), "body.documents", body.get("top_n"))
     return RowRequest(custom_id, "completion", error=error, model=model)
+
+
+#: The readers of the bodies of the endpoints that are not for generation, by url.
+_BODY_READERS: dict[str, Callable[[str, dict[str, Any]], RowRequest]] = {
+    EMBEDDINGS: _embedding_request,
+    **dict.fromkeys(job_task("rerank").endpoints, _rerank_request),
+}
 
 
 def _type(value: Any) -> str:

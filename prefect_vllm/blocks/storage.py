@@ -10,8 +10,6 @@ from pydantic import Field, SecretStr
 from prefect_vllm.blocks._logo import _LOGO_URL
 
 if TYPE_CHECKING:
-    import pyarrow.fs as pafs
-
     from prefect_vllm._store.checkpoint import CheckpointStore
 
 
@@ -54,13 +52,18 @@ class CheckpointStorage(Block):
         """The path of a job's output under `base_uri`."""
         return f"{self.base_uri.rstrip('/')}/{output.strip('/')}" if output else self.base_uri
 
-    def filesystem(self) -> pafs.FileSystem | None:
-        """The filesystem with this block's credentials, or None to let pyarrow resolve the URI."""
+    def store(self, output: str) -> CheckpointStore:
+        """The output location of a job whose `output` is a path under `base_uri`, opened
+        with this block's credentials (an S3 filesystem built from them; any other URI
+        resolved by pyarrow)."""
         import pyarrow.fs as pafs
 
-        if not self.base_uri.startswith("s3://"):
-            return None
-        return pafs.S3FileSystem(
+        from prefect_vllm._store.checkpoint import CheckpointStore
+
+        uri = self.location(output)
+        if not uri.startswith("s3://"):
+            return CheckpointStore(uri)
+        filesystem = pafs.S3FileSystem(
             access_key=_secret(self.access_key_id),
             secret_key=_secret(self.secret_access_key),
             session_token=_secret(self.session_token),
@@ -68,23 +71,14 @@ class CheckpointStorage(Block):
             endpoint_override=self.endpoint_override,
             scheme="http" if (self.endpoint_override or "").startswith("http://") else "https",
         )
-
-    def store_path(self, output: str) -> str:
-        """The path to hand to a filesystem from `filesystem()`: the location without `s3://`."""
-        uri = self.location(output)
-        return uri.split("://", 1)[1] if "://" in uri else uri
+        return CheckpointStore(uri.split("://", 1)[1], filesystem=filesystem)
 
 
 def open_store(output: str, storage: CheckpointStorage | None) -> CheckpointStore:
     """A job's output location: `output` itself, or a path under a storage block."""
     from prefect_vllm._store.checkpoint import CheckpointStore
 
-    if storage is None:
-        return CheckpointStore(output)
-    filesystem = storage.filesystem()
-    if filesystem is None:
-        return CheckpointStore(storage.location(output))
-    return CheckpointStore(storage.store_path(output), filesystem=filesystem)
+    return storage.store(output) if storage is not None else CheckpointStore(output)
 
 
 def _secret(value: SecretStr | None) -> str | None:

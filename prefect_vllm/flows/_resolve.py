@@ -31,6 +31,7 @@ __all__ = [
     "ColumnNames",
     "JobDecision",
     "JobSettings",
+    "check_shard_size",
     "check_task",
     "decide_job",
     "decide_task",
@@ -246,6 +247,16 @@ def task_columns(entry: JobTask, given: ColumnNames, names: Mapping[str, str] | 
     )
 
 
+def check_shard_size(shard_size: int, where: str = "shard_size") -> None:
+    """Refuse a shard size below one row, naming the parameter (`where`).
+
+    Raises:
+        ConfigurationError: The shard size is below 1.
+    """
+    if shard_size < 1:
+        raise ConfigurationError(f"{where} must be at least 1, got {shard_size}")
+
+
 def decide_job(
     *,
     model: str,
@@ -275,10 +286,7 @@ def decide_job(
         task, files, export=export, requests=requests, truncate_prompt_tokens=truncate_prompt_tokens,
         embed=embed, names=names,
     )  # fmt: skip
-    if shard_size < 1:
-        raise ConfigurationError(
-            f"{(names or {}).get('shard_size', 'shard_size')} must be at least 1, got {shard_size}"
-        )
+    check_shard_size(shard_size, (names or {}).get("shard_size", "shard_size"))
     input_columns = task_columns(entry, columns, names)
     identity = job_identity(
         model, files, input_columns, shard_size, sampling, engine, requests, job_id, task=entry.name,
