@@ -68,7 +68,8 @@ def start_pool(
         ray_address: The long-lived cluster; default: `RAY_ADDRESS`.
 
     Returns:
-        Each engine actor's pid, start seconds and context length.
+        What each engine actor says of itself (`pid`, `start_s`, `max_model_len`,
+        `tasks`, `node`, `gpus`, ...), as plain dicts.
 
     Raises:
         ConfigurationError: A bad name, no cluster named, or a pool of that name
@@ -87,7 +88,7 @@ def start_pool(
                 f"first with `prefect-vllm pool stop {name}`"
             )
         pool = VllmActorPool(model, engine or EngineConfig(), config or ActorPoolConfig(), name=name)
-        return pool.start()
+        return [info.as_dict() for info in pool.start()]
 
 
 def stop_pool(name: str, *, ray_address: str | None = None, timeout_s: float = 60.0) -> int:
@@ -148,6 +149,7 @@ def _describe(name: str) -> dict[str, Any]:
 
     from prefect_vllm._engine.client import actor_record
     from prefect_vllm._engine.pool import warm_pool_handles
+    from prefect_vllm._engine.protocol import EngineInfo
 
     handles = warm_pool_handles(name)
     if not handles:
@@ -166,9 +168,9 @@ def _describe(name: str) -> dict[str, Any]:
         }
         if actor["state"] == "ALIVE":
             try:
-                info = ray.get(handle.info.remote(), timeout=_INFO_TIMEOUT_S)
-                actor.update(pid=info["pid"], node=info.get("node"), gpus=list(info.get("gpus", ())))
-                identity = identity or info
+                info = EngineInfo.of(ray.get(handle.info.remote(), timeout=_INFO_TIMEOUT_S))
+                actor.update(pid=info.pid, node=info.node, gpus=list(info.gpus))
+                identity = identity or {"model": info.model, "engine": info.engine}
             except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
                 pass
         actors.append(actor)

@@ -33,7 +33,7 @@ from prefect_vllm._engine.deaths import (
     signal_name,
     worker_death,
 )
-from prefect_vllm._engine.protocol import GenerateCall, GenerateResult, GenerateStarted
+from prefect_vllm._engine.protocol import EngineInfo, GenerateCall, GenerateResult, GenerateStarted
 from prefect_vllm._engine.rows import RowServing
 from prefect_vllm._engine.vllm_io import (
     class_names,
@@ -150,7 +150,7 @@ class VllmEngineActor(RowServing):
         self._log_offsets = log_offsets()
         self._in_flight = asyncio.Semaphore(max_in_flight)
         self._pid = os.getpid()
-        self._identity = {"model": model, "engine": engine_config, "pool": pool_config or {}}
+        self._model, self._engine_config, self._pool_config = model, engine_config, pool_config or {}
         self._max_model_len = self._engine.model_config.max_model_len
         self._class_names = class_names(self._engine.model_config.hf_config)
         self._scorer: Any = None  # vLLM's scoring processor, made for the first score call
@@ -212,24 +212,26 @@ class VllmEngineActor(RowServing):
             return False
         return all(_is_engine_process(proc) for proc in self._engine_processes)
 
-    async def info(self) -> dict[str, Any]:
+    async def info(self) -> EngineInfo:
         """Who this actor is: pid, engine start time, context length, the tasks its
         engine serves (vLLM's names: `generate`, `embed`, `classify`, ...), why its
         engines died before (`deaths`, oldest first), the Ray node it runs on and the
         GPU ids Ray gave it (`node`, `gpus`), and the model, engine and pool settings it
         was made with."""
         self._ensure_watchdog()
-        return {
-            "pid": self._pid,
-            "tasks": list(await self._tasks()),
-            "start_s": self._start_s,
-            "max_model_len": self._max_model_len,
-            "hf_token_set": bool(os.environ.get("HF_TOKEN")),
-            "deaths": list(self._deaths),
-            "node": self._node,
-            "gpus": list(self._gpus),
-            **self._identity,
-        }
+        return EngineInfo(
+            pid=self._pid,
+            tasks=await self._tasks(),
+            start_s=self._start_s,
+            max_model_len=self._max_model_len,
+            hf_token_set=bool(os.environ.get("HF_TOKEN")),
+            deaths=tuple(self._deaths),
+            node=self._node,
+            gpus=self._gpus,
+            model=self._model,
+            engine=self._engine_config,
+            pool=self._pool_config,
+        )
 
     async def check_health(self) -> None:
         """Crash-exit if the engine is dead; an idle dead engine is noticed only here."""

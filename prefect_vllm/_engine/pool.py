@@ -12,6 +12,7 @@ from pydantic import SecretStr
 
 from prefect_vllm._engine.client import EngineClient, actor_record, actor_state, root_cause
 from prefect_vllm._engine.placement import check_fits, cluster_grows
+from prefect_vllm._engine.protocol import EngineInfo
 from prefect_vllm.config import ActorPoolConfig, EngineConfig
 from prefect_vllm.exceptions import (
     ConfigurationError,
@@ -132,16 +133,16 @@ class VllmActorPool:
         pool.handles = handles
         pool._restarts_before = pool._actor_restarts()  # restarts before this run are not its own
         infos = pool._wait_started((config or ActorPoolConfig()).start_timeout_s)
-        pool._deaths_before = [len(info.get("deaths", ())) for info in infos]
+        pool._deaths_before = [len(info.deaths) for info in infos]
         first = infos[0]
-        pool.model = first["model"]
-        pool.engine = EngineConfig.model_validate(first["engine"])
+        pool.model = first.model
+        pool.engine = EngineConfig.model_validate(first.engine)
         pool.config = ActorPoolConfig.model_validate(
-            {**first["pool"], "num_actors": len(handles), "shards_per_actor": pool.config.shards_per_actor}
+            {**first.pool, "num_actors": len(handles), "shards_per_actor": pool.config.shards_per_actor}
         )
         return pool
 
-    def start(self, *, fixed_cluster: bool = False, progress: Progress | None = None) -> list[dict[str, Any]]:
+    def start(self, *, fixed_cluster: bool = False, progress: Progress | None = None) -> list[EngineInfo]:
         """Create the actors and wait until every engine has started.
 
         Args:
@@ -209,7 +210,7 @@ class VllmActorPool:
                 )
             )
 
-    def finish_start(self, progress: Progress | None = None) -> list[dict[str, Any]]:
+    def finish_start(self, progress: Progress | None = None) -> list[EngineInfo]:
         """Wait for the engines of `launch`: each actor's `info()`.
 
         Args:
@@ -225,7 +226,7 @@ class VllmActorPool:
             self.shutdown()
             raise
 
-    def wait_ready(self) -> list[dict[str, Any]]:
+    def wait_ready(self) -> list[EngineInfo]:
         """Every actor's `info()` once all engines answer (a warm pool's, before a run).
 
         Raises:
@@ -233,7 +234,7 @@ class VllmActorPool:
         """
         return self._wait_started(self.config.start_timeout_s)
 
-    def _wait_started(self, timeout_s: float, progress: Progress | None = None) -> list[dict[str, Any]]:
+    def _wait_started(self, timeout_s: float, progress: Progress | None = None) -> list[EngineInfo]:
         """Every actor's `info()` once all engines run; EngineStartError otherwise.
 
         An exception in the constructor is final (Ray never retries it). A process
@@ -256,7 +257,7 @@ class VllmActorPool:
                 told = time.monotonic()
                 progress(len(ready), len(refs), told - began)
             try:
-                infos = [ray.get(ref) for ref in ready]  # a failed start raises here
+                infos = [EngineInfo.of(ray.get(ref)) for ref in ready]  # a failed start raises here
             except ray.exceptions.RayActorError as exc:
                 raise EngineStartError(
                     f"the vLLM engine for {self.model!r} failed to start: {root_cause(exc)}"
@@ -308,12 +309,12 @@ class VllmActorPool:
         deadline = time.monotonic() + timeout_s
         reports = [self._info_when_up(index, deadline) for index in range(len(self.handles))]
         return count_causes(
-            [None if info is None else list(info.get("deaths", [])) for info in reports],
+            [None if info is None else list(info.deaths) for info in reports],
             self._deaths_before,
             self.engine_restarts(),
         )
 
-    def _info_when_up(self, index: int, deadline: float) -> dict[str, Any] | None:
+    def _info_when_up(self, index: int, deadline: float) -> EngineInfo | None:
         """Actor `index`'s `info()`, waiting while Ray restarts it; None if it is dead for
         good or not back by `deadline`."""
         import ray
@@ -323,7 +324,7 @@ class VllmActorPool:
                 info = ray.get(
                     self.handles[index].info.remote(), timeout=max(0.1, deadline - time.monotonic())
                 )
-                return dict(info)
+                return EngineInfo.of(info)
             except ray.exceptions.ActorUnavailableError:  # restarting: calls fail until it is back
                 time.sleep(0.5)
             except ray.exceptions.GetTimeoutError:

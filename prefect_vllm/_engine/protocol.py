@@ -6,6 +6,8 @@ and the actor receives these objects as they were built (Ray pickles them).
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +15,7 @@ import msgspec
 
 from prefect_vllm._job_tasks import job_task
 
-__all__ = ["CallParams", "EngineRow", "GenerateCall", "GenerateResult", "GenerateStarted"]
+__all__ = ["CallParams", "EngineInfo", "EngineRow", "GenerateCall", "GenerateResult", "GenerateStarted"]
 
 
 class EngineRow(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -121,6 +123,54 @@ class GenerateCall:
             ```
         """
         return cls(rows=[EngineRow(prompt=p) for p in prompts], seeds=[None] * len(prompts), **kwargs)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an engine actor says of itself (`VllmEngineActor.info`).
+
+    Attributes:
+        pid: The actor's process.
+        tasks: What its engine serves, as vLLM names it (`generate`, `embed`, `classify`,
+            ...; `score` when vLLM scores with the model). None: an older actor that
+            does not say (a warm pool's).
+        start_s: How long its engine took to start.
+        max_model_len: Its engine's context length (None: not said).
+        hf_token_set: Whether a Hugging Face token reached it.
+        deaths: Why its engines died before, oldest first.
+        node: The Ray node it runs on; `gpus` the GPU ids Ray gave it there.
+        model: The model it was made with; `engine` and `pool` its engine and pool
+            settings (`EngineConfig`, `ActorPoolConfig` dumps): a warm pool's runs read
+            theirs from them.
+    """
+
+    pid: int
+    tasks: tuple[str, ...] | None = None
+    start_s: float = 0.0
+    max_model_len: int | None = None
+    hf_token_set: bool = False
+    deaths: tuple[str, ...] = ()
+    node: str | None = None
+    gpus: tuple[str, ...] = ()
+    model: str = ""
+    engine: dict[str, Any] = field(default_factory=dict)
+    pool: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, answer: EngineInfo | Mapping[str, Any]) -> EngineInfo:
+        """An actor's answer as an `EngineInfo`: an older actor's answers with a dict."""
+        if isinstance(answer, EngineInfo):
+            return answer
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in answer.items() if k in known}
+        for name in ("tasks", "deaths", "gpus"):
+            if values.get(name) is not None:
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Its fields as a plain dict (lists for tuples), for JSON and the public API."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from typing import Any
 from prefect import get_run_logger
 
 from prefect_vllm._engine.pool import VllmActorPool
+from prefect_vllm._engine.protocol import EngineInfo
 from prefect_vllm._input.planning import ShardSpec
 from prefect_vllm._job_tasks import JOB_TASKS, job_task
 from prefect_vllm._launch.ray_start import local_cluster, ray_init_kwargs, warm_shard_workers
@@ -180,7 +181,7 @@ def signal_raised_in_ray(exc: SystemError) -> BaseException:
 
 
 def _check_serves(
-    model: str, task: str, infos: list[dict[str, Any]], *, warm: bool = False, cut: int | None = None
+    model: str, task: str, infos: list[EngineInfo], *, warm: bool = False, cut: int | None = None
 ) -> None:
     """Refuse a job whose engines cannot do its task, or cut its prompts longer than their
     context (`cut`), before any shard runs (every row would be a row error). Engines that
@@ -189,13 +190,13 @@ def _check_serves(
     Raises:
         ConfigurationError: Naming the task, the model and what vLLM serves with it.
     """
-    context = min((info["max_model_len"] for info in infos if "max_model_len" in info), default=None)
+    context = min((info.max_model_len for info in infos if info.max_model_len is not None), default=None)
     if cut is not None and context is not None and cut > context:
         raise ConfigurationError(
             f"truncate_prompt_tokens: {cut} is more than {model}'s context of {context} tokens; "
             "use at most that, or -1 for the whole context"
         )
-    served = next((info["tasks"] for info in infos if "tasks" in info), None)
+    served = next((info.tasks for info in infos if info.tasks is not None), None)
     entry = job_task(task)
     if served is None or entry.serves in served:
         return
@@ -215,7 +216,7 @@ def _check_serves(
     raise ConfigurationError(f"task: {model} cannot {task}: vLLM serves {', '.join(served)} with it{hint}")
 
 
-def _log_engines(pool: VllmActorPool, infos: list[dict[str, Any]], ready_s: float) -> None:
+def _log_engines(pool: VllmActorPool, infos: list[EngineInfo], ready_s: float) -> None:
     logger = get_run_logger()
     if pool.warm:
         logger.info("using warm pool %r: %d vLLM engine(s) of %s", pool.name, len(infos), pool.model)
@@ -223,8 +224,8 @@ def _log_engines(pool: VllmActorPool, infos: list[dict[str, Any]], ready_s: floa
     logger.info(
         "%d vLLM engine(s) ready %.1f s after their actors were created (the engine itself: %s s; "
         "Hugging Face token %s)",
-        len(infos), ready_s, ", ".join(f"{i['start_s']:.1f}" for i in infos),
-        "set" if all(i["hf_token_set"] for i in infos) else "not set",
+        len(infos), ready_s, ", ".join(f"{i.start_s:.1f}" for i in infos),
+        "set" if all(i.hf_token_set for i in infos) else "not set",
     )  # fmt: skip
 
 

@@ -213,28 +213,28 @@ def test_a_prompt_cut_is_a_pooling_jobs_option_and_part_of_its_identity(tmp_path
 def test_engines_that_cannot_do_the_jobs_task_are_refused_with_a_way_out() -> None:
     from prefect_vllm.flows._ray import _check_serves
 
-    _check_serves("m", "embed", [{"tasks": ["embed", "score"]}])
-    _check_serves("m", "embed", [{"pid": 1}])  # an actor that does not say: it is let through
+    _check_serves("m", "embed", _answers({"tasks": ["embed", "score"]}))
+    _check_serves("m", "embed", _answers({"pid": 1}))  # an actor that does not say: it is let through
     with pytest.raises(
         ConfigurationError,
         match=r"""^task: m cannot embed: vLLM serves generate with it; a warm pool's engines embed, classify or score when the pool is started with --engine-args '\{"runner": "pooling"\}'$""",
     ):
-        _check_serves("m", "embed", [{"tasks": ["generate"]}], warm=True)
+        _check_serves("m", "embed", _answers({"tasks": ["generate"]}), warm=True)
     with pytest.raises(ConfigurationError, match=r'leave "runner" out of the engine arguments$'):
-        _check_serves("m", "embed", [{"tasks": ["generate"]}])
+        _check_serves("m", "embed", _answers({"tasks": ["generate"]}))
     with pytest.raises(
         ConfigurationError, match=r"^task: m cannot generate: vLLM serves embed with it; a warm pool started"
     ):
-        _check_serves("m", "generate", [{"tasks": ["embed"]}], warm=True)
+        _check_serves("m", "generate", _answers({"tasks": ["embed"]}), warm=True)
     with pytest.raises(
         ConfigurationError,
         match=r"^task: m cannot generate: vLLM serves classify, score with it; run it with --task classify$",
     ):
-        _check_serves("m", "generate", [{"tasks": ["classify", "score"]}])
+        _check_serves("m", "generate", _answers({"tasks": ["classify", "score"]}))
     with pytest.raises(
         ConfigurationError, match=r"^task: m cannot classify: vLLM serves embed with it; a classifier is"
     ):
-        _check_serves("m", "classify", [{"tasks": ["embed"]}])
+        _check_serves("m", "classify", _answers({"tasks": ["embed"]}))
 
 
 def test_a_pooling_job_is_the_same_job_on_its_own_engines_and_on_a_pooling_warm_pool(tmp_path: Path) -> None:
@@ -254,10 +254,17 @@ def test_a_pooling_job_is_the_same_job_on_its_own_engines_and_on_a_pooling_warm_
 def test_a_cut_longer_than_the_engines_context_is_refused_before_any_shard() -> None:
     from prefect_vllm.flows._ray import _check_serves
 
-    infos = [{"tasks": ["embed"], "max_model_len": 1024}]
+    infos = _answers({"tasks": ["embed"], "max_model_len": 1024})
     _check_serves("m", "embed", infos, cut=1024)
     _check_serves("m", "embed", infos, cut=-1)
     with pytest.raises(
         ConfigurationError, match=r"^truncate_prompt_tokens: 2000 is more than m's context of 1024 tokens"
     ):
         _check_serves("m", "embed", infos, cut=2000)
+
+
+def _answers(*answers: dict[str, Any]) -> list[Any]:
+    """Engine actors' answers to `info()` (an older actor's dict too) as the flow reads them."""
+    from prefect_vllm._engine.protocol import EngineInfo
+
+    return [EngineInfo.of({"pid": 1, **answer}) for answer in answers]

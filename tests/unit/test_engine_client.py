@@ -144,3 +144,12 @@ def test_a_calls_rows_cross_ray_msgpack_encoded_and_come_back_the_same() -> None
     sent = ray.cloudpickle.dumps(call)
     assert b"pirate" in sent and b"EngineRow" not in sent, "one msgpack blob, not pickled objects"
     assert pickle.loads(sent) == call
+
+
+def test_an_engines_answer_about_itself_is_typed_and_an_older_actors_dict_still_reads() -> None:
+    from prefect_vllm._engine.protocol import EngineInfo
+
+    older = EngineInfo.of({"pid": 7, "tasks": ["embed"], "deaths": ["killed by SIGKILL"], "unknown": 1})
+    assert older == EngineInfo(pid=7, tasks=("embed",), deaths=("killed by SIGKILL",))
+    assert older.max_model_len is None and EngineInfo.of(older) is older
+    assert older.as_dict()["tasks"] == ["embed"] and older.as_dict()["gpus"] == []
