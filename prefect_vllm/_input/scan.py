@@ -30,7 +30,7 @@ def require_prompt(names: list[str], columns: InputColumns, path: str) -> None:
         )
     if columns.pair is not None and columns.pair not in names:
         raise InputError(
-            f"missing the column of each pair's second text (a scoring job); the input has {names}",
+            f"missing the column of each pair's second text (a scoring job; a rerank job's documents); the input has {names}",
             path=path,
             column=columns.pair,
         )
@@ -98,7 +98,7 @@ def scan_jsonl(
                 )
             elif columns.pair is not None and columns.pair not in obj:
                 raise InputError(
-                    "missing the field of the pair's second text (a scoring job)",
+                    "missing the field of the pair's second text (a scoring job; a rerank job's documents)",
                     path=path,
                     line=line_no,
                     column=columns.pair,
