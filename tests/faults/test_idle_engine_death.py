@@ -40,7 +40,7 @@ def test_dead_idle_engine_is_replaced_before_the_next_call(tiny_model: Path, loc
         )
         out = pool.client().generate(call)
         assert out.columns["error"] == [None] * 4 and all(out.columns["text"])
-        assert out.pid != info["pid"], "the call was served by the actor whose engine had died"
+        assert out.pid != info.pid, "the call was served by the actor whose engine had died"
         assert pool.engine_restarts() == 1
     finally:
         pool.shutdown()
